@@ -1,0 +1,388 @@
+//! Command-line interface: `finetune [run] …`, `mine`, `train`, `eval`, `export`, `plan`,
+//! `schedule`, `doctor`.
+//!
+//! Every stage takes the same recipe flags ([`RecipeArgs`]); each flag sets one recipe key and
+//! wins over the `--recipe` file. `finetune --repo ./ --rank 16` is `finetune run --repo ./
+//! --rank 16`.
+
+use crate::recipe::{
+    ComputeDtype, ExportFormat, MergedDtype, PairFormat, RecipeError, ResolvedRecipe, Schedule,
+};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// `finetune --version`: version, git commit and whether the build has CUDA.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("FINETUNE_GIT_HASH"),
+    ", cuda: ",
+    env!("FINETUNE_CUDA"),
+    ")"
+);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "finetune",
+    version = VERSION,
+    about = "Fine-tune a LoRA adapter for a Qwen3-Coder MoE model on a repository's own history",
+    long_about = "Fine-tune a LoRA adapter for a Qwen3-Coder MoE model on a repository's own history.\n\n\
+        `finetune --repo ./ --rank 16` (the same as `finetune run --repo ./ --rank 16`) mines the \
+        repository, trains the adapter, evaluates base and base+adapter side by side and exports \
+        the adapter for vLLM and SGLang, all in one run directory <out>/runs/<id>/.\n\n\
+        Every knob lives in a recipe (--recipe FILE, see recipes/); flags override the recipe. \
+        Exit codes: 0 success, 1 error, 2 usage error or a stage that is not implemented yet.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Flags of the default `run` command.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mine, train, evaluate and export in one run directory (the default command).
+    Run(RunArgs),
+    /// Mine the repository's history and merged pull requests into training pairs.
+    #[command(mut_arg("pair_format", |a| a.visible_alias("format")))]
+    Mine(StageArgs),
+    /// Train the LoRA adapter on mined pairs.
+    Train(StageArgs),
+    /// Evaluate base and base+adapter on the eval suites and write the comparison report.
+    Eval(StageArgs),
+    /// Export the adapter (PEFT, fused PEFT, merged weights) and print serve commands.
+    #[command(mut_arg("export_formats", |a| a.visible_alias("format")))]
+    Export(StageArgs),
+    /// Print the per-GPU memory budget and parallel layout of a model × GPU count × recipe.
+    Plan(PlanArgs),
+    /// Retrain on a schedule, warm-starting from the previous adapter.
+    Schedule(StageArgs),
+    /// Report this build, the CPU and the GPUs, and check each compute device against a
+    /// plain reference. A new machine's first command.
+    Doctor,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+/// Flags shared by every stage.
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Memory of one GPU in GB (80 for H100, 141 for H200).
+    #[arg(
+        long,
+        value_name = "GB",
+        default_value_t = 80.0,
+        help_heading = "Planning"
+    )]
+    pub gpu_mem: f64,
+
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+/// Parses a bool flag given as `--flag` (true) or `--flag=false`.
+fn bool_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("expected true or false, got `{s}`")),
+    }
+}
+
+/// The recipe, and one flag per recipe key. A flag that is given wins over the recipe file.
+#[derive(Debug, Args, Default)]
+pub struct RecipeArgs {
+    /// Recipe TOML file with every knob (see recipes/); flags given here override it.
+    /// Without it, the built-in defaults apply (identical to recipes/tiny-cpu.toml).
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+
+    /// Print the resolved recipe (defaults < --recipe < flags) as TOML and exit.
+    #[arg(long)]
+    pub print_recipe: bool,
+
+    /// Root directory of run directories; each run writes <OUT>/runs/<id>/.  [run.out]
+    #[arg(long, value_name = "DIR", help_heading = "Run")]
+    pub out: Option<PathBuf>,
+
+    /// Git repository to learn from (its working directory or a bare repo).  [mine.repo]
+    #[arg(long, value_name = "PATH", help_heading = "Mining")]
+    pub repo: Option<PathBuf>,
+    /// Revision whose first-parent history is mined (branch, tag, sha).  [mine.rev]
+    #[arg(long, value_name = "REV", help_heading = "Mining")]
+    pub rev: Option<String>,
+    /// Only changes after this date (YYYY-MM-DD) or revision.  [mine.since]
+    #[arg(long, value_name = "DATE|REV", help_heading = "Mining")]
+    pub since: Option<String>,
+    /// Only changes up to this date (YYYY-MM-DD) or revision.  [mine.until]
+    #[arg(long, value_name = "DATE|REV", help_heading = "Mining")]
+    pub until: Option<String>,
+    /// Only files matching these globs (repeatable or comma-separated).  [mine.paths]
+    #[arg(long, value_name = "GLOB", value_delimiter = ',', num_args = 1.., help_heading = "Mining")]
+    pub paths: Option<Vec<String>>,
+    /// Skip files matching these globs (repeatable or comma-separated).  [mine.exclude]
+    #[arg(long, value_name = "GLOB", value_delimiter = ',', num_args = 1.., help_heading = "Mining")]
+    pub exclude: Option<Vec<String>>,
+    /// How the edit is written as the training target.  [mine.format]
+    #[arg(long, value_name = "FORMAT", help_heading = "Mining")]
+    pub pair_format: Option<PairFormat>,
+    /// Fraction of the most recent changes held out for evaluation, in [0, 1).  [mine.heldout_fraction]
+    #[arg(long, value_name = "F", help_heading = "Mining")]
+    pub heldout_fraction: Option<f64>,
+    /// Skip changes touching more than N files.  [mine.max_files]
+    #[arg(long, value_name = "N", help_heading = "Mining")]
+    pub max_files: Option<u32>,
+    /// Skip changes adding plus removing more than N lines.  [mine.max_lines]
+    #[arg(long, value_name = "N", help_heading = "Mining")]
+    pub max_lines: Option<u32>,
+    /// Skip files larger than N bytes.  [mine.max_file_bytes]
+    #[arg(long, value_name = "N", help_heading = "Mining")]
+    pub max_file_bytes: Option<u64>,
+    /// Skip files with a line longer than N characters (minified or generated).  [mine.max_line_chars]
+    #[arg(long, value_name = "N", help_heading = "Mining")]
+    pub max_line_chars: Option<u32>,
+    /// Drop pairs longer than N tokens.  [mine.max_pair_tokens]
+    #[arg(long, value_name = "N", help_heading = "Mining")]
+    pub max_pair_tokens: Option<u32>,
+    /// Skip commits by bots (dependabot, renovate, *[bot], ...); `--skip-bots=false` keeps them.  [mine.skip_bots]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Mining")]
+    pub skip_bots: Option<bool>,
+
+    /// Base model: `tiny` (embedded, no download), a preset (qwen3-coder-30b-a3b,
+    /// qwen3-coder-480b-a35b: random weights, for planning and benchmarks) or a Hugging Face
+    /// model directory (config.json, *.safetensors, tokenizer.json).  [model.base]
+    #[arg(long, value_name = "PRESET|DIR", help_heading = "Model")]
+    pub model: Option<String>,
+
+    /// LoRA rank r, 1..=512.  [lora.r]
+    #[arg(long, value_name = "R", help_heading = "LoRA")]
+    pub rank: Option<u32>,
+    /// LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).  [lora.lora_alpha]
+    #[arg(long, value_name = "ALPHA", help_heading = "LoRA")]
+    pub lora_alpha: Option<f64>,
+    /// Projections to adapt, comma-separated: q_proj,k_proj,v_proj,o_proj (attention),
+    /// gate_proj,up_proj,down_proj (every expert).  [lora.target_modules]
+    #[arg(long, value_name = "MODULES", value_delimiter = ',', num_args = 1.., help_heading = "LoRA")]
+    pub target_modules: Option<Vec<String>>,
+    /// Dropout on the LoRA input, in [0, 1).  [lora.lora_dropout]
+    #[arg(long, value_name = "P", help_heading = "LoRA")]
+    pub lora_dropout: Option<f64>,
+    /// Rank-stabilised LoRA scaling alpha/sqrt(r).  [lora.use_rslora]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "LoRA")]
+    pub use_rslora: Option<bool>,
+
+    /// Peak learning rate.  [train.lr]
+    #[arg(
+        long,
+        value_name = "LR",
+        allow_hyphen_values = true,
+        help_heading = "Training"
+    )]
+    pub lr: Option<f64>,
+    /// Learning-rate schedule after warmup.  [train.schedule]
+    #[arg(long, value_name = "SCHEDULE", help_heading = "Training")]
+    pub schedule: Option<Schedule>,
+    /// Linear warmup steps.  [train.warmup]
+    #[arg(long, value_name = "STEPS", help_heading = "Training")]
+    pub warmup: Option<u64>,
+    /// Optimizer steps; 0 trains for --epochs passes instead.  [train.max_steps]
+    #[arg(long, value_name = "STEPS", help_heading = "Training")]
+    pub max_steps: Option<u64>,
+    /// Passes over the training pairs, used when max_steps is 0.  [train.epochs]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_hyphen_values = true,
+        help_heading = "Training"
+    )]
+    pub epochs: Option<f64>,
+    /// Packed sequences per micro-batch.  [train.micro_batch]
+    #[arg(long, value_name = "N", help_heading = "Training")]
+    pub micro_batch: Option<u32>,
+    /// Micro-batches accumulated per optimizer step.  [train.grad_accum]
+    #[arg(long, value_name = "N", help_heading = "Training")]
+    pub grad_accum: Option<u32>,
+    /// Tokens per packed sequence.  [train.seq_len]
+    #[arg(long, value_name = "TOKENS", help_heading = "Training")]
+    pub seq_len: Option<u32>,
+    /// Seed of LoRA initialisation, dropout and data order.  [train.seed]
+    #[arg(long, value_name = "SEED", help_heading = "Training")]
+    pub seed: Option<u64>,
+    /// Recompute each layer's activations in backward (less memory, ~30% more compute).  [train.recompute]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Training")]
+    pub recompute: Option<bool>,
+    /// Compute dtype (master weights and Adam moments are always f32).  [train.dtype]
+    #[arg(long, value_name = "DTYPE", help_heading = "Training")]
+    pub dtype: Option<ComputeDtype>,
+    /// AdamW decoupled weight decay.  [train.weight_decay]
+    #[arg(
+        long,
+        value_name = "WD",
+        allow_hyphen_values = true,
+        help_heading = "Training"
+    )]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value (0 disables).  [train.max_grad_norm]
+    #[arg(
+        long,
+        value_name = "NORM",
+        allow_hyphen_values = true,
+        help_heading = "Training"
+    )]
+    pub max_grad_norm: Option<f64>,
+    /// Held-out loss every N steps (0: only at the end).  [train.eval_every]
+    #[arg(long, value_name = "STEPS", help_heading = "Training")]
+    pub eval_every: Option<u64>,
+    /// Checkpoint every N steps.  [train.save_every]
+    #[arg(long, value_name = "STEPS", help_heading = "Training")]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept (older ones are deleted).  [train.keep_checkpoints]
+    #[arg(long, value_name = "N", help_heading = "Training")]
+    pub keep_checkpoints: Option<u32>,
+    /// GPUs used in this process (one worker thread each).  [train.gpus]
+    #[arg(long, value_name = "N", help_heading = "Training")]
+    pub gpus: Option<u32>,
+
+    /// Eval suites, comma-separated: repo-heldout, pr-replay, humaneval, or a user suite
+    /// FILE.jsonl.  [eval.suites]
+    #[arg(long, value_name = "SUITES", value_delimiter = ',', num_args = 1.., help_heading = "Evaluation")]
+    pub suites: Option<Vec<String>>,
+    /// At most N examples per suite.  [eval.max_examples]
+    #[arg(long, value_name = "N", help_heading = "Evaluation")]
+    pub max_examples: Option<u32>,
+    /// Generation length limit.  [eval.max_new_tokens]
+    #[arg(long, value_name = "N", help_heading = "Evaluation")]
+    pub max_new_tokens: Option<u32>,
+    /// Sampling temperature (0: greedy).  [eval.temperature]
+    #[arg(
+        long,
+        value_name = "T",
+        allow_hyphen_values = true,
+        help_heading = "Evaluation"
+    )]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling threshold, in (0, 1].  [eval.top_p]
+    #[arg(long, value_name = "P", help_heading = "Evaluation")]
+    pub top_p: Option<f64>,
+    /// Samples per problem (pass@k needs samples >= k).  [eval.samples]
+    #[arg(long, value_name = "N", help_heading = "Evaluation")]
+    pub samples: Option<u32>,
+    /// OpenAI-compatible server to generate with instead of the built-in sampler.  [eval.endpoint]
+    #[arg(long, value_name = "URL", help_heading = "Evaluation")]
+    pub endpoint: Option<String>,
+    /// Test command for the pr-replay suite, run in the repository after applying an edit.  [eval.test_cmd]
+    #[arg(long, value_name = "CMD", help_heading = "Evaluation")]
+    pub test_cmd: Option<String>,
+    /// Time limit for one sandboxed execution, in seconds.  [eval.timeout_secs]
+    #[arg(long, value_name = "SECS", help_heading = "Evaluation")]
+    pub eval_timeout: Option<u64>,
+
+    /// What to export, comma-separated.  [export.formats]
+    #[arg(long, value_name = "FORMATS", value_delimiter = ',', num_args = 1.., help_heading = "Export")]
+    pub export_formats: Option<Vec<ExportFormat>>,
+    /// Dtype of a merged checkpoint.  [export.merged_dtype]
+    #[arg(long, value_name = "DTYPE", help_heading = "Export")]
+    pub merged_dtype: Option<MergedDtype>,
+    /// Name the adapter is served under (vLLM --lora-modules NAME=PATH).  [export.adapter_name]
+    #[arg(long, value_name = "NAME", help_heading = "Export")]
+    pub adapter_name: Option<String>,
+    /// Export even a rank that vLLM would refuse.  [export.force]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Export")]
+    pub force: Option<bool>,
+}
+
+impl RecipeArgs {
+    /// Defaults, then `--recipe`, then every flag given; validated.
+    pub fn resolve(&self) -> Result<ResolvedRecipe, RecipeError> {
+        let mut resolved = match &self.recipe {
+            Some(path) => ResolvedRecipe::from_file(path)?,
+            None => ResolvedRecipe::defaults(),
+        };
+        self.apply(&mut resolved);
+        resolved.validate()?;
+        Ok(resolved)
+    }
+
+    /// Writes every flag that was given into the recipe and records its origin.
+    fn apply(&self, resolved: &mut ResolvedRecipe) {
+        let mut set: Vec<(&str, &str)> = Vec::new();
+        let r = &mut resolved.recipe;
+        macro_rules! flag {
+            ($field:ident, $flag:literal, $key:literal => $($target:tt)+) => {
+                if let Some(v) = &self.$field {
+                    r.$($target)+ = v.clone().into();
+                    set.push(($key, $flag));
+                }
+            };
+        }
+        flag!(out, "--out", "run.out" => run.out);
+        flag!(repo, "--repo", "mine.repo" => mine.repo);
+        flag!(rev, "--rev", "mine.rev" => mine.rev);
+        flag!(since, "--since", "mine.since" => mine.since);
+        flag!(until, "--until", "mine.until" => mine.until);
+        flag!(paths, "--paths", "mine.paths" => mine.paths);
+        flag!(exclude, "--exclude", "mine.exclude" => mine.exclude);
+        flag!(pair_format, "--pair-format", "mine.format" => mine.format);
+        flag!(heldout_fraction, "--heldout-fraction", "mine.heldout_fraction" => mine.heldout_fraction);
+        flag!(max_files, "--max-files", "mine.max_files" => mine.max_files);
+        flag!(max_lines, "--max-lines", "mine.max_lines" => mine.max_lines);
+        flag!(max_file_bytes, "--max-file-bytes", "mine.max_file_bytes" => mine.max_file_bytes);
+        flag!(max_line_chars, "--max-line-chars", "mine.max_line_chars" => mine.max_line_chars);
+        flag!(max_pair_tokens, "--max-pair-tokens", "mine.max_pair_tokens" => mine.max_pair_tokens);
+        flag!(skip_bots, "--skip-bots", "mine.skip_bots" => mine.skip_bots);
+        flag!(model, "--model", "model.base" => model.base);
+        flag!(rank, "--rank", "lora.r" => lora.r);
+        flag!(lora_alpha, "--lora-alpha", "lora.lora_alpha" => lora.lora_alpha);
+        flag!(target_modules, "--target-modules", "lora.target_modules" => lora.target_modules);
+        flag!(lora_dropout, "--lora-dropout", "lora.lora_dropout" => lora.lora_dropout);
+        flag!(use_rslora, "--use-rslora", "lora.use_rslora" => lora.use_rslora);
+        flag!(lr, "--lr", "train.lr" => train.lr);
+        flag!(schedule, "--schedule", "train.schedule" => train.schedule);
+        flag!(warmup, "--warmup", "train.warmup" => train.warmup);
+        flag!(max_steps, "--max-steps", "train.max_steps" => train.max_steps);
+        flag!(epochs, "--epochs", "train.epochs" => train.epochs);
+        flag!(micro_batch, "--micro-batch", "train.micro_batch" => train.micro_batch);
+        flag!(grad_accum, "--grad-accum", "train.grad_accum" => train.grad_accum);
+        flag!(seq_len, "--seq-len", "train.seq_len" => train.seq_len);
+        flag!(seed, "--seed", "train.seed" => train.seed);
+        flag!(recompute, "--recompute", "train.recompute" => train.recompute);
+        flag!(dtype, "--dtype", "train.dtype" => train.dtype);
+        flag!(weight_decay, "--weight-decay", "train.weight_decay" => train.weight_decay);
+        flag!(max_grad_norm, "--max-grad-norm", "train.max_grad_norm" => train.max_grad_norm);
+        flag!(eval_every, "--eval-every", "train.eval_every" => train.eval_every);
+        flag!(save_every, "--save-every", "train.save_every" => train.save_every);
+        flag!(keep_checkpoints, "--keep-checkpoints", "train.keep_checkpoints" => train.keep_checkpoints);
+        flag!(gpus, "--gpus", "train.gpus" => train.gpus);
+        flag!(suites, "--suites", "eval.suites" => eval.suites);
+        flag!(max_examples, "--max-examples", "eval.max_examples" => eval.max_examples);
+        flag!(max_new_tokens, "--max-new-tokens", "eval.max_new_tokens" => eval.max_new_tokens);
+        flag!(temperature, "--temperature", "eval.temperature" => eval.temperature);
+        flag!(top_p, "--top-p", "eval.top_p" => eval.top_p);
+        flag!(samples, "--samples", "eval.samples" => eval.samples);
+        flag!(endpoint, "--endpoint", "eval.endpoint" => eval.endpoint);
+        flag!(test_cmd, "--test-cmd", "eval.test_cmd" => eval.test_cmd);
+        flag!(eval_timeout, "--eval-timeout", "eval.timeout_secs" => eval.timeout_secs);
+        flag!(export_formats, "--export-formats", "export.formats" => export.formats);
+        flag!(merged_dtype, "--merged-dtype", "export.merged_dtype" => export.merged_dtype);
+        flag!(adapter_name, "--adapter-name", "export.adapter_name" => export.adapter_name);
+        flag!(force, "--force", "export.force" => export.force);
+        for (key, flag) in set {
+            resolved.set_by_flag(key, flag);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The `finetune` pipeline: command line, recipes, run directories, and the glue that calls
+//! the library crates stage by stage (mine → train → eval → export).
+//!
+//! This is the only crate where `anyhow` is used; the libraries return typed errors.
+
+pub mod cli;
+pub mod recipe;
+pub mod run_dir;
+
+use anyhow::{Context, Result};
+use cli::{Cli, Command, RecipeArgs};
+use recipe::ResolvedRecipe;
+use std::process::ExitCode;
+
+/// How a command ended, when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// The command reached a stage that does not exist yet: exit code 2, nothing faked.
+    NotImplemented {
+        stage: &'static str,
+        issue: u32,
+    },
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Outcome::Done => ExitCode::SUCCESS,
+            Outcome::NotImplemented { .. } => ExitCode::from(2),
+        }
+    }
+}
+
+/// Runs one parsed command line.
+pub fn execute(cli: Cli) -> Result<Outcome> {
+    match cli.command {
+        None => run(&cli.run.recipe),
+        Some(Command::Run(args)) => run(&args.recipe),
+        Some(Command::Mine(args)) => stage(&args.recipe, "mine", 4, |r| r.check_repo().map(|_| ())),
+        Some(Command::Train(args)) => stage(&args.recipe, "train", 6, |r| r.check_model_dir()),
+        Some(Command::Eval(args)) => stage(&args.recipe, "eval", 7, |r| r.check_model_dir()),
+        Some(Command::Export(args)) => stage(&args.recipe, "export", 8, |r| r.check_model_dir()),
+        Some(Command::Schedule(args)) => stage(&args.recipe, "schedule", 8, |r| {
+            r.check_repo()?;
+            r.check_model_dir()
+        }),
+        Some(Command::Plan(args)) => {
+            anyhow::ensure!(
+                args.gpu_mem.is_finite() && args.gpu_mem > 0.0,
+                "flag --gpu-mem: must be a number of GB > 0, got {}",
+                args.gpu_mem
+            );
+            stage(&args.recipe, "plan", 10, |r| r.check_model_dir())
+        }
+        Some(Command::Doctor) => doctor(),
+    }
+}
+
+/// Resolves the recipe and prints it if asked; `None` when it was printed.
+fn resolve(args: &RecipeArgs) -> Result<Option<ResolvedRecipe>> {
+    let resolved = args.resolve()?;
+    if args.print_recipe {
+        print!("{}", resolved.to_toml());
+        return Ok(None);
+    }
+    Ok(Some(resolved))
+}
+
+fn not_implemented(stage: &'static str, issue: u32) -> Outcome {
+    eprintln!("finetune: the {stage} stage is not implemented yet (issue #{issue})");
+    Outcome::NotImplemented { stage, issue }
+}
+
+/// A stage command: resolve and validate the recipe, check the inputs that stage reads, then
+/// report that the stage itself does not exist yet.
+fn stage(
+    args: &RecipeArgs,
+    name: &'static str,
+    issue: u32,
+    check_inputs: impl FnOnce(&ResolvedRecipe) -> Result<(), recipe::RecipeError>,
+) -> Result<Outcome> {
+    let Some(resolved) = resolve(args)? else {
+        return Ok(Outcome::Done);
+    };
+    check_inputs(&resolved)?;
+    Ok(not_implemented(name, issue))
+}
+
+/// The main job: mine → train → eval → export in a fresh run directory.
+fn run(args: &RecipeArgs) -> Result<Outcome> {
+    let Some(resolved) = resolve(args)? else {
+        return Ok(Outcome::Done);
+    };
+    // Check every input before anything is written.
+    let head = resolved.check_repo()?;
+    resolved.check_model_dir()?;
+
+    let started = chrono::Utc::now();
+    let manifest = serde_json::json!({
+        "format": 1,
+        "id": null,
+        "path": null,
+        "stages_completed": [],
+        "tool": {
+            "name": "finetune",
+            "version": env!("CARGO_PKG_VERSION"),
+            "git": env!("FINETUNE_GIT_HASH"),
+            "cuda": finetune_kernels::BUILT_WITH_CUDA,
+        },
+        "started_at": started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "host": {
+            "name": gethostname::gethostname().to_string_lossy(),
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+            "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        "command": std::env::args().collect::<Vec<_>>(),
+        "repo": {
+            "path": head.path.display().to_string(),
+            "rev": head.rev,
+            "commit": head.commit,
+            "reference": head.reference,
+        },
+        "recipe_file": resolved.file.as_ref().map(|p| p.display().to_string()),
+        "flag_overrides": resolved.flag_overrides(),
+        "recipe": serde_json::to_value(&resolved.recipe).context("recipe to JSON")?,
+    });
+    let dir = run_dir::RunDir::create(&resolved.recipe.run.out, started, manifest)?;
+    eprintln!(
+        "finetune: run {} in {} (repo {} at {})",
+        dir.id,
+        dir.path.display(),
+        head.path.display(),
+        &head.commit[..12.min(head.commit.len())]
+    );
+    Ok(not_implemented("mine", 4))
+}
+
+/// `finetune doctor`: this build, the CPU, the GPUs, and a smoke check on each device.
+fn doctor() -> Result<Outcome> {
+    use candle_core::Device;
+    use finetune_kernels::device;
+
+    println!("finetune {}", cli::VERSION);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "cpu: {} {}, {threads} threads",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    let mut failures = 0;
+    match device::matmul_smoke_check(&Device::Cpu) {
+        Ok(err) => println!("cpu: f32 matmul check ok (max abs error {err:.1e})"),
+        Err(e) => {
+            failures += 1;
+            println!("cpu: FAILED: {e}");
+        }
+    }
+    if !finetune_kernels::BUILT_WITH_CUDA {
+        println!("cuda: not in this build (rebuild with --features cuda, see README)");
+    } else {
+        match device::cuda_devices() {
+            Err(e) => {
+                failures += 1;
+                println!("cuda: FAILED: {e}");
+            }
+            Ok(gpus) if gpus.is_empty() => {
+                failures += 1;
+                println!("cuda: FAILED: the driver reports no GPU");
+            }
+            Ok(gpus) => {
+                let (major, minor) = gpus[0].driver_version;
+                println!("cuda: driver {major}.{minor}, {} GPU(s)", gpus.len());
+                for gpu in gpus {
+                    let (cc_major, cc_minor) = gpu.compute_capability;
+                    println!(
+                        "cuda:{}: {}, compute capability {cc_major}.{cc_minor}, {:.1} GiB",
+                        gpu.ordinal,
+                        gpu.name,
+                        gpu.total_memory_bytes as f64 / (1u64 << 30) as f64
+                    );
+                    let check = Device::new_cuda(gpu.ordinal)
+                        .map_err(finetune_kernels::KernelError::from)
+                        .and_then(|d| device::matmul_smoke_check(&d));
+                    match check {
+                        Ok(err) => println!(
+                            "cuda:{}: f32 matmul check ok (max abs error {err:.1e})",
+                            gpu.ordinal
+                        ),
+                        Err(e) => {
+                            failures += 1;
+                            println!("cuda:{}: FAILED: {e}", gpu.ordinal);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    anyhow::ensure!(failures == 0, "{failures} check(s) failed");
+    Ok(Outcome::Done)
+}

@@ -1,0 +1,340 @@
+//! The `finetune` binary end to end: flags, recipes, exit codes, run directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn finetune(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("finetune runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn recipes_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../recipes")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A git repository with two commits, fixed author and dates.
+fn git_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .args(args)
+            .current_dir(dir.path())
+            .env("GIT_AUTHOR_NAME", "Fixture Author")
+            .env("GIT_AUTHOR_EMAIL", "author@example.com")
+            .env("GIT_COMMITTER_NAME", "Fixture Author")
+            .env("GIT_COMMITTER_EMAIL", "author@example.com")
+            .env("GIT_AUTHOR_DATE", "2024-01-02T03:04:05Z")
+            .env("GIT_COMMITTER_DATE", "2024-01-02T03:04:05Z")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "git {args:?}: {o:?}");
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    std::fs::write(dir.path().join("lib.rs"), "fn a() {}\n").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "Add a"]);
+    std::fs::write(dir.path().join("lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
+    git(&["commit", "-q", "-am", "Add b"]);
+    dir
+}
+
+fn head(repo: &Path) -> String {
+    let o = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+fn run_dirs(out: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(out.join("runs")) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+#[test]
+fn version_names_the_commit_and_cuda() {
+    let o = finetune(Path::new("."), &["--version"]);
+    assert!(o.status.success());
+    let v = stdout(&o);
+    assert!(
+        v.starts_with(&format!("finetune {} (git ", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    assert!(v.contains(", cuda: no)"), "{v}");
+}
+
+#[test]
+fn help_documents_every_flag_of_every_command() {
+    use clap::CommandFactory;
+    let root = finetune::cli::Cli::command();
+    let mut commands = vec![root.clone()];
+    commands.extend(root.get_subcommands().cloned());
+    for cmd in commands {
+        for arg in cmd.get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(
+                !help.trim().is_empty(),
+                "`finetune {}` flag --{} has no help",
+                cmd.get_name(),
+                arg.get_id()
+            );
+        }
+    }
+    // And the rendered help really shows them.
+    let o = finetune(Path::new("."), &["--help"]);
+    let text = stdout(&o);
+    for flag in [
+        "--repo",
+        "--rank",
+        "--recipe",
+        "--print-recipe",
+        "--lr",
+        "--out",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn main_job_checks_inputs_writes_a_manifest_and_says_not_implemented() {
+    let repo = git_fixture();
+    let out = tempfile::tempdir().unwrap();
+    let out_arg = out.path().to_str().unwrap();
+    let o = finetune(
+        repo.path(),
+        &["--repo", "./", "--rank", "16", "--out", out_arg],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not implemented yet"), "{}", stderr(&o));
+
+    let dirs = run_dirs(out.path());
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dirs[0].join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["recipe"]["lora"]["r"], 16);
+    assert_eq!(manifest["repo"]["commit"], head(repo.path()));
+    assert_eq!(manifest["repo"]["reference"], "refs/heads/main");
+    assert_eq!(manifest["tool"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(manifest["flag_overrides"]["lora.r"], "--rank");
+    assert_eq!(manifest["stages_completed"], serde_json::json!([]));
+    assert!(manifest["host"]["name"].as_str().is_some());
+    assert!(manifest["started_at"].as_str().unwrap().ends_with('Z'));
+    let first = std::fs::read(dirs[0].join("manifest.json")).unwrap();
+
+    // A second run gets its own directory and leaves the first untouched.
+    let o = finetune(
+        repo.path(),
+        &["--repo", "./", "--rank", "8", "--out", out_arg],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let dirs2 = run_dirs(out.path());
+    assert_eq!(dirs2.len(), 2, "{dirs2:?}");
+    assert_eq!(std::fs::read(dirs[0].join("manifest.json")).unwrap(), first);
+    assert!(dirs2
+        .iter()
+        .all(|d| !d.file_name().unwrap().to_string_lossy().starts_with('.')));
+}
+
+#[test]
+fn bad_repo_fails_before_anything_is_written() {
+    let not_a_repo = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = finetune(
+        not_a_repo.path(),
+        &["--repo", "./", "--out", out.path().to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("flag --repo: mine.repo"), "{e}");
+    assert!(e.contains("not a git repository"), "{e}");
+    assert!(!out.path().join("runs").exists());
+
+    let repo = git_fixture();
+    let o = finetune(
+        repo.path(),
+        &["--rev", "nope", "--out", out.path().to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("flag --rev: mine.rev"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.path().join("runs").exists());
+}
+
+#[test]
+fn print_recipe_applies_flags_over_the_file() {
+    let recipe = recipes_dir().join("qwen3-coder-30b-a3b-1xh100.toml");
+    let o = finetune(
+        Path::new("."),
+        &[
+            "run",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--print-recipe",
+            "--rank",
+            "8",
+            "--target-modules",
+            "q_proj,v_proj",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed: toml::Value = toml::from_str(&stdout(&o)).unwrap();
+    assert_eq!(printed["lora"]["r"].as_integer(), Some(8));
+    assert_eq!(
+        printed["lora"]["target_modules"],
+        toml::Value::Array(vec!["q_proj".into(), "v_proj".into()])
+    );
+    // Everything else comes from the file.
+    assert_eq!(printed["train"]["seq_len"].as_integer(), Some(4096));
+    assert_eq!(
+        printed["model"]["base"].as_str(),
+        Some("models/Qwen3-Coder-30B-A3B-Instruct")
+    );
+}
+
+#[test]
+fn bad_recipes_name_file_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unknown.toml",
+            "[lora]\nrank = 8\n",
+            "unknown.toml:2:1: lora.rank",
+        ),
+        (
+            "type.toml",
+            "[train]\nlr = \"high\"\n",
+            "type.toml:2:6: train.lr",
+        ),
+        ("rank.toml", "[lora]\nr = 0\n", "rank.toml:2:1: lora.r"),
+        (
+            "lr.toml",
+            "[train]\nseed = 1\nlr = -0.1\n",
+            "lr.toml:3:1: train.lr",
+        ),
+        (
+            "mb.toml",
+            "[train]\nmicro_batch = 0\n",
+            "mb.toml:2:1: train.micro_batch",
+        ),
+        (
+            "model.toml",
+            "[model]\nbase = \"no/such/dir\"\n",
+            "model.toml:2:1: model.base",
+        ),
+    ];
+    let repo = git_fixture();
+    for (name, text, expected) in cases {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        let o = finetune(
+            dir.path(),
+            &[
+                "--recipe",
+                name,
+                "--repo",
+                repo.path().to_str().unwrap(),
+                "--out",
+                "out",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{name}: {}", stderr(&o));
+        assert!(!dir.path().join("out").exists(), "{name} wrote output");
+    }
+}
+
+#[test]
+fn bad_flag_values_name_the_flag() {
+    for (args, expected) in [
+        (&["--rank", "0"][..], "flag --rank: lora.r"),
+        (&["--lr", "-1e-4"][..], "flag --lr: train.lr"),
+        (
+            &["--micro-batch", "0"][..],
+            "flag --micro-batch: train.micro_batch",
+        ),
+        (
+            &["--model", "/no/such/model"][..],
+            "flag --model: model.base",
+        ),
+    ] {
+        let mut all = vec!["train"];
+        all.extend_from_slice(args);
+        let o = finetune(Path::new("."), &all);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn stages_that_do_not_exist_yet_exit_2_without_output() {
+    let repo = git_fixture();
+    let out = tempfile::tempdir().unwrap();
+    for stage in ["mine", "train", "eval", "export", "plan", "schedule"] {
+        let o = finetune(
+            repo.path(),
+            &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
+        );
+        assert_eq!(o.status.code(), Some(2), "{stage}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("the {stage} stage is not implemented yet")),
+            "{stage}: {}",
+            stderr(&o)
+        );
+        assert!(stdout(&o).is_empty(), "{stage} printed {}", stdout(&o));
+    }
+    assert!(!out.path().join("runs").exists());
+}
+
+#[test]
+fn stage_specific_format_aliases() {
+    let o = finetune(
+        Path::new("."),
+        &["mine", "--format", "udiff", "--print-recipe"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("format = \"udiff\""), "{}", stdout(&o));
+    let o = finetune(
+        Path::new("."),
+        &["export", "--format", "peft,merged", "--print-recipe"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("formats = [\"peft\", \"merged\"]"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn doctor_checks_the_cpu() {
+    let o = finetune(Path::new("."), &["doctor"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("cpu: f32 matmul check ok"), "{text}");
+    assert!(text.contains("cuda: not in this build"), "{text}");
+}
