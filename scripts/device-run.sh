@@ -2,17 +2,20 @@
 # device-run.sh: build GPU binaries here (no GPU, no system CUDA), run them on a GPU machine
 # (CUDA 13 driver, no cargo).
 #
-#   scripts/device-run.sh build [PKG...]     # here: release `finetune` + the test executables of
-#                                            # PKG... (default finetune-kernels) with --features cuda,
-#                                            # into dist/cuda/ (git-ignored), checked to need the
+#   scripts/device-run.sh build              # here: release `finetune` with --features cuda into
+#                                            # dist/cuda/ (git-ignored), stripped, checked to need the
 #                                            # real CUDA sonames and to fit in 64 MiB
+#   scripts/device-run.sh build-tests PKG…   # here: the test executables of PKG… with --features
+#                                            # cuda into dist/cuda-tests/ (each embeds candle's
+#                                            # ~32 MB of kernels, so they travel without the binary)
+#   scripts/device-run.sh stub-check         # here: the built binary starts against the driver stub
 #   scripts/device-run.sh exec CMD [ARGS...] # there: put the CUDA 13 libraries that come with
 #                                            # PyTorch (site-packages/nvidia/*/lib) on
 #                                            # LD_LIBRARY_PATH, then run CMD
 #
 # Example, with the session's `run` tool (carry: ["dist"]):
 #   bash scripts/device-run.sh exec dist/cuda/finetune doctor
-#   bash scripts/device-run.sh exec dist/cuda/tests/finetune_kernels-* --nocapture
+#   bash scripts/device-run.sh exec dist/cuda-tests/finetune_kernels-* --nocapture   (after build-tests finetune-kernels, carry: ["dist/cuda-tests"])
 #
 # Env: FINETUNE_CUDA_PREFIX (toolchain location, default ~/.cache/finetune-cuda),
 #      CUDA_COMPUTE_CAP (default 90 = H100/H200), DIST (default dist/cuda).
@@ -23,21 +26,43 @@ LIMIT_BYTES=$((64 * 1024 * 1024))
 
 log() { echo "[device-run] $*" >&2; }
 
-build() {
-  local pkgs=("$@")
-  [ ${#pkgs[@]} -gt 0 ] || pkgs=(finetune-kernels)
+toolchain() {
   local prefix=${FINETUNE_CUDA_PREFIX:-$HOME/.cache/finetune-cuda}
   eval "$(scripts/install-cuda-toolchain.sh "$prefix")"
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+}
+
+# Moves the staged $1.tmp to $1 once it fits the GPU machine's 64 MiB.
+publish() {
+  local dir=$1 size
+  find "$dir.tmp" -type f -exec strip --strip-debug {} +
+  size=$(du -sb "$dir.tmp" | cut -f1)
+  [ "$size" -le "$LIMIT_BYTES" ] || { log "$dir is $size bytes, over the 64 MiB a GPU machine takes"; exit 1; }
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  log "$dir: $(du -sh "$dir" | cut -f1)"
+  ls -l "$dir" >&2
+}
+
+build() {
+  [ $# -eq 0 ] || { log "build takes no arguments (test executables: build-tests PKG...)"; exit 2; }
+  toolchain
   log "cargo build --release --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
   cargo build --release --features cuda
-  rm -rf "$DIST.tmp" && mkdir -p "$DIST.tmp/tests"
+  rm -rf "$DIST.tmp" && mkdir -p "$DIST.tmp"
   cp "$CARGO_TARGET_DIR/release/finetune" "$DIST.tmp/finetune"
-  local args=()
-  for p in "${pkgs[@]}"; do args+=(-p "$p"); done
-  log "cargo test --release --features cuda --no-run ${args[*]}"
-  # Test executables, listed by cargo's JSON messages; integration tests of the `finetune`
-  # crate are left out on purpose: they find the binary by its absolute build path.
+  check_needed "$DIST.tmp/finetune"
+  publish "$DIST"
+}
+
+build_tests() {
+  [ $# -gt 0 ] || { log "build-tests needs at least one package, e.g. finetune-kernels"; exit 2; }
+  toolchain
+  local out=${DIST}-tests args=()
+  for p in "$@"; do args+=(-p "$p"); done
+  rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+  log "cargo test --release --no-run --features finetune-kernels/cuda ${args[*]}"
+  # Test executables, listed by cargo's JSON messages. Integration tests of the `finetune`
+  # crate find the binary by its absolute build path: they run here, not there.
   cargo test --release --no-run --features finetune-kernels/cuda "${args[@]}" --message-format=json \
     | python3 -c '
 import json, sys
@@ -46,14 +71,8 @@ for line in sys.stdin:
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
         print(m["executable"])' \
-    | while read -r exe; do cp "$exe" "$DIST.tmp/tests/"; done
-  strip --strip-debug "$DIST.tmp/finetune" "$DIST.tmp"/tests/*
-  check_needed "$DIST.tmp/finetune"
-  local size; size=$(du -sb "$DIST.tmp" | cut -f1)
-  [ "$size" -le "$LIMIT_BYTES" ] || { log "dist is $size bytes, over the 64 MiB a GPU machine takes"; exit 1; }
-  rm -rf "$DIST" && mv "$DIST.tmp" "$DIST"
-  log "$DIST: $(du -sh "$DIST" | cut -f1) in $(find "$DIST" -type f | wc -l) files"
-  ls -l "$DIST" "$DIST/tests" >&2
+    | while read -r exe; do cp "$exe" "$out.tmp/"; done
+  publish "$out"
 }
 
 # The binary must name the real driver and CUDA 13 libraries by soname (never the link-time
@@ -61,7 +80,7 @@ for line in sys.stdin:
 check_needed() {
   local needed; needed=$(readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
   log "$1 needs: $(echo $needed)"
-  for so in libcuda.so.1 libcublas.so.13 libcurand.so.10 libnvrtc.so.13; do
+  for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10; do
     grep -qx "$so" <<<"$needed" || { log "$1 does not need $so"; exit 1; }
   done
   if grep -E '^lib(cuda|cudart|cublas|cublasLt|curand|nvrtc|nccl)\.so$' <<<"$needed"; then
@@ -70,6 +89,25 @@ check_needed() {
   if readelf -d "$1" | grep -E 'R(UN)?PATH' | grep -q stubs; then
     log "$1 has the stub directory in its run path"; exit 1
   fi
+}
+
+# Here, without a GPU: load dist/cuda/finetune against the link-time driver stub (every driver
+# call returns CUDA_ERROR_STUB_LIBRARY) to check that it starts, reports `cuda: yes`, and that
+# `doctor` fails with a clear message instead of a panic.
+stub_check() {
+  local prefix=${FINETUNE_CUDA_PREFIX:-$HOME/.cache/finetune-cuda}
+  local cuda=$prefix/cuda tmp
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' RETURN
+  ln -s "$cuda/lib/stubs/libcuda.so" "$tmp/libcuda.so.1"
+  local run=(env LD_LIBRARY_PATH="$tmp:$cuda/lib" "$DIST/finetune")
+  local version; version=$("${run[@]}" --version); log "$version"
+  grep -q 'cuda: yes' <<<"$version" || { log "--version does not say cuda: yes"; exit 1; }
+  local out rc=0
+  out=$("${run[@]}" doctor 2>&1) || rc=$?
+  echo "$out" >&2
+  [ "$rc" = 1 ] || { log "doctor on the stub driver exited $rc, expected 1"; exit 1; }
+  grep -q '^cuda: FAILED: ' <<<"$out" || { log "doctor did not report the missing GPU"; exit 1; }
+  log "stub check ok"
 }
 
 exec_on_gpu() {
@@ -92,6 +130,8 @@ PY
 
 case "${1:-}" in
   build) shift; build "$@" ;;
+  build-tests) shift; build_tests "$@" ;;
   exec) shift; [ $# -gt 0 ] || { echo "usage: $0 exec CMD [ARGS...]" >&2; exit 2; }; exec_on_gpu "$@" ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  stub-check) stub_check ;;
+  *) sed -n '2,24p' "$0" >&2; exit 2 ;;
 esac

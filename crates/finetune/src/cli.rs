@@ -141,9 +141,9 @@ pub struct RecipeArgs {
     /// How the edit is written as the training target.  [mine.format]
     #[arg(long, value_name = "FORMAT", help_heading = "Mining")]
     pub pair_format: Option<PairFormat>,
-    /// Fraction of the most recent changes held out for evaluation, in [0, 1).  [mine.heldout_fraction]
+    /// Fraction of the most recent changes held out for evaluation, in [0, 1).  [mine.heldout]
     #[arg(long, value_name = "F", help_heading = "Mining")]
-    pub heldout_fraction: Option<f64>,
+    pub heldout: Option<f64>,
     /// Skip changes touching more than N files.  [mine.max_files]
     #[arg(long, value_name = "N", help_heading = "Mining")]
     pub max_files: Option<u32>,
@@ -338,7 +338,7 @@ impl RecipeArgs {
         flag!(paths, "--paths", "mine.paths" => mine.paths);
         flag!(exclude, "--exclude", "mine.exclude" => mine.exclude);
         flag!(pair_format, "--pair-format", "mine.format" => mine.format);
-        flag!(heldout_fraction, "--heldout-fraction", "mine.heldout_fraction" => mine.heldout_fraction);
+        flag!(heldout, "--heldout", "mine.heldout" => mine.heldout);
         flag!(max_files, "--max-files", "mine.max_files" => mine.max_files);
         flag!(max_lines, "--max-lines", "mine.max_lines" => mine.max_lines);
         flag!(max_file_bytes, "--max-file-bytes", "mine.max_file_bytes" => mine.max_file_bytes);

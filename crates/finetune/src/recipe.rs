@@ -81,7 +81,7 @@ pub struct MineSection {
     pub paths: Vec<String>,
     pub exclude: Vec<String>,
     pub format: PairFormat,
-    pub heldout_fraction: f64,
+    pub heldout: f64,
     pub max_files: u32,
     pub max_lines: u32,
     pub max_file_bytes: u64,
@@ -100,7 +100,7 @@ impl Default for MineSection {
             paths: Vec::new(),
             exclude: Vec::new(),
             format: PairFormat::SearchReplace,
-            heldout_fraction: 0.1,
+            heldout: 0.05,
             max_files: 20,
             max_lines: 800,
             max_file_bytes: 1_000_000,
@@ -538,10 +538,10 @@ impl ResolvedRecipe {
         if r.mine.rev.trim().is_empty() {
             return Err(self.invalid("mine.rev", "must not be empty"));
         }
-        if !(0.0..1.0).contains(&r.mine.heldout_fraction) {
+        if !(0.0..1.0).contains(&r.mine.heldout) {
             return Err(self.invalid(
-                "mine.heldout_fraction",
-                format!("must be in [0, 1), got {}", r.mine.heldout_fraction),
+                "mine.heldout",
+                format!("must be in [0, 1), got {}", r.mine.heldout),
             ));
         }
         at_least_one("mine.max_files", r.mine.max_files.into())?;
