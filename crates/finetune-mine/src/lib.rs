@@ -3,11 +3,24 @@
 //! The miner walks the first-parent history of a ref with git2, turns every non-merge commit
 //! and every merged pull request into a pair (instruction = cleaned message, context =
 //! pre-change file content, target = the edit), filters bots, boilerplate, lock/vendored/
-//! generated files, and splits train/held-out by time. It has no ML dependency.
-//!
-//! Today this crate resolves a repository's head ([`resolve_head`]) for the run manifest;
-//! pair mining itself is the mining issue's work and not implemented yet.
+//! generated files and secrets, removes duplicates and splits train/held-out by time
+//! ([`mine_to_dir`]). It has no ML dependency: token budgets are estimated
+//! ([`pairs::estimate_tokens`]).
 
+mod dataset;
+pub mod dedup;
+pub mod edit;
+pub mod filters;
+pub mod message;
+pub mod pairs;
+pub mod secrets;
+pub mod treediff;
+
+pub use dataset::{mine_to_dir, Manifest, MineOutcome, HELDOUT_FILE, MANIFEST_FILE, TRAIN_FILE};
+pub use pairs::{Counts, Pair, PairMeta, Progress, Quiet};
+
+use git2::{Oid, Repository};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Errors of the miner. Each names the repository path and, where relevant, the revision.
@@ -21,10 +34,90 @@ pub enum MineError {
         rev: String,
         message: String,
     },
+    #[error("{path}: the repository has no commits yet (HEAD is unborn)")]
+    Empty { path: PathBuf },
+    #[error("{path}: {message}")]
+    Git { path: PathBuf, message: String },
+    #[error("mine.{option}: {message}")]
+    BadOption { option: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadManifest { path: PathBuf, message: String },
+    #[error(
+        "{path}: --incremental: {message}; mine again without --incremental (into a new or \
+         emptied directory)"
+    )]
+    NotIncremental { path: PathBuf, message: String },
+}
+
+/// How a mined edit is written as the training target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairFormat {
+    /// SEARCH/REPLACE blocks (the Aider edit format).
+    #[default]
+    SearchReplace,
+    /// Unified diff, as `git diff` prints it.
+    Udiff,
+}
+
+/// Everything that decides which pairs are mined. Recorded in the manifest; `--incremental`
+/// refuses to append pairs mined with other options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MineOptions {
+    pub repo: PathBuf,
+    pub rev: String,
+    /// Only changes after this date (`YYYY-MM-DD` or RFC 3339) or revision (exclusive).
+    pub since: Option<String>,
+    /// Only changes up to this date or revision (inclusive).
+    pub until: Option<String>,
+    pub paths: Vec<String>,
+    pub exclude: Vec<String>,
+    pub format: PairFormat,
+    /// Newest fraction of pairs (by author time) held out.
+    pub heldout: f64,
+    pub max_files: usize,
+    pub max_lines: usize,
+    pub max_file_bytes: u64,
+    pub max_line_chars: usize,
+    pub max_pair_tokens: usize,
+    pub skip_bots: bool,
+    /// Jaccard similarity at or above which a pair is a near-duplicate (> 1 disables).
+    pub dedup_threshold: f64,
+    /// Worker threads (0: all cores). Does not change the result.
+    #[serde(skip)]
+    pub threads: usize,
+}
+
+impl Default for MineOptions {
+    fn default() -> Self {
+        Self {
+            repo: PathBuf::from("."),
+            rev: "HEAD".into(),
+            since: None,
+            until: None,
+            paths: Vec::new(),
+            exclude: Vec::new(),
+            format: PairFormat::SearchReplace,
+            heldout: 0.05,
+            max_files: 20,
+            max_lines: 800,
+            max_file_bytes: 1_000_000,
+            max_line_chars: 1000,
+            max_pair_tokens: 1024,
+            skip_bots: true,
+            dedup_threshold: 0.7,
+            threads: 0,
+        }
+    }
 }
 
 /// The commit a run starts from, as recorded in the run manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoHead {
     /// The repository's working directory (or git dir for a bare repository), canonicalised.
     pub path: PathBuf,
@@ -36,18 +129,32 @@ pub struct RepoHead {
     pub reference: Option<String>,
 }
 
-/// Opens the repository at `path` (exactly there, no search upwards, so `--repo` means what it
-/// says) and resolves `rev` to a commit.
-pub fn resolve_head(path: &Path, rev: &str) -> Result<RepoHead, MineError> {
-    let repo = git2::Repository::open(path).map_err(|e| MineError::NotARepository {
+/// Opens the repository at `path` exactly (no search upwards, so `--repo` means what it says).
+pub(crate) fn open(path: &Path) -> Result<Repository, MineError> {
+    // Object ids are verified by git itself when objects are written; re-hashing every object
+    // on read costs more than a third of mining time (DESIGN.md, "Mining speed").
+    git2::opts::strict_hash_verification(false);
+    Repository::open(path).map_err(|e| MineError::NotARepository {
         path: path.to_path_buf(),
         message: e.message().to_string(),
-    })?;
+    })
+}
+
+fn resolve(repo: &Repository, path: &Path, rev: &str) -> Result<(Oid, Option<String>), MineError> {
     let bad_rev = |e: git2::Error| MineError::BadRevision {
         path: path.to_path_buf(),
         rev: rev.to_string(),
         message: e.message().to_string(),
     };
+    if rev == "HEAD"
+        && repo
+            .head()
+            .is_err_and(|e| e.code() == git2::ErrorCode::UnbornBranch)
+    {
+        return Err(MineError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
     let (object, reference) = repo.revparse_ext(rev).map_err(bad_rev)?;
     let commit = object.peel_to_commit().map_err(bad_rev)?;
     // `HEAD` itself comes back as a reference to HEAD; report the branch it points at.
@@ -60,15 +167,192 @@ pub fn resolve_head(path: &Path, rev: &str) -> Result<RepoHead, MineError> {
         Some(r) => r.name().ok().map(str::to_string),
         None => None,
     };
+    Ok((commit.id(), reference))
+}
+
+/// Opens the repository at `path` and resolves `rev` to a commit.
+pub fn resolve_head(path: &Path, rev: &str) -> Result<RepoHead, MineError> {
+    let repo = open(path)?;
+    let (id, reference) = resolve(&repo, path, rev)?;
     let workdir = repo.workdir().unwrap_or_else(|| repo.path());
     Ok(RepoHead {
         path: workdir
             .canonicalize()
             .unwrap_or_else(|_| workdir.to_path_buf()),
         rev: rev.to_string(),
-        commit: commit.id().to_string(),
+        commit: id.to_string(),
         reference,
     })
+}
+
+/// The commits to mine, oldest first.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub head: RepoHead,
+    pub commits: Vec<Oid>,
+    /// The repository is a shallow clone: history ends where the clone was cut.
+    pub shallow: bool,
+}
+
+/// A bound given as a date or a revision.
+enum Bound {
+    Time(i64),
+    Commit(Oid),
+}
+
+fn bound(repo: &Repository, path: &Path, option: &str, value: &str) -> Result<Bound, MineError> {
+    let date = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp())
+        .or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(value)
+                .ok()
+                .map(|t| t.timestamp())
+        });
+    if let Some(t) = date {
+        return Ok(Bound::Time(t));
+    }
+    match resolve(repo, path, value) {
+        Ok((id, _)) => Ok(Bound::Commit(id)),
+        Err(e) => Err(MineError::BadOption {
+            option: option.into(),
+            message: format!("`{value}` is neither a date (YYYY-MM-DD) nor a revision: {e}"),
+        }),
+    }
+}
+
+/// Walks the first-parent history from `opts.rev` (or `--until REV`) back to the root, to
+/// `--since`, or to `stop_at` (exclusive; an error if it is not on the way).
+pub fn walk(opts: &MineOptions, stop_at: Option<Oid>) -> Result<History, MineError> {
+    let path = opts.repo.as_path();
+    let repo = open(path)?;
+    let head = resolve_head(path, &opts.rev)?;
+    let mut start = Oid::from_str(&head.commit).expect("git2 printed a valid id");
+    let mut until_time = None;
+    if let Some(u) = &opts.until {
+        match bound(&repo, path, "until", u)? {
+            Bound::Time(t) => until_time = Some(t + 86_399 * i64::from(u.len() == 10)),
+            Bound::Commit(id) => start = id,
+        }
+    }
+    let since = match &opts.since {
+        Some(s) => Some(bound(&repo, path, "since", s)?),
+        None => None,
+    };
+    let git = |e: git2::Error| MineError::Git {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    };
+    let mut commits = Vec::new();
+    let mut id = start;
+    let mut found_stop = stop_at.is_none();
+    loop {
+        if Some(id) == stop_at {
+            found_stop = true;
+            break;
+        }
+        if let Some(Bound::Commit(s)) = since {
+            if s == id {
+                break;
+            }
+        }
+        let commit = match repo.find_commit(id) {
+            Ok(c) => c,
+            // A shallow clone's boundary may name parents that are not there.
+            Err(_) if repo.is_shallow() && !commits.is_empty() => break,
+            Err(e) => return Err(git(e)),
+        };
+        let t = commit.author().when().seconds();
+        let in_range =
+            until_time.is_none_or(|u| t <= u) && !matches!(since, Some(Bound::Time(s)) if t < s);
+        if in_range {
+            commits.push(id);
+        }
+        match commit.parent_ids().next() {
+            Some(p) => id = p,
+            None => break,
+        }
+    }
+    if !found_stop {
+        return Err(MineError::NotIncremental {
+            path: path.to_path_buf(),
+            message: format!(
+                "the last mined commit {} is not in the first-parent history of `{}` any more \
+                 (history rewritten?)",
+                stop_at.map(|s| s.to_string()).unwrap_or_default(),
+                opts.rev
+            ),
+        });
+    }
+    commits.reverse();
+    Ok(History {
+        head,
+        commits,
+        shallow: repo.is_shallow(),
+    })
+}
+
+/// Mines `history` into pairs (unsplit, not deduplicated), in history order, with counts.
+pub fn mine_commits(
+    opts: &MineOptions,
+    history: &History,
+    progress: &dyn Progress,
+) -> Result<(Vec<Pair>, Counts), MineError> {
+    use rayon::prelude::*;
+    let repo_name = history
+        .head
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".git").to_string())
+        .unwrap_or_default();
+    let compiled = pairs::Compiled::new(opts, repo_name)?;
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| MineError::Git {
+            path: opts.repo.clone(),
+            message: format!("cannot start {threads} threads: {e}"),
+        })?;
+    // Contiguous chunks keep the previous-commit blob cache useful; 256 commits balance the
+    // load between threads on short histories.
+    const CHUNK: usize = 256;
+    progress.start(history.commits.len() as u64);
+    let results: Vec<Result<(Vec<Pair>, Counts), MineError>> = pool.install(|| {
+        history
+            .commits
+            .par_chunks(CHUNK)
+            .map(|chunk| {
+                let mut worker = pairs::Worker::new(&opts.repo, opts, &compiled)?;
+                let mut counts = Counts::default();
+                let mut out = Vec::new();
+                for (i, &id) in chunk.iter().enumerate() {
+                    if let Some(p) = worker.commit(id, &mut counts) {
+                        out.push(p);
+                    }
+                    if i % 16 == 15 {
+                        progress.advance(16);
+                    }
+                }
+                progress.advance((chunk.len() % 16) as u64);
+                Ok((out, counts))
+            })
+            .collect()
+    });
+    progress.finish();
+    let mut all = Vec::new();
+    let mut counts = Counts::default();
+    for r in results {
+        let (p, c) = r?;
+        all.extend(p);
+        counts.add(&c);
+    }
+    Ok((all, counts))
 }
 
 #[cfg(test)]

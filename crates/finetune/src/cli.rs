@@ -50,7 +50,8 @@ pub enum Command {
     Run(RunArgs),
     /// Mine the repository's history and merged pull requests into training pairs.
     #[command(mut_arg("pair_format", |a| a.visible_alias("format")))]
-    Mine(StageArgs),
+    #[command(mut_arg("out", |a| a.help("Directory the pairs are written to: train.jsonl, heldout.jsonl, manifest.json.  [run.out]")))]
+    Mine(MineArgs),
     /// Train the LoRA adapter on mined pairs.
     Train(StageArgs),
     /// Evaluate base and base+adapter on the eval suites and write the comparison report.
@@ -76,6 +77,22 @@ pub struct RunArgs {
 /// Flags shared by every stage.
 #[derive(Debug, Args)]
 pub struct StageArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MineArgs {
+    /// Mine only the commits after the last one recorded in <OUT>/manifest.json, and merge
+    /// the new pairs into the dataset (deduplicated, re-split). Nothing changes when the
+    /// repository has no new commit.
+    #[arg(long)]
+    pub incremental: bool,
+
+    /// No progress bar and no summary (errors are still printed).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
     #[command(flatten)]
     pub recipe: RecipeArgs,
 }
@@ -162,6 +179,10 @@ pub struct RecipeArgs {
     /// Skip commits by bots (dependabot, renovate, *[bot], ...); `--skip-bots=false` keeps them.  [mine.skip_bots]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Mining")]
     pub skip_bots: Option<bool>,
+    /// Drop a pair whose edit has Jaccard similarity >= this with an older one (MinHash over
+    /// word 5-grams); above 1 keeps near-duplicates.  [mine.dedup_threshold]
+    #[arg(long, value_name = "J", help_heading = "Mining")]
+    pub dedup_threshold: Option<f64>,
 
     /// Base model: `tiny` (embedded, no download), a preset (qwen3-coder-30b-a3b,
     /// qwen3-coder-480b-a35b: random weights, for planning and benchmarks) or a Hugging Face
@@ -345,6 +366,7 @@ impl RecipeArgs {
         flag!(max_line_chars, "--max-line-chars", "mine.max_line_chars" => mine.max_line_chars);
         flag!(max_pair_tokens, "--max-pair-tokens", "mine.max_pair_tokens" => mine.max_pair_tokens);
         flag!(skip_bots, "--skip-bots", "mine.skip_bots" => mine.skip_bots);
+        flag!(dedup_threshold, "--dedup-threshold", "mine.dedup_threshold" => mine.dedup_threshold);
         flag!(model, "--model", "model.base" => model.base);
         flag!(rank, "--rank", "lora.r" => lora.r);
         flag!(lora_alpha, "--lora-alpha", "lora.lora_alpha" => lora.lora_alpha);

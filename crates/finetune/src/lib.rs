@@ -4,6 +4,7 @@
 //! This is the only crate where `anyhow` is used; the libraries return typed errors.
 
 pub mod cli;
+pub mod mine;
 pub mod recipe;
 pub mod run_dir;
 
@@ -37,7 +38,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
     match cli.command {
         None => run(&cli.run.recipe),
         Some(Command::Run(args)) => run(&args.recipe),
-        Some(Command::Mine(args)) => stage(&args.recipe, "mine", 4, |r| r.check_repo().map(|_| ())),
+        Some(Command::Mine(args)) => mine::command(&args),
         Some(Command::Train(args)) => stage(&args.recipe, "train", 6, |r| r.check_model_dir()),
         Some(Command::Eval(args)) => stage(&args.recipe, "eval", 7, |r| r.check_model_dir()),
         Some(Command::Export(args)) => stage(&args.recipe, "export", 8, |r| r.check_model_dir()),
@@ -58,7 +59,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
 }
 
 /// Resolves the recipe and prints it if asked; `None` when it was printed.
-fn resolve(args: &RecipeArgs) -> Result<Option<ResolvedRecipe>> {
+pub(crate) fn resolve(args: &RecipeArgs) -> Result<Option<ResolvedRecipe>> {
     let resolved = args.resolve()?;
     if args.print_recipe {
         print!("{}", resolved.to_toml());
@@ -134,7 +135,15 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
         head.path.display(),
         &head.commit[..12.min(head.commit.len())]
     );
-    Ok(not_implemented("mine", 4))
+
+    // 1. mine
+    let data = dir.path.join("data");
+    let outcome = mine::mine_into(&resolved, &data, false, false)?;
+    mine::print_summary(&outcome, &data);
+    dir.stage_completed("mine")?;
+
+    // 2. train
+    Ok(not_implemented("train", 6))
 }
 
 /// `finetune doctor`: this build, the CPU, the GPUs, and a smoke check on each device.

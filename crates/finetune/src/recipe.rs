@@ -88,6 +88,7 @@ pub struct MineSection {
     pub max_line_chars: u32,
     pub max_pair_tokens: u32,
     pub skip_bots: bool,
+    pub dedup_threshold: f64,
 }
 
 impl Default for MineSection {
@@ -107,6 +108,7 @@ impl Default for MineSection {
             max_line_chars: 1000,
             max_pair_tokens: 1024,
             skip_bots: true,
+            dedup_threshold: 0.7,
         }
     }
 }
@@ -549,6 +551,15 @@ impl ResolvedRecipe {
         at_least_one("mine.max_file_bytes", r.mine.max_file_bytes)?;
         at_least_one("mine.max_line_chars", r.mine.max_line_chars.into())?;
         at_least_one("mine.max_pair_tokens", r.mine.max_pair_tokens.into())?;
+        if !(r.mine.dedup_threshold > 0.0 && r.mine.dedup_threshold.is_finite()) {
+            return Err(self.invalid(
+                "mine.dedup_threshold",
+                format!(
+                    "must be a Jaccard similarity in (0, 1], or above 1 to keep near-duplicates; got {}",
+                    r.mine.dedup_threshold
+                ),
+            ));
+        }
 
         // model
         if r.model.base.trim().is_empty() {

@@ -45,6 +45,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl RunDir {
+    /// Records in the manifest that `stage` finished (rewritten atomically).
+    pub fn stage_completed(&self, stage: &str) -> Result<()> {
+        let path = self.path.join(MANIFEST);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        match manifest["stages_completed"].as_array_mut() {
+            Some(stages) => stages.push(stage.into()),
+            None => manifest["stages_completed"] = serde_json::json!([stage]),
+        }
+        write_atomic(
+            &path,
+            (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes(),
+        )
+    }
+
     /// Creates `<out>/runs/<id>/` holding `manifest.json`, atomically. `manifest` gets the
     /// chosen `id` and `path` filled in.
     pub fn create(

@@ -118,7 +118,7 @@ fn help_documents_every_flag_of_every_command() {
 }
 
 #[test]
-fn main_job_checks_inputs_writes_a_manifest_and_says_not_implemented() {
+fn main_job_mines_into_its_run_directory_then_stops_at_train() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
     let out_arg = out.path().to_str().unwrap();
@@ -127,7 +127,11 @@ fn main_job_checks_inputs_writes_a_manifest_and_says_not_implemented() {
         &["--repo", "./", "--rank", "16", "--out", out_arg],
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("not implemented yet"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the train stage is not implemented yet"),
+        "{}",
+        stderr(&o)
+    );
 
     let dirs = run_dirs(out.path());
     assert_eq!(dirs.len(), 1, "{dirs:?}");
@@ -139,7 +143,16 @@ fn main_job_checks_inputs_writes_a_manifest_and_says_not_implemented() {
     assert_eq!(manifest["repo"]["reference"], "refs/heads/main");
     assert_eq!(manifest["tool"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(manifest["flag_overrides"]["lora.r"], "--rank");
-    assert_eq!(manifest["stages_completed"], serde_json::json!([]));
+    assert_eq!(manifest["stages_completed"], serde_json::json!(["mine"]));
+    let data = dirs[0].join("data");
+    let mined: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(mined["repo"]["commit"], head(repo.path()));
+    assert_eq!(mined["counts"]["commits"], 2);
+    let pairs = std::fs::read_to_string(data.join("train.jsonl")).unwrap()
+        + &std::fs::read_to_string(data.join("heldout.jsonl")).unwrap();
+    assert_eq!(pairs.lines().count(), 2, "{pairs}");
     assert!(manifest["host"]["name"].as_str().is_some());
     assert!(manifest["started_at"].as_str().unwrap().ends_with('Z'));
     let first = std::fs::read(dirs[0].join("manifest.json")).unwrap();
@@ -294,7 +307,7 @@ fn bad_flag_values_name_the_flag() {
 fn stages_that_do_not_exist_yet_exit_2_without_output() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
-    for stage in ["mine", "train", "eval", "export", "plan", "schedule"] {
+    for stage in ["train", "eval", "export", "plan", "schedule"] {
         let o = finetune(
             repo.path(),
             &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
@@ -337,4 +350,56 @@ fn doctor_checks_the_cpu() {
     let text = stdout(&o);
     assert!(text.contains("cpu: f32 matmul check ok"), "{text}");
     assert!(text.contains("cuda: not in this build"), "{text}");
+}
+
+#[test]
+fn mine_writes_the_dataset_and_incremental_says_up_to_date() {
+    let repo = git_fixture();
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("pairs");
+    let data_arg = data.to_str().unwrap();
+    let o = finetune(
+        repo.path(),
+        &[
+            "mine", "--repo", ".", "--out", data_arg, "--format", "udiff",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("mine: 2 commits"), "{}", stdout(&o));
+    let text = std::fs::read_to_string(data.join("train.jsonl")).unwrap()
+        + &std::fs::read_to_string(data.join("heldout.jsonl")).unwrap();
+    let pairs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(pairs.len(), 2);
+    assert!(pairs.iter().all(|p| p["format"] == "udiff"));
+    assert!(pairs.iter().any(
+        |p| p["instruction"] == "Add b" && p["target"].as_str().unwrap().contains("+fn b() {}")
+    ));
+
+    let before = std::fs::read(data.join("manifest.json")).unwrap();
+    let o = finetune(
+        repo.path(),
+        &[
+            "mine",
+            "--repo",
+            ".",
+            "--out",
+            data_arg,
+            "--format",
+            "udiff",
+            "--incremental",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("up to date"), "{}", stdout(&o));
+    assert_eq!(std::fs::read(data.join("manifest.json")).unwrap(), before);
+
+    let o = finetune(
+        repo.path(),
+        &["mine", "--repo", ".", "--out", data_arg, "-q"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
 }
