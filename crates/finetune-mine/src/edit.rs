@@ -38,7 +38,16 @@ pub struct Hunk {
 
 /// Splits text into lines that keep their `\n` (the last one may lack it).
 pub fn lines(text: &str) -> Vec<&str> {
-    text.split_inclusive('\n').collect()
+    let mut out = Vec::with_capacity(text.len() / 32 + 1);
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', text.as_bytes()) {
+        out.push(&text[start..=nl]);
+        start = nl + 1;
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    out
 }
 
 /// The differing line ranges of `old` → `new`.
@@ -76,35 +85,70 @@ pub fn search_replace(edit: &FileEdit, hunks: &[Hunk], out: &mut String) {
         block("", edit.new);
         return;
     }
-    // Widen each hunk until its SEARCH text is unique, then merge blocks that touch.
-    let mut blocks: Vec<(Range<usize>, Range<usize>)> = Vec::new();
-    for h in hunks {
-        let mut c = usize::from(h.before.is_empty());
+    let unique = |b: &Range<usize>| -> bool {
+        let want = &old_lines[b.clone()];
+        let aligned = old_lines
+            .windows(want.len())
+            .filter(|w| w[0] == want[0] && *w == want)
+            .take(2)
+            .count();
+        // Line-aligned uniqueness first (cheap); then the exact text search an editor does,
+        // which also sees matches that start or end mid-line.
+        aligned == 1 && occurs_once(edit.old, &want.concat())
+    };
+    // Grow each group of hunks by unchanged lines on both sides until its SEARCH text occurs
+    // once in the old file. Context never reaches into another hunk: when it would, that
+    // hunk (or the previous block) joins the group, so the lines around a group are the same
+    // on both sides.
+    struct Block {
+        first: usize,
+        b: Range<usize>,
+        a: Range<usize>,
+    }
+    let mut blocks: Vec<Block> = Vec::new();
+    let mut i = 0;
+    while i < hunks.len() {
+        let (mut first, mut j) = (i, i);
+        let mut c = usize::from(hunks[i].before.is_empty());
         let (b, a) = loop {
-            let lo = h.before.start.saturating_sub(c);
-            let hi = (h.before.end + c).min(old_lines.len());
-            let lead = h.before.start - lo;
-            let trail = hi - h.before.end;
-            let b = lo..hi;
-            let a = h.after.start - lead..h.after.end + trail;
-            let text: String = old_lines[b.clone()].concat();
+            let prev_end = blocks.last().map_or(0, |blk| blk.b.end);
+            let room_before = hunks[first].before.start - prev_end;
+            if c > room_before && !blocks.is_empty() {
+                first = blocks.pop().map_or(first, |blk| blk.first);
+                continue;
+            }
+            let next_start = hunks.get(j + 1).map_or(old_lines.len(), |h| h.before.start);
+            let room_after = next_start - hunks[j].before.end;
+            if c > room_after && j + 1 < hunks.len() {
+                j += 1;
+                continue;
+            }
+            let (lead, trail) = (c.min(room_before), c.min(room_after));
+            let b = hunks[first].before.start - lead..hunks[j].before.end + trail;
+            let a = hunks[first].after.start - lead..hunks[j].after.end + trail;
             let whole = b.start == 0 && b.end == old_lines.len();
-            if whole || c >= 8 || (!text.is_empty() && edit.old.matches(&text).count() == 1) {
+            if whole || c >= 8 || (!b.is_empty() && unique(&b)) {
                 break (b, a);
             }
             c += 1;
         };
-        match blocks.last_mut() {
-            Some((pb, pa)) if b.start <= pb.end => {
-                pb.end = pb.end.max(b.end);
-                pa.end = pa.end.max(a.end);
-            }
-            _ => blocks.push((b, a)),
-        }
+        blocks.push(Block { first, b, a });
+        i = j + 1;
     }
-    for (b, a) in blocks {
-        block(&old_lines[b].concat(), &new_lines[a].concat());
+    for blk in blocks {
+        block(&old_lines[blk.b].concat(), &new_lines[blk.a].concat());
     }
+}
+
+/// Whether `needle` (non-empty) occurs exactly once in `haystack`, overlapping occurrences
+/// included (`"a\na\n"` occurs twice in `"a\na\na\n"`): an editor applying the block
+/// must find one place only.
+fn occurs_once(haystack: &str, needle: &str) -> bool {
+    let Some(first) = haystack.find(needle) else {
+        return false;
+    };
+    let step = haystack[first..].chars().next().map_or(1, char::len_utf8);
+    !needle.is_empty() && !haystack[first + step..].contains(needle)
 }
 
 fn push_text(out: &mut String, text: &str) {
@@ -298,6 +342,58 @@ mod tests {
             search_replace(&edit(FileStatus::Modified, old, new), &h, &mut out);
             assert_eq!(apply_search_replace(old, &out), new, "blocks:\n{out}");
         }
+    }
+
+    /// Random line edits on texts with many repeated lines (the hard case for uniqueness):
+    /// the blocks always apply back to the new text.
+    #[test]
+    fn random_edits_round_trip() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for case in 0..2000 {
+            let n = 1 + next(40) as usize;
+            let old: Vec<String> = (0..n).map(|_| format!("l{}\n", next(6))).collect();
+            let mut new = old.clone();
+            for _ in 0..1 + next(6) {
+                let at = next(new.len() as u64 + 1) as usize;
+                match next(3) {
+                    0 if at < new.len() => {
+                        new.remove(at);
+                    }
+                    1 if at < new.len() => new[at] = format!("x{}\n", next(4)),
+                    _ => new.insert(at, format!("y{}\n", next(4))),
+                }
+            }
+            let (old, new) = (old.concat(), new.concat());
+            let h = hunks(&old, &new);
+            let mut out = String::new();
+            search_replace(&edit(FileStatus::Modified, &old, &new), &h, &mut out);
+            let got = apply_blocks_lenient(&old, &out);
+            assert_eq!(got, new, "case {case}: old {old:?}\nblocks:\n{out}");
+        }
+    }
+
+    /// Applies blocks in order, each replacing the first match after the previous one (how
+    /// a block that is not unique within 8 lines of context is still applied correctly).
+    fn apply_blocks_lenient(old: &str, blocks: &str) -> String {
+        let mut text = old.to_string();
+        let mut from = 0;
+        let mut rest = blocks;
+        while let Some(i) = rest.find("<<<<<<< SEARCH\n") {
+            rest = &rest[i + 15..];
+            let (search, r) = rest.split_once("=======\n").unwrap();
+            let (replace, r) = r.split_once(">>>>>>> REPLACE\n").unwrap();
+            rest = r;
+            let at = from + text[from..].find(search).expect("SEARCH found");
+            text.replace_range(at..at + search.len(), replace);
+            from = at + replace.len();
+        }
+        text
     }
 
     #[test]

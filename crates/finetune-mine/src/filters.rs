@@ -142,13 +142,23 @@ pub fn has_generated_marker(text: &str) -> bool {
 
 /// Git's own binary heuristic: a NUL byte in the first 8000 bytes.
 pub fn is_binary(bytes: &[u8]) -> bool {
-    bytes[..bytes.len().min(8000)].contains(&0)
+    memchr::memchr(0, &bytes[..bytes.len().min(8000)]).is_some()
 }
 
 /// Whether any line is longer than `max_chars` characters.
 pub fn has_long_line(text: &str, max_chars: usize) -> bool {
-    text.lines()
-        .any(|l| l.len() > max_chars && l.chars().count() > max_chars)
+    // Bytes bound characters from above: only a line of more than `max_chars` bytes needs
+    // its characters counted.
+    let mut start = 0;
+    let bytes = text.as_bytes();
+    let long = |line: &str| line.len() > max_chars && line.chars().count() > max_chars;
+    for nl in memchr::memchr_iter(b'\n', bytes) {
+        if nl - start > max_chars && long(&text[start..nl]) {
+            return true;
+        }
+        start = nl + 1;
+    }
+    long(&text[start..])
 }
 
 /// A pattern without a slash matches at any depth, as in .gitignore; a leading `/` anchors.

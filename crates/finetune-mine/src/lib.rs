@@ -299,7 +299,6 @@ pub fn mine_commits(
     history: &History,
     progress: &dyn Progress,
 ) -> Result<(Vec<Pair>, Counts), MineError> {
-    use rayon::prelude::*;
     let repo_name = history
         .head
         .path
@@ -312,42 +311,51 @@ pub fn mine_commits(
     } else {
         opts.threads
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| MineError::Git {
-            path: opts.repo.clone(),
-            message: format!("cannot start {threads} threads: {e}"),
-        })?;
-    // Contiguous chunks keep the previous-commit blob cache useful; 256 commits balance the
-    // load between threads on short histories.
-    const CHUNK: usize = 256;
+    // Contiguous chunks keep the previous-commit blob cache useful. Threads take chunks in
+    // history order from a shared counter, so at any time they work on neighbouring parts of
+    // the history and share libgit2's (small, process-wide) cache of delta bases instead of
+    // evicting each other's.
+    const CHUNK: usize = 128;
+    let chunks: Vec<&[Oid]> = history.commits.chunks(CHUNK).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type ChunkResult = Result<(Vec<Pair>, Counts), MineError>;
+    let results: std::sync::Mutex<Vec<Option<ChunkResult>>> =
+        std::sync::Mutex::new((0..chunks.len()).map(|_| None).collect());
     progress.start(history.commits.len() as u64);
-    let results: Vec<Result<(Vec<Pair>, Counts), MineError>> = pool.install(|| {
-        history
-            .commits
-            .par_chunks(CHUNK)
-            .map(|chunk| {
-                let mut worker = pairs::Worker::new(&opts.repo, opts, &compiled)?;
-                let mut counts = Counts::default();
-                let mut out = Vec::new();
-                for (i, &id) in chunk.iter().enumerate() {
-                    if let Some(p) = worker.commit(id, &mut counts) {
-                        out.push(p);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(chunks.len()).max(1) {
+            scope.spawn(|| {
+                let mut worker = match pairs::Worker::new(&opts.repo, opts, &compiled) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(slot) = r.iter_mut().find(|s| s.is_none()) {
+                            *slot = Some(Err(e));
+                        }
+                        return;
                     }
-                    if i % 16 == 15 {
-                        progress.advance(16);
+                };
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(k) else { break };
+                    let mut counts = Counts::default();
+                    let mut out = Vec::new();
+                    for &id in chunk.iter() {
+                        if let Some(p) = worker.commit(id, &mut counts) {
+                            out.push(p);
+                        }
                     }
+                    progress.advance(chunk.len() as u64);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[k] = Some(Ok((out, counts)));
                 }
-                progress.advance((chunk.len() % 16) as u64);
-                Ok((out, counts))
-            })
-            .collect()
+            });
+        }
     });
     progress.finish();
     let mut all = Vec::new();
     let mut counts = Counts::default();
-    for r in results {
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    for r in results.into_iter().flatten() {
         let (p, c) = r?;
         all.extend(p);
         counts.add(&c);

@@ -167,12 +167,46 @@ impl Compiled {
     }
 }
 
+/// A blob's content, checked for UTF-8 once when it is read.
+pub(crate) enum Blob {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl Blob {
+    fn new(bytes: Vec<u8>) -> Self {
+        match String::from_utf8(bytes) {
+            Ok(t) => Blob::Text(t),
+            Err(e) => Blob::Bytes(e.into_bytes()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Blob::Text(t) => t.as_bytes(),
+            Blob::Bytes(b) => b,
+        }
+    }
+
+    fn text(&self) -> Option<&str> {
+        match self {
+            Blob::Text(t) => Some(t),
+            Blob::Bytes(_) => None,
+        }
+    }
+}
+
+/// The text of one side of a change ("" for an absent side).
+fn side_text(b: &Option<Arc<Blob>>) -> &str {
+    b.as_deref().and_then(Blob::text).unwrap_or("")
+}
+
 /// One worker's state: its own repository handle and the blobs of the last commit.
 pub(crate) struct Worker<'a> {
     repo: Repository,
     opts: &'a MineOptions,
     compiled: &'a Compiled,
-    prev_blobs: HashMap<Oid, Arc<Vec<u8>>>,
+    prev_blobs: HashMap<Oid, Arc<Blob>>,
     attributes: HashMap<Oid, Arc<LinguistAttributes>>,
 }
 
@@ -180,10 +214,23 @@ pub(crate) struct Worker<'a> {
 struct Kept {
     path: String,
     status: FileStatus,
-    old: String,
-    new: String,
+    old: Option<Arc<Blob>>,
+    new: Option<Arc<Blob>>,
     old_mode: u32,
     new_mode: u32,
+}
+
+impl Kept {
+    fn edit(&self) -> FileEdit<'_> {
+        FileEdit {
+            path: &self.path,
+            status: self.status,
+            old: side_text(&self.old),
+            new: side_text(&self.new),
+            old_mode: self.old_mode,
+            new_mode: self.new_mode,
+        }
+    }
 }
 
 impl<'a> Worker<'a> {
@@ -206,12 +253,12 @@ impl<'a> Worker<'a> {
         &self,
         odb: &git2::Odb,
         id: Oid,
-        cur: &mut HashMap<Oid, Arc<Vec<u8>>>,
-    ) -> Result<Arc<Vec<u8>>, git2::Error> {
+        cur: &mut HashMap<Oid, Arc<Blob>>,
+    ) -> Result<Arc<Blob>, git2::Error> {
         if let Some(b) = cur.get(&id).or_else(|| self.prev_blobs.get(&id)) {
             return Ok(b.clone());
         }
-        let b = Arc::new(treediff::read_blob(odb, id)?);
+        let b = Arc::new(Blob::new(treediff::read_blob(odb, id)?));
         cur.insert(id, b.clone());
         Ok(b)
     }
@@ -279,42 +326,51 @@ impl<'a> Worker<'a> {
             return Ok(Err(ChangeSkip::NoFilesLeft));
         }
 
-        let mut context = String::new();
-        let mut target = String::new();
+        // Hunks and context first: when instruction + context alone are over the token
+        // budget the pair is dropped before the costlier target rendering and redaction.
+        // (Redaction only shortens text; a PEM key block is the one secret long enough to
+        // matter, so such pairs take the exact path.)
+        let hunks: Vec<Vec<edit::Hunk>> = kept
+            .iter()
+            .map(|k| edit::hunks(side_text(&k.old), side_text(&k.new)))
+            .collect();
         let (mut added, mut removed) = (0, 0);
-        let mut languages: Vec<String> = Vec::new();
-        for k in &kept {
-            let fe = FileEdit {
-                path: &k.path,
-                status: k.status,
-                old: &k.old,
-                new: &k.new,
-                old_mode: k.old_mode,
-                new_mode: k.new_mode,
-            };
-            let hunks = edit::hunks(&k.old, &k.new);
-            let (a, r) = edit::line_counts(&hunks);
+        for h in &hunks {
+            let (a, r) = edit::line_counts(h);
             added += a;
             removed += r;
-            edit::context(&fe, &hunks, &mut context);
+        }
+        if added + removed > opts.max_lines {
+            return Ok(Err(ChangeSkip::TooManyLines));
+        }
+        let mut context = String::new();
+        for (k, h) in kept.iter().zip(&hunks) {
+            edit::context(&k.edit(), h, &mut context);
+        }
+        let over_budget = |text_tokens: usize| text_tokens > opts.max_pair_tokens;
+        if over_budget(estimate_tokens(&described.instruction) + estimate_tokens(&context))
+            && !context.contains("PRIVATE KEY-----")
+        {
+            return Ok(Err(ChangeSkip::OverTokenBudget));
+        }
+        let mut target = String::new();
+        let mut languages: Vec<String> = Vec::new();
+        for (k, h) in kept.iter().zip(&hunks) {
             match opts.format {
-                PairFormat::SearchReplace => edit::search_replace(&fe, &hunks, &mut target),
-                PairFormat::Udiff => edit::unified_diff(&fe, &hunks, &mut target),
+                PairFormat::SearchReplace => edit::search_replace(&k.edit(), h, &mut target),
+                PairFormat::Udiff => edit::unified_diff(&k.edit(), h, &mut target),
             }
             let lang = filters::language(&k.path).to_string();
             if !languages.contains(&lang) {
                 languages.push(lang);
             }
         }
-        if added + removed > opts.max_lines {
-            return Ok(Err(ChangeSkip::TooManyLines));
-        }
         let (instruction, s1) = secrets::redact(&described.instruction);
         let (context, s2) = secrets::redact(context.trim_end());
         let (target, s3) = secrets::redact(target.trim_end());
-        if estimate_tokens(&instruction) + estimate_tokens(&context) + estimate_tokens(&target)
-            > opts.max_pair_tokens
-        {
+        if over_budget(
+            estimate_tokens(&instruction) + estimate_tokens(&context) + estimate_tokens(&target),
+        ) {
             return Ok(Err(ChangeSkip::OverTokenBudget));
         }
         counts.secrets_redacted += s1 + s2 + s3;
@@ -364,7 +420,7 @@ impl<'a> Worker<'a> {
         changes: &[Change],
         attrs: Option<&LinguistAttributes>,
         counts: &mut Counts,
-        cur: &mut HashMap<Oid, Arc<Vec<u8>>>,
+        cur: &mut HashMap<Oid, Arc<Blob>>,
     ) -> Result<Vec<Kept>, git2::Error> {
         let opts = self.opts;
         // Exact renames: a deleted blob that reappears under another path, content unchanged.
@@ -434,43 +490,35 @@ impl<'a> Worker<'a> {
                 None => None,
             };
             let sides = [old.as_deref(), new.as_deref()];
-            if sides.iter().flatten().any(|b| filters::is_binary(b)) {
+            if sides
+                .iter()
+                .flatten()
+                .any(|b| filters::is_binary(b.bytes()))
+            {
                 skip(FileSkip::Binary, counts);
                 continue;
             }
             if sides
                 .iter()
                 .flatten()
-                .any(|b| b.len() as u64 > opts.max_file_bytes)
+                .any(|b| b.bytes().len() as u64 > opts.max_file_bytes)
             {
                 skip(FileSkip::TooLarge, counts);
                 continue;
             }
-            let text = |b: Option<&Vec<u8>>| -> Option<Option<String>> {
-                match b {
-                    None => Some(None),
-                    Some(b) => String::from_utf8(b.clone()).ok().map(Some),
-                }
-            };
-            let (Some(old_text), Some(new_text)) = (text(old.as_deref()), text(new.as_deref()))
-            else {
+            if sides.iter().flatten().any(|b| b.text().is_none()) {
                 skip(FileSkip::NonUtf8, counts);
                 continue;
-            };
-            let texts = [old_text.as_deref(), new_text.as_deref()];
+            }
+            let texts = sides.iter().flatten().filter_map(|b| b.text());
             if texts
-                .iter()
-                .flatten()
+                .clone()
                 .any(|t| filters::has_long_line(t, opts.max_line_chars))
             {
                 skip(FileSkip::LongLines, counts);
                 continue;
             }
-            if texts
-                .iter()
-                .flatten()
-                .any(|t| filters::has_generated_marker(t))
-            {
+            if texts.clone().any(filters::has_generated_marker) {
                 skip(FileSkip::Generated, counts);
                 continue;
             }
@@ -482,8 +530,8 @@ impl<'a> Worker<'a> {
             kept.push(Kept {
                 path: path.to_string(),
                 status,
-                old: old_text.unwrap_or_default(),
-                new: new_text.unwrap_or_default(),
+                old,
+                new,
                 old_mode,
                 new_mode,
             });

@@ -50,7 +50,7 @@ fn apply_blocks(old: &str, target: &str, path: &str) -> String {
             text = replace.to_string();
         } else {
             assert_eq!(
-                text.matches(search).count(),
+                text.match_indices(search).count(),
                 1,
                 "{path}: SEARCH not unique:\n{search}"
             );

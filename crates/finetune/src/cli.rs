@@ -93,6 +93,10 @@ pub struct MineArgs {
     #[arg(long, short = 'q')]
     pub quiet: bool,
 
+    /// Worker threads (default: all cores). The pairs do not depend on it.
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+
     #[command(flatten)]
     pub recipe: RecipeArgs,
 }

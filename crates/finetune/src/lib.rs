@@ -138,7 +138,7 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
 
     // 1. mine
     let data = dir.path.join("data");
-    let outcome = mine::mine_into(&resolved, &data, false, false)?;
+    let outcome = mine::mine_into(&resolved, &data, false, false, 0)?;
     mine::print_summary(&outcome, &data);
     dir.stage_completed("mine")?;
 

@@ -60,14 +60,18 @@ fn bar() -> Bar {
     Bar(bar)
 }
 
-/// Mines the recipe's repository into `out`.
+/// Mines the recipe's repository into `out` with `jobs` threads (0: all cores).
 pub fn mine_into(
     resolved: &ResolvedRecipe,
     out: &Path,
     incremental: bool,
     quiet: bool,
+    jobs: usize,
 ) -> Result<MineOutcome> {
-    let opts = options(resolved);
+    let opts = MineOptions {
+        threads: jobs,
+        ..options(resolved)
+    };
     let tool = format!("finetune {}", crate::cli::VERSION);
     let outcome = if quiet {
         finetune_mine::mine_to_dir(&opts, out, incremental, &tool, &finetune_mine::Quiet)?
@@ -130,7 +134,13 @@ pub fn command(args: &MineArgs) -> Result<Outcome> {
     };
     resolved.check_repo()?;
     let out = resolved.recipe.run.out.clone();
-    let outcome = mine_into(&resolved, &out, args.incremental, args.quiet)?;
+    let outcome = mine_into(
+        &resolved,
+        &out,
+        args.incremental,
+        args.quiet,
+        args.jobs.unwrap_or(0),
+    )?;
     if !args.quiet {
         print_summary(&outcome, &out);
     }
