@@ -86,6 +86,10 @@ pub struct MineOptions {
     pub max_line_chars: usize,
     pub max_pair_tokens: usize,
     pub skip_bots: bool,
+    /// Skip changes whose message says nothing ("wip", "fix", "update", …).
+    pub skip_boilerplate: bool,
+    /// Skip lock files, vendored directories and generated files.
+    pub skip_generated: bool,
     /// Jaccard similarity at or above which a pair is a near-duplicate (> 1 disables).
     pub dedup_threshold: f64,
     /// Worker threads (0: all cores). Does not change the result.
@@ -110,6 +114,8 @@ impl Default for MineOptions {
             max_line_chars: 1000,
             max_pair_tokens: 1024,
             skip_bots: true,
+            skip_boilerplate: true,
+            skip_generated: true,
             dedup_threshold: 0.7,
             threads: 0,
         }
@@ -341,8 +347,15 @@ pub fn mine_commits(
                     let mut counts = Counts::default();
                     let mut out = Vec::new();
                     for &id in chunk.iter() {
-                        if let Some(p) = worker.commit(id, &mut counts) {
-                            out.push(p);
+                        // A bug in the miner must not end a long run: the commit is counted
+                        // as an internal error and the run goes on.
+                        let mined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            worker.commit(id, &mut counts)
+                        }));
+                        match mined {
+                            Ok(Some(p)) => out.push(p),
+                            Ok(None) => {}
+                            Err(_) => counts.skip(pairs::ChangeSkip::InternalError),
                         }
                     }
                     progress.advance(chunk.len() as u64);

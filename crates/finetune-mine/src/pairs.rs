@@ -61,6 +61,7 @@ pub enum ChangeSkip {
     NoFilesLeft,
     OverTokenBudget,
     Unreadable,
+    InternalError,
     ExactDuplicate,
     NearDuplicate,
 }
@@ -76,6 +77,7 @@ impl ChangeSkip {
             ChangeSkip::NoFilesLeft => "no-files-left",
             ChangeSkip::OverTokenBudget => "over-token-budget",
             ChangeSkip::Unreadable => "unreadable-object",
+            ChangeSkip::InternalError => "internal-error",
             ChangeSkip::ExactDuplicate => "exact-duplicate",
             ChangeSkip::NearDuplicate => "near-duplicate",
         }
@@ -303,7 +305,7 @@ impl<'a> Worker<'a> {
         let Some(described) = message::describe(&msg, parents > 1) else {
             return Ok(Err(ChangeSkip::MergeWithoutPr));
         };
-        if message::is_boilerplate(&described.instruction) {
+        if opts.skip_boilerplate && message::is_boilerplate(&described.instruction) {
             return Ok(Err(ChangeSkip::Boilerplate));
         }
         let old_tree = if parents > 0 {
@@ -326,10 +328,9 @@ impl<'a> Worker<'a> {
             return Ok(Err(ChangeSkip::NoFilesLeft));
         }
 
-        // Hunks and context first: when instruction + context alone are over the token
-        // budget the pair is dropped before the costlier target rendering and redaction.
-        // (Redaction only shortens text; a PEM key block is the one secret long enough to
-        // matter, so such pairs take the exact path.)
+        // Hunks and context first: when instruction + context alone (redacted, as they will
+        // be written) are over the token budget, the pair is dropped before the costlier
+        // target rendering.
         let hunks: Vec<Vec<edit::Hunk>> = kept
             .iter()
             .map(|k| edit::hunks(side_text(&k.old), side_text(&k.new)))
@@ -348,9 +349,9 @@ impl<'a> Worker<'a> {
             edit::context(&k.edit(), h, &mut context);
         }
         let over_budget = |text_tokens: usize| text_tokens > opts.max_pair_tokens;
-        if over_budget(estimate_tokens(&described.instruction) + estimate_tokens(&context))
-            && !context.contains("PRIVATE KEY-----")
-        {
+        let (instruction, s1) = secrets::redact(&described.instruction);
+        let (context, s2) = secrets::redact(context.trim_end());
+        if over_budget(estimate_tokens(&instruction) + estimate_tokens(&context)) {
             return Ok(Err(ChangeSkip::OverTokenBudget));
         }
         let mut target = String::new();
@@ -365,8 +366,6 @@ impl<'a> Worker<'a> {
                 languages.push(lang);
             }
         }
-        let (instruction, s1) = secrets::redact(&described.instruction);
-        let (context, s2) = secrets::redact(context.trim_end());
         let (target, s3) = secrets::redact(target.trim_end());
         if over_budget(
             estimate_tokens(&instruction) + estimate_tokens(&context) + estimate_tokens(&target),
@@ -476,9 +475,22 @@ impl<'a> Worker<'a> {
                 skip(FileSkip::PathFilter, counts);
                 continue;
             }
-            if let Some(why) = filters::path_skip(path).or_else(|| attrs.and_then(|a| a.skip(path)))
-            {
+            let generated =
+                || filters::path_skip(path).or_else(|| attrs.and_then(|a| a.skip(path)));
+            if let Some(why) = opts.skip_generated.then(generated).flatten() {
                 skip(why, counts);
+                continue;
+            }
+            // Sizes from the object headers first: a huge blob is never inflated.
+            let mut too_large = false;
+            for side in [c.old, c.new].into_iter().flatten() {
+                if !cur.contains_key(&side.id) && !self.prev_blobs.contains_key(&side.id) {
+                    let (size, _) = odb.read_header(side.id)?;
+                    too_large |= size as u64 > opts.max_file_bytes;
+                }
+            }
+            if too_large {
+                skip(FileSkip::TooLarge, counts);
                 continue;
             }
             let old = match c.old {
@@ -518,7 +530,7 @@ impl<'a> Worker<'a> {
                 skip(FileSkip::LongLines, counts);
                 continue;
             }
-            if texts.clone().any(filters::has_generated_marker) {
+            if opts.skip_generated && texts.clone().any(filters::has_generated_marker) {
                 skip(FileSkip::Generated, counts);
                 continue;
             }

@@ -356,6 +356,21 @@ fn each_filter_is_applied_and_counted() {
     );
     assert!(pairs2.len() < pairs.len());
 
+    // Each of these filters can be turned off.
+    let (_t4, out4) = fixtures::out_dir();
+    let (m4, _) = mine(
+        &MineOptions {
+            skip_boilerplate: false,
+            skip_generated: false,
+            ..opts.clone()
+        },
+        &out4,
+    );
+    assert_eq!(skipped(&m4, "boilerplate-message"), 0);
+    for why in ["lock-file", "vendored", "generated"] {
+        assert_eq!(files_skipped(&m4, why), 0, "{why}");
+    }
+
     // Bots are kept on request; path globs select files.
     let (_t3, out3) = fixtures::out_dir();
     let (m3, pairs3) = mine(
@@ -648,4 +663,33 @@ fn since_and_until_bound_the_history() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("mine.since"), "{err}");
+}
+
+#[test]
+fn a_missing_object_is_counted_not_fatal() {
+    let mut r = Repo::new();
+    r.write("a.rs", "fn a() {}\n");
+    r.commit("Add a");
+    r.write("a.rs", "fn a() { lost() }\n");
+    r.commit("Call lost from a");
+    r.write("b.rs", "fn b() {}\n");
+    r.commit("Add b");
+    // Delete the loose object of the second commit's blob.
+    let blob = r.git(&["rev-parse", "HEAD~1:a.rs"]);
+    let path = r
+        .path()
+        .join(".git/objects")
+        .join(&blob[..2])
+        .join(&blob[2..]);
+    std::fs::remove_file(&path).unwrap();
+    let (_t, out) = fixtures::out_dir();
+    let (m, pairs) = mine(&options(r.path()), &out);
+    // The commit whose new side is the missing blob is skipped and counted; the others mine.
+    assert_eq!(
+        skipped(&m, "unreadable-object"),
+        1,
+        "{:?}",
+        m.counts.changes_skipped
+    );
+    assert_eq!(pairs.len(), 2);
 }

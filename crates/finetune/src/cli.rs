@@ -183,6 +183,13 @@ pub struct RecipeArgs {
     /// Skip commits by bots (dependabot, renovate, *[bot], ...); `--skip-bots=false` keeps them.  [mine.skip_bots]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Mining")]
     pub skip_bots: Option<bool>,
+    /// Skip changes whose message says nothing ("wip", "fix", "update", "fix typo", ...).  [mine.skip_boilerplate]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Mining")]
+    pub skip_boilerplate: Option<bool>,
+    /// Skip lock files, vendored directories (vendor/, node_modules/, third_party/) and
+    /// generated files (@generated markers, linguist-generated, *.min.js).  [mine.skip_generated]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Mining")]
+    pub skip_generated: Option<bool>,
     /// Drop a pair whose edit has Jaccard similarity >= this with an older one (MinHash over
     /// word 5-grams); above 1 keeps near-duplicates.  [mine.dedup_threshold]
     #[arg(long, value_name = "J", help_heading = "Mining")]
@@ -370,6 +377,8 @@ impl RecipeArgs {
         flag!(max_line_chars, "--max-line-chars", "mine.max_line_chars" => mine.max_line_chars);
         flag!(max_pair_tokens, "--max-pair-tokens", "mine.max_pair_tokens" => mine.max_pair_tokens);
         flag!(skip_bots, "--skip-bots", "mine.skip_bots" => mine.skip_bots);
+        flag!(skip_boilerplate, "--skip-boilerplate", "mine.skip_boilerplate" => mine.skip_boilerplate);
+        flag!(skip_generated, "--skip-generated", "mine.skip_generated" => mine.skip_generated);
         flag!(dedup_threshold, "--dedup-threshold", "mine.dedup_threshold" => mine.dedup_threshold);
         flag!(model, "--model", "model.base" => model.base);
         flag!(rank, "--rank", "lora.r" => lora.r);

@@ -29,6 +29,8 @@ pub fn options(resolved: &ResolvedRecipe) -> MineOptions {
         max_line_chars: m.max_line_chars as usize,
         max_pair_tokens: m.max_pair_tokens as usize,
         skip_bots: m.skip_bots,
+        skip_boilerplate: m.skip_boilerplate,
+        skip_generated: m.skip_generated,
         dedup_threshold: m.dedup_threshold,
         threads: 0,
     }

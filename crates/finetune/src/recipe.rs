@@ -88,6 +88,8 @@ pub struct MineSection {
     pub max_line_chars: u32,
     pub max_pair_tokens: u32,
     pub skip_bots: bool,
+    pub skip_boilerplate: bool,
+    pub skip_generated: bool,
     pub dedup_threshold: f64,
 }
 
@@ -108,6 +110,8 @@ impl Default for MineSection {
             max_line_chars: 1000,
             max_pair_tokens: 1024,
             skip_bots: true,
+            skip_boilerplate: true,
+            skip_generated: true,
             dedup_threshold: 0.7,
         }
     }
