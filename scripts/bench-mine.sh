@@ -26,32 +26,36 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 echo "repo: $REPO ($commits first-parent commits, $merges of them merges)"
 echo "git: $(git --version); finetune: $("$BIN" --version)"
 
-# measure NAME CMD...: appends "wall_seconds max_rss_kb" per run to $OUT/NAME
-measure() {
+# once NAME CMD...: appends "wall_s max_rss_kb cpu_s" of one run to $OUT/NAME
+once() {
   local name=$1; shift
-  for _ in $(seq "$RUNS"); do
-    /usr/bin/time -f "%e %M" -o "$OUT/t" "$@" >/dev/null 2>"$OUT/err" || { cat "$OUT/err" >&2; exit 1; }
-    cat "$OUT/t" >> "$OUT/$name"
-  done
+  /usr/bin/time -f "%e %M %U %S" -o "$OUT/t" "$@" >/dev/null 2>"$OUT/err" || { cat "$OUT/err" >&2; exit 1; }
+  awk '{ print $1, $2, $3 + $4 }' "$OUT/t" >> "$OUT/$name"
 }
 GIT_CMD=(git -C "$REPO" log -p --first-parent --diff-merges=first-parent HEAD)
 MINE_CMD=("$BIN" mine --repo "$REPO" --out "$OUT/data" -q)
 echo "baseline: ${GIT_CMD[*]} > /dev/null"
 echo "ours:     ${MINE_CMD[*]}"
-measure git "${GIT_CMD[@]}"
-measure mine "${MINE_CMD[@]}"
+# Interleaved, so that a slow phase of a shared machine hits both sides alike.
+for _ in $(seq "$RUNS"); do
+  once git "${GIT_CMD[@]}"
+  once mine "${MINE_CMD[@]}"
+done
 
 python3 - "$OUT" "$commits" <<'PY'
 import json, statistics, sys
 out, commits = sys.argv[1], int(sys.argv[2])
 def runs(name):
     rows = [l.split() for l in open(f"{out}/{name}") if l.strip()]
-    return [float(r[0]) for r in rows], [int(r[1]) for r in rows]
-gw, gm = runs("git"); mw, mm = runs("mine")
+    return [float(r[0]) for r in rows], [int(r[1]) for r in rows], [float(r[2]) for r in rows]
+gw, gm, gc = runs("git"); mw, mm, mc = runs("mine")
 g, m = statistics.median(gw), statistics.median(mw)
-print(f"git log -p : median {g:6.2f} s over {len(gw)} runs, {commits / g:7.0f} commits/s, peak {max(gm) / 1024:5.0f} MiB")
-print(f"finetune   : median {m:6.2f} s over {len(mw)} runs, {commits / m:7.0f} commits/s, peak {max(mm) / 1024:5.0f} MiB")
-print(f"ratio      : finetune mine is {g / m:.2f}x git's commits/s")
+walls = lambda w: " ".join(f"{x:.2f}" for x in w)
+print(f"git log -p : median {g:6.2f} s wall ({walls(gw)}), {commits / g:7.0f} commits/s, "
+      f"CPU {statistics.median(gc):6.2f} s, peak {max(gm) / 1024:5.0f} MiB")
+print(f"finetune   : median {m:6.2f} s wall ({walls(mw)}), {commits / m:7.0f} commits/s, "
+      f"CPU {statistics.median(mc):6.2f} s, peak {max(mm) / 1024:5.0f} MiB")
+print(f"ratio      : finetune mine is {g / m:.2f}x git's commits/s (wall clock, {len(gw)} interleaved runs each)")
 man = json.load(open(f"{out}/data/manifest.json"))
 c = man["counts"]
 print(f"mined      : {man['train']} train + {man['heldout']} held-out pairs; changes left out: "

@@ -202,22 +202,41 @@ pub struct History {
 
 /// A bound given as a date or a revision.
 enum Bound {
+    /// A whole UTC day (`YYYY-MM-DD`), from its first second.
+    Day(i64),
+    /// An instant (RFC 3339).
     Time(i64),
     Commit(Oid),
 }
 
+impl Bound {
+    /// The first second the bound covers (for `--since`).
+    fn first_second(&self) -> Option<i64> {
+        match *self {
+            Bound::Day(t) | Bound::Time(t) => Some(t),
+            Bound::Commit(_) => None,
+        }
+    }
+
+    /// The last second the bound covers (for `--until`): a day includes all of it.
+    fn last_second(&self) -> Option<i64> {
+        match *self {
+            Bound::Day(t) => Some(t + 86_399),
+            Bound::Time(t) => Some(t),
+            Bound::Commit(_) => None,
+        }
+    }
+}
+
 fn bound(repo: &Repository, path: &Path, option: &str, value: &str) -> Result<Bound, MineError> {
-    let date = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+    if let Some(t) = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc().timestamp())
-        .or_else(|| {
-            chrono::DateTime::parse_from_rfc3339(value)
-                .ok()
-                .map(|t| t.timestamp())
-        });
-    if let Some(t) = date {
-        return Ok(Bound::Time(t));
+    {
+        return Ok(Bound::Day(t.and_utc().timestamp()));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(Bound::Time(t.timestamp()));
     }
     match resolve(repo, path, value) {
         Ok((id, _)) => Ok(Bound::Commit(id)),
@@ -234,12 +253,12 @@ pub fn walk(opts: &MineOptions, stop_at: Option<Oid>) -> Result<History, MineErr
     let path = opts.repo.as_path();
     let repo = open(path)?;
     let head = resolve_head(path, &opts.rev)?;
-    let mut start = Oid::from_str(&head.commit).expect("git2 printed a valid id");
+    let (mut start, _) = resolve(&repo, path, &opts.rev)?;
     let mut until_time = None;
     if let Some(u) = &opts.until {
         match bound(&repo, path, "until", u)? {
-            Bound::Time(t) => until_time = Some(t + 86_399 * i64::from(u.len() == 10)),
             Bound::Commit(id) => start = id,
+            time => until_time = time.last_second(),
         }
     }
     let since = match &opts.since {
@@ -270,8 +289,8 @@ pub fn walk(opts: &MineOptions, stop_at: Option<Oid>) -> Result<History, MineErr
             Err(e) => return Err(git(e)),
         };
         let t = commit.author().when().seconds();
-        let in_range =
-            until_time.is_none_or(|u| t <= u) && !matches!(since, Some(Bound::Time(s)) if t < s);
+        let since_time = since.as_ref().and_then(Bound::first_second);
+        let in_range = until_time.is_none_or(|u| t <= u) && since_time.is_none_or(|s| t >= s);
         if in_range {
             commits.push(id);
         }
