@@ -207,7 +207,7 @@ impl Default for TrainSection {
             epochs: 1.0,
             micro_batch: 4,
             grad_accum: 1,
-            seq_len: 512,
+            seq_len: 1024,
             seed: 42,
             recompute: false,
             dtype: ComputeDtype::Auto,
