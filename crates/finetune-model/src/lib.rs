@@ -5,8 +5,13 @@
 //! forward pass (embedding, RMSNorm, RoPE, causal GQA attention over packed sequences, top-k
 //! routed SwiGLU experts, lm_head) with LoRA on the chosen projections, and offers presets.
 //!
-//! Today it holds the preset names the recipe accepts ([`Preset`]); the model itself is the
-//! model issue's work and not implemented yet.
+//! Today it holds the configuration ([`config::Qwen3MoeConfig`], read from `config.json` and
+//! checked) and the presets ([`Preset`], with [`Preset::config`]); weight loading, the forward
+//! pass and LoRA are the model issue's remaining work and not implemented yet.
+
+pub mod config;
+
+pub use config::{ConfigError, Qwen3MoeConfig};
 
 use std::fmt;
 use std::str::FromStr;

@@ -721,6 +721,8 @@ impl ResolvedRecipe {
                 ),
             ));
         }
+        finetune_model::Qwen3MoeConfig::from_file(&dir.join("config.json"))
+            .map_err(|e| self.invalid("model.base", e.to_string()))?;
         Ok(())
     }
 
@@ -833,6 +835,16 @@ mod tests {
         let err = parse(&text).unwrap().check_model_dir().unwrap_err();
         assert!(err.to_string().contains("no config.json"), "{err}");
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let err = parse(&text).unwrap().check_model_dir().unwrap_err();
+        assert!(err.to_string().contains("missing field"), "{err}");
+        let config = serde_json::json!({
+            "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 8, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "moe_intermediate_size": 8, "num_experts_per_tok": 2,
+            "num_experts": 4
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
         parse(&text).unwrap().check_model_dir().unwrap();
     }
 
