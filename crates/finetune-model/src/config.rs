@@ -85,9 +85,14 @@ pub struct Qwen3MoeConfig {
     pub hidden_act: String,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
+    /// RoPE base. transformers ≥ 5 writes it (and the scaling) inside `rope_parameters`;
+    /// [`Qwen3MoeConfig::from_json`] moves it here.
+    #[serde(default)]
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    #[serde(default, skip_serializing)]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -99,6 +104,8 @@ pub struct Qwen3MoeConfig {
     pub decoder_sparse_step: usize,
     pub moe_intermediate_size: usize,
     pub num_experts_per_tok: usize,
+    /// transformers ≥ 5 writes it as `num_local_experts`.
+    #[serde(alias = "num_local_experts")]
     pub num_experts: usize,
     #[serde(default = "yes")]
     pub norm_topk_prob: bool,
@@ -134,10 +141,32 @@ impl Qwen3MoeConfig {
 
     /// Parses and checks config JSON; `name` is used in messages.
     pub fn from_json(name: &str, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Self = serde_json::from_str(text).map_err(|e| ConfigError::Parse {
             path: name.to_string(),
             message: e.to_string(),
         })?;
+        if let Some(params) = config.rope_parameters.take() {
+            let bad = |message: String| ConfigError::Parse {
+                path: name.to_string(),
+                message: format!("rope_parameters: {message}"),
+            };
+            if config.rope_theta == 0.0 {
+                config.rope_theta = params["rope_theta"]
+                    .as_f64()
+                    .ok_or_else(|| bad("no numeric `rope_theta`".into()))?;
+            }
+            let kind = params["rope_type"].as_str().unwrap_or("default");
+            if kind != "default" && config.rope_scaling.is_none() {
+                config.rope_scaling =
+                    Some(serde_json::from_value(params.clone()).map_err(|e| bad(e.to_string()))?);
+            }
+        }
+        if config.rope_theta == 0.0 {
+            return Err(ConfigError::Parse {
+                path: name.to_string(),
+                message: "missing field `rope_theta` (or `rope_parameters.rope_theta`)".into(),
+            });
+        }
         config.check(name)?;
         Ok(config)
     }
@@ -335,6 +364,7 @@ impl Preset {
             rms_norm_eps: 1e-6,
             rope_theta: 10_000_000.0,
             rope_scaling: None,
+            rope_parameters: None,
             tie_word_embeddings: false,
             attention_bias: false,
             use_sliding_window: false,
@@ -460,6 +490,21 @@ mod tests {
         let rs = c.rope_scaling.unwrap();
         assert_eq!((rs.rope_type.as_str(), rs.factor), ("yarn", 4.0));
         assert_eq!(rs.original_max_position_embeddings, Some(65536));
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        let text = FP8_CONFIG.replace(
+            "\"rope_scaling\": null, \"rope_theta\": 10000000,",
+            "\"rope_parameters\": {\"rope_theta\": 5000.0, \"rope_type\": \"yarn\", \"factor\": 2.0},",
+        );
+        assert_ne!(text, FP8_CONFIG);
+        let c = Qwen3MoeConfig::from_json("config.json", &text).unwrap();
+        assert_eq!(c.rope_theta, 5000.0);
+        assert_eq!(c.rope_scaling.unwrap().factor, 2.0);
+        let none = FP8_CONFIG.replace("\"rope_theta\": 10000000,", "");
+        let err = Qwen3MoeConfig::from_json("config.json", &none).unwrap_err();
+        assert!(err.to_string().contains("rope_theta"), "{err}");
     }
 
     #[test]

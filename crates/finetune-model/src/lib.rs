@@ -6,12 +6,18 @@
 //! routed SwiGLU experts, lm_head) with LoRA on the chosen projections, and offers presets.
 //!
 //! Today it holds the configuration ([`config::Qwen3MoeConfig`], read from `config.json` and
-//! checked) and the presets ([`Preset`], with [`Preset::config`]); weight loading, the forward
-//! pass and LoRA are the model issue's remaining work and not implemented yet.
+//! checked), the presets ([`Preset`], with [`Preset::config`]), weight loading in stored
+//! precision incl. FP8 block-128 ([`weights`]) and the reference forward pass in plain candle
+//! ops ([`model`]), checked against transformers. LoRA, the backward through CustomOps and the
+//! KV-cache forward are the model issue's remaining work and not implemented yet.
 
 pub mod config;
+pub mod model;
+pub mod weights;
 
 pub use config::{ConfigError, Qwen3MoeConfig};
+pub use model::Qwen3Moe;
+pub use weights::{BaseWeight, Weights, WeightsError};
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,322 @@
+//! The Qwen3-MoE forward pass in plain candle ops (f32), the reference implementation that the
+//! fused kernels will be tested against.
+//!
+//! Per layer, as in transformers' `Qwen3MoeDecoderLayer`:
+//!   h = x + o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
+//!   y = h + mlp(n2(h))
+//! with RMSNorm n(x) = x / sqrt(mean(x²) + eps) · w, causal grouped-query attention restricted to
+//! the token's own document (a document starts where `position_ids` restarts at 0), RoPE
+//! (x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁]) at the given positions, and an MLP
+//! that is either dense SwiGLU, down(silu(gate(x)) ⊙ up(x)), or a mixture of experts: router
+//! p = softmax(gate(x)), the top-k experts per token weighted by p (renormalised to sum to 1
+//! when `norm_topk_prob`), each expert a SwiGLU.
+
+use crate::config::Qwen3MoeConfig;
+use crate::weights::{BaseWeight, Weights, WeightsError};
+use candle_core::{DType, Device, Tensor, D};
+
+type Result<T> = std::result::Result<T, WeightsError>;
+
+struct Attention {
+    q: BaseWeight,
+    k: BaseWeight,
+    v: BaseWeight,
+    o: BaseWeight,
+    q_norm: Tensor,
+    k_norm: Tensor,
+}
+
+struct Expert {
+    gate: BaseWeight,
+    up: BaseWeight,
+    down: BaseWeight,
+}
+
+enum Mlp {
+    Dense(Expert),
+    Moe {
+        router: BaseWeight,
+        experts: Vec<Expert>,
+    },
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+/// A loaded Qwen3-MoE model (base weights only).
+pub struct Qwen3Moe {
+    pub config: Qwen3MoeConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: BaseWeight,
+    device: Device,
+}
+
+fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
+    x.matmul(&w.dequantize(DType::F32)?.t()?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)
+}
+
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// silu(x) = x · sigmoid(x) = x / (1 + e^(−x)).
+fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x / (x.neg()?.exp()? + 1.0)?
+}
+
+impl Expert {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = silu(&linear(x, &self.gate)?)?;
+        linear(&(g * linear(x, &self.up)?)?, &self.down)
+    }
+}
+
+impl Qwen3Moe {
+    /// Loads the weights of `config` from `weights`; every tensor must be there with its
+    /// shape, and no tensor may be left over.
+    pub fn load(config: Qwen3MoeConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, d) = (c.hidden_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let embed = weights.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let attn = Attention {
+                q: weights.base_weight(&format!("{p}.self_attn.q_proj"), nh * d, h)?,
+                k: weights.base_weight(&format!("{p}.self_attn.k_proj"), nkv * d, h)?,
+                v: weights.base_weight(&format!("{p}.self_attn.v_proj"), nkv * d, h)?,
+                o: weights.base_weight(&format!("{p}.self_attn.o_proj"), h, nh * d)?,
+                q_norm: weights.tensor(&format!("{p}.self_attn.q_norm.weight"), &[d])?,
+                k_norm: weights.tensor(&format!("{p}.self_attn.k_norm.weight"), &[d])?,
+            };
+            let expert = |prefix: &str, width: usize| -> Result<Expert> {
+                Ok(Expert {
+                    gate: weights.base_weight(&format!("{prefix}.gate_proj"), width, h)?,
+                    up: weights.base_weight(&format!("{prefix}.up_proj"), width, h)?,
+                    down: weights.base_weight(&format!("{prefix}.down_proj"), h, width)?,
+                })
+            };
+            let mlp = if c.is_moe_layer(i) {
+                Mlp::Moe {
+                    router: weights.base_weight(&format!("{p}.mlp.gate"), c.num_experts, h)?,
+                    experts: (0..c.num_experts)
+                        .map(|e| expert(&format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
+                        .collect::<Result<_>>()?,
+                }
+            } else {
+                Mlp::Dense(expert(&format!("{p}.mlp"), c.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: weights.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: weights.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                attn,
+                mlp,
+            });
+        }
+        let norm = weights.tensor("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            BaseWeight::Dense(embed.clone())
+        } else {
+            weights.base_weight("lm_head", c.vocab_size, h)?
+        };
+        weights.check_all_used()?;
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Logits `[T, vocab]` (f32) of one packed sequence: `position_ids` restart at 0 where a
+    /// new document begins, and no token attends across documents.
+    pub fn forward(&self, input_ids: &[u32], position_ids: &[u32]) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let t = input_ids.len();
+        if position_ids.len() != t {
+            candle_core::bail!(
+                "{} input ids but {} position ids",
+                input_ids.len(),
+                position_ids.len()
+            );
+        }
+        if let Some(rs) = &c.rope_scaling {
+            if rs.rope_type != "default" && rs.rope_type != "linear" {
+                candle_core::bail!(
+                    "rope_scaling `{}` is not implemented in the reference forward yet",
+                    rs.rope_type
+                );
+            }
+        }
+        let eps = c.rms_norm_eps;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let ids = Tensor::new(input_ids, &self.device)?;
+        let mut x = self.embed.to_dtype(DType::F32)?.index_select(&ids, 0)?;
+
+        // Document of each token, and the additive mask: 0 where attention is allowed.
+        let mut doc = Vec::with_capacity(t);
+        for (i, &p) in position_ids.iter().enumerate() {
+            let prev = if i == 0 { 0 } else { doc[i - 1] };
+            doc.push(if i > 0 && p <= position_ids[i - 1] && p == 0 {
+                prev + 1
+            } else {
+                prev
+            });
+        }
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                let doc = &doc;
+                (0..t).map(move |j| {
+                    if j <= i && doc[j] == doc[i] {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, t, t), &self.device)?;
+
+        // RoPE tables at the given positions: angle = position · theta^(−2i/d).
+        let scale = match &c.rope_scaling {
+            Some(rs) if rs.rope_type == "linear" => rs.factor,
+            _ => 1.0,
+        };
+        let half = d / 2;
+        let mut cos = Vec::with_capacity(t * d);
+        let mut sin = Vec::with_capacity(t * d);
+        for &p in position_ids {
+            let row: Vec<f64> = (0..half)
+                .map(|i| p as f64 / scale * c.rope_theta.powf(-((2 * i) as f64) / d as f64))
+                .collect();
+            // cos/sin repeat over both halves, as transformers' cat((freqs, freqs)).
+            for _ in 0..2 {
+                cos.extend(row.iter().map(|a| a.cos() as f32));
+                sin.extend(row.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?;
+        let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?;
+        let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        };
+
+        for layer in &self.layers {
+            // Attention.
+            let n = rms_norm(&x, &layer.input_norm, eps)?;
+            let a = &layer.attn;
+            let q = linear(&n, &a.q)?.reshape((t, nh, d))?;
+            let k = linear(&n, &a.k)?.reshape((t, nkv, d))?;
+            let v = linear(&n, &a.v)?.reshape((t, nkv, d))?;
+            let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
+            let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+            // [heads, T, d], key/value heads repeated for their query group.
+            let group = nh / nkv;
+            let q = q.transpose(0, 1)?.contiguous()?;
+            let k = k
+                .transpose(0, 1)?
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, t, d))?
+                .reshape((nh, t, d))?;
+            let v = v
+                .transpose(0, 1)?
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, t, d))?
+                .reshape((nh, t, d))?;
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
+            let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
+            let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
+            x = (x + linear(&attn, &a.o)?)?;
+
+            // MLP.
+            let n = rms_norm(&x, &layer.post_norm, eps)?;
+            let y = match &layer.mlp {
+                Mlp::Dense(e) => e.forward(&n)?,
+                Mlp::Moe { router, experts } => self.moe(&n, router, experts)?,
+            };
+            x = (x + y)?;
+        }
+        let x = rms_norm(&x, &self.norm, eps)?;
+        linear(&x, &self.lm_head)
+    }
+
+    fn moe(
+        &self,
+        x: &Tensor,
+        router: &BaseWeight,
+        experts: &[Expert],
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let probs: Vec<Vec<f32>> = softmax_last(&linear(x, router)?)?.to_vec2()?;
+        // Top-k experts of each token and their weights.
+        let mut routed: Vec<Vec<(u32, f32)>> = vec![Vec::new(); experts.len()];
+        for (tok, p) in probs.iter().enumerate() {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            // Ties broken by the lower index, as torch.topk does on CPU.
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            let top = &order[..c.num_experts_per_tok];
+            let sum: f32 = top.iter().map(|&e| p[e]).sum();
+            for &e in top {
+                let w = if c.norm_topk_prob { p[e] / sum } else { p[e] };
+                routed[e].push((tok as u32, w));
+            }
+        }
+        let mut out = x.zeros_like()?;
+        for (e, toks) in routed.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let idx: Vec<u32> = toks.iter().map(|&(i, _)| i).collect();
+            let w: Vec<f32> = toks.iter().map(|&(_, w)| w).collect();
+            let idx = Tensor::new(idx.as_slice(), &self.device)?;
+            let w = Tensor::from_vec(w, (toks.len(), 1), &self.device)?;
+            let y = experts[e]
+                .forward(&x.index_select(&idx, 0)?)?
+                .broadcast_mul(&w)?;
+            out = out.index_add(&idx, &y, 0)?;
+        }
+        Ok(out)
+    }
+
+    /// Mean cross-entropy of predicting token t+1 from position t, over labels that are not
+    /// −100 (transformers' convention for masked targets).
+    pub fn loss(logits: &Tensor, labels: &[i64]) -> candle_core::Result<f32> {
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let (mut sum, mut n) = (0f64, 0usize);
+        for (row, &label) in logits.iter().zip(labels.iter().skip(1)) {
+            if label < 0 {
+                continue;
+            }
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            sum += lse - row[label as usize] as f64;
+            n += 1;
+        }
+        Ok((sum / n.max(1) as f64) as f32)
+    }
+}

@@ -1,0 +1,131 @@
+//! The forward pass against Hugging Face transformers (datasets/fixtures/tiny-qwen3-moe, made
+//! by scripts/make_fixtures.py): logits of two packed documents from the bf16 checkpoint and
+//! from the FP8 block-128 checkpoint, and the loss.
+
+use candle_core::{Device, Tensor};
+use finetune_model::{Qwen3Moe, Qwen3MoeConfig, Weights, WeightsError};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/fixtures/tiny-qwen3-moe")
+}
+
+fn reference() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn load(dir: &Path) -> Result<Qwen3Moe, WeightsError> {
+    let config = Qwen3MoeConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(dir, &Device::Cpu)?;
+    Qwen3Moe::load(config, &weights, &Device::Cpu)
+}
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn bf16_logits_and_loss_match_transformers() {
+    let r = reference();
+    let model = load(&fixtures().join("bf16")).unwrap();
+    let logits = model
+        .forward(&ids(&r["input_ids"]), &ids(&r["position_ids"]))
+        .unwrap();
+    let diff = max_abs_diff(&logits, &r["logits"]);
+    eprintln!("bf16 checkpoint, f32 compute: logits max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "logits differ by {diff}");
+    let labels = r["labels"].to_vec1::<i64>().unwrap();
+    let loss = Qwen3Moe::loss(&logits, &labels).unwrap();
+    let want = r["loss"].to_vec1::<f32>().unwrap()[0];
+    eprintln!("loss {loss} vs {want}: diff {:e}", (loss - want).abs());
+    assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
+}
+
+#[test]
+fn fp8_block_logits_match_transformers_on_dequantized_weights() {
+    let r = reference();
+    let model = load(&fixtures().join("fp8")).unwrap();
+    let logits = model
+        .forward(&ids(&r["input_ids"]), &ids(&r["position_ids"]))
+        .unwrap();
+    let diff = max_abs_diff(&logits, &r["logits_fp8"]);
+    eprintln!("fp8 checkpoint, f32 compute: logits max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "logits differ by {diff}");
+    // And FP8 really changed something (the blocks are not a no-op).
+    assert!(max_abs_diff(&logits, &r["logits"]) > 1e-3);
+}
+
+#[test]
+fn documents_do_not_see_each_other() {
+    // The second document's logits are the same whether or not the first precedes it.
+    let r = reference();
+    let model = load(&fixtures().join("bf16")).unwrap();
+    let input = ids(&r["input_ids"]);
+    let pos = ids(&r["position_ids"]);
+    let start = pos.iter().rposition(|&p| p == 0).unwrap();
+    let packed = model.forward(&input, &pos).unwrap();
+    let alone = model.forward(&input[start..], &pos[start..]).unwrap();
+    let packed_tail = packed.narrow(0, start, input.len() - start).unwrap();
+    assert!(max_abs_diff(&packed_tail, &alone) < 1e-5);
+}
+
+#[test]
+fn missing_misshaped_and_unexpected_tensors_are_named() {
+    let src = fixtures().join("bf16");
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let config = std::fs::read(src.join("config.json")).unwrap();
+    let case = |edit: &dyn Fn(&mut std::collections::HashMap<String, Tensor>)| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = all.clone();
+        edit(&mut t);
+        candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+        std::fs::write(dir.path().join("config.json"), &config).unwrap();
+        match load(dir.path()) {
+            Ok(_) => "loaded".into(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let name = "model.layers.1.mlp.experts.2.up_proj.weight";
+    let err = case(&|t| {
+        t.remove(name);
+    });
+    assert_eq!(
+        err,
+        format!("missing tensor `{name}` (expected shape [136, 160])")
+    );
+    let err = case(&|t| {
+        let w = t[name].narrow(0, 0, 100).unwrap();
+        t.insert(name.into(), w);
+    });
+    assert_eq!(
+        err,
+        format!("tensor `{name}` has shape [100, 160], expected [136, 160]")
+    );
+    let err = case(&|t| {
+        t.insert(
+            "model.layers.9.extra.weight".into(),
+            t["model.norm.weight"].clone(),
+        );
+    });
+    assert!(
+        err.contains("unexpected tensors") && err.contains("model.layers.9.extra.weight"),
+        "{err}"
+    );
+}

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Reference fixtures for finetune-model, made with Hugging Face transformers (the independent
+reference). Writes datasets/fixtures/tiny-qwen3-moe/:
+
+  bf16/       config.json + model.safetensors: a tiny Qwen3MoeForCausalLM, seed 0, stored in
+              bf16 (3 layers, the last one dense through mlp_only_layers; dimensions that are
+              not multiples of 128 so that FP8 blocks are partial)
+  fp8/        the same weights with every decoder linear quantized to FP8 E4M3 with one scale per
+              128x128 block (`weight_scale_inv`, the Qwen3-Coder-*-FP8 layout); router gates,
+              norms, embeddings and lm_head stay bf16 (modules_to_not_convert)
+  reference.safetensors
+              input_ids / position_ids / labels of two packed documents, and, computed in f32:
+              logits (bf16 weights), logits_fp8 (dequantized FP8 weights), loss (mean over labels
+              != -100, shifted as in transformers)
+
+Packed documents are the reference's job too: each document is run on its own (positions from
+0, attention inside the document) and the logits concatenated, which is exactly what per-document
+masking with restarting position ids must give.
+
+Run:  python3 -m venv ~/.venv-ref && ~/.venv-ref/bin/pip install -r scripts/requirements-fixtures.txt
+      ~/.venv-ref/bin/python scripts/make_fixtures.py
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "datasets", "fixtures", "tiny-qwen3-moe")
+BLOCK = 128
+E4M3_MAX = 448.0
+
+CONFIG = dict(
+    vocab_size=300,
+    hidden_size=160,
+    intermediate_size=272,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=40,
+    hidden_act="silu",
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    use_sliding_window=False,
+    decoder_sparse_step=1,
+    moe_intermediate_size=136,
+    num_experts_per_tok=2,
+    num_experts=4,
+    norm_topk_prob=True,
+    mlp_only_layers=[2],
+    router_aux_loss_coef=0.0,
+)
+
+NOT_CONVERTED = ("embed_tokens", "norm", "lm_head", "mlp.gate.weight")
+
+
+def quantize_block_fp8(w):
+    """W [out, in] -> (q float8_e4m3fn [out, in], scale_inv f32 [ceil(out/128), ceil(in/128)])
+    with W ~= q * scale_inv[i // 128, j // 128]."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // BLOCK), -(-in_f // BLOCK)
+    scale = torch.empty(rows, cols, dtype=torch.float32)
+    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
+    for r in range(rows):
+        for c in range(cols):
+            blk = w[r * BLOCK:(r + 1) * BLOCK, c * BLOCK:(c + 1) * BLOCK].float()
+            s = max(blk.abs().max().item() / E4M3_MAX, 1e-12)
+            scale[r, c] = s
+            q[r * BLOCK:(r + 1) * BLOCK, c * BLOCK:(c + 1) * BLOCK] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q, scale):
+    full = scale.repeat_interleave(BLOCK, 0)[: q.shape[0]].repeat_interleave(BLOCK, 1)[:, : q.shape[1]]
+    return q.float() * full
+
+
+def per_expert_state_dict(model):
+    """The checkpoint layout on disk: one tensor per expert projection, as the published
+    Qwen3-Coder checkpoints store them (transformers >= 5 fuses experts at load time)."""
+    sd = {}
+    for name, t in model.state_dict().items():
+        if ".mlp.experts." in name and name.endswith(("gate_up_proj", "down_proj")) and t.dim() == 3:
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(t.shape[0]):
+                if name.endswith("gate_up_proj"):
+                    gate, up = t[e].chunk(2, dim=0)
+                    sd[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
+                    sd[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
+                else:
+                    sd[f"{prefix}.{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            sd[name] = t.contiguous()
+    return sd
+
+
+def main():
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**CONFIG)
+    model = Qwen3MoeForCausalLM(config).eval()
+    # Round weights to bf16 once: the f32 reference then uses exactly the stored values.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        # Non-trivial norm weights, so that a norm that is skipped or misplaced shows.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_((1.0 + 0.1 * torch.randn_like(p)).to(torch.bfloat16).float())
+
+    sd = per_expert_state_dict(model)
+    os.makedirs(os.path.join(OUT, "bf16"), exist_ok=True)
+    os.makedirs(os.path.join(OUT, "fp8"), exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()},
+              os.path.join(OUT, "bf16", "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", torch_dtype="bfloat16")
+    with open(os.path.join(OUT, "bf16", "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+    fp8 = {}
+    deq = {}
+    for k, v in sd.items():
+        if k.startswith("model.layers.") and k.endswith("_proj.weight") and not any(n in k for n in NOT_CONVERTED):
+            q, s = quantize_block_fp8(v)
+            fp8[k] = q
+            fp8[k.replace(".weight", ".weight_scale_inv")] = s
+            deq[k] = dequantize(q, s)
+        else:
+            fp8[k] = v.to(torch.bfloat16)
+            deq[k] = v
+    save_file(fp8, os.path.join(OUT, "fp8", "model.safetensors"), metadata={"format": "pt"})
+    cfg8 = dict(cfg)
+    cfg8["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                       weight_block_size=[BLOCK, BLOCK],
+                                       modules_to_not_convert=["lm_head", "mlp.gate"])
+    with open(os.path.join(OUT, "fp8", "config.json"), "w") as f:
+        json.dump(cfg8, f, indent=2, sort_keys=True)
+
+    # Two packed documents; the first token of each document has no label, as in packing.
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, CONFIG["vocab_size"], (n,), generator=g) for n in (13, 11)]
+    input_ids = torch.cat(docs)
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])
+    labels = input_ids.clone()
+    labels[len(docs[0])] = -100  # the next document's first token is not predicted from the last
+    labels[3] = -100             # a masked prompt token
+
+    def packed_logits(m):
+        with torch.no_grad():
+            return torch.cat([m(d[None]).logits[0] for d in docs]).float()
+
+    logits = packed_logits(model)
+    # Loss as transformers computes it: predict token t+1 from t, ignore -100, mean.
+    shift_logits, shift_labels = logits[:-1], labels[1:]
+    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+    model_fp8 = Qwen3MoeForCausalLM(config).eval()
+    fused = {}
+    with torch.no_grad():
+        for name, t in model_fp8.state_dict().items():
+            if ".mlp.experts." in name and t.dim() == 3:
+                prefix = name.rsplit(".", 1)[0]
+                if name.endswith("gate_up_proj"):
+                    fused[name] = torch.stack([torch.cat([deq[f"{prefix}.{e}.gate_proj.weight"],
+                                                          deq[f"{prefix}.{e}.up_proj.weight"]])
+                                               for e in range(t.shape[0])])
+                else:
+                    fused[name] = torch.stack([deq[f"{prefix}.{e}.down_proj.weight"] for e in range(t.shape[0])])
+            else:
+                fused[name] = deq[name]
+        model_fp8.load_state_dict(fused)
+    logits_fp8 = packed_logits(model_fp8)
+
+    # The per-expert layout written above is what transformers itself loads.
+    reloaded = Qwen3MoeForCausalLM.from_pretrained(os.path.join(OUT, "bf16"), dtype=torch.float32).eval()
+    diff = (packed_logits(reloaded) - logits).abs().max().item()
+    assert diff == 0.0, f"transformers reads the written checkpoint differently: {diff}"
+
+    save_file({
+        "input_ids": input_ids.to(torch.int64),
+        "position_ids": position_ids.to(torch.int64),
+        "labels": labels.to(torch.int64),
+        "logits": logits.contiguous(),
+        "logits_fp8": logits_fp8.contiguous(),
+        "loss": loss.reshape(1).float(),
+    }, os.path.join(OUT, "reference.safetensors"))
+    import transformers
+    print(f"wrote {OUT} (torch {torch.__version__}, transformers {transformers.__version__}); "
+          f"loss {loss.item():.6f}; fp8 vs bf16 logits max diff {(logits - logits_fp8).abs().max().item():.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
