@@ -11,7 +11,15 @@ reference). Writes datasets/fixtures/tiny-qwen3-moe/:
   reference.safetensors
               input_ids / position_ids / labels of two packed documents, and, computed in f32:
               logits (bf16 weights), logits_fp8 (dequantized FP8 weights), loss (mean over labels
-              != -100, shifted as in transformers)
+              != -100, shifted as in transformers); LoRA r=4 on every target (q/k/v/o, and
+              gate/up/down of every expert and of the dense MLP) with random A and non-zero B:
+              `lora.<module>.A|B`, logits_lora, loss_lora and the gradients `grad.<module>.A|B`
+
+LoRA reference: the adapted weight W + (alpha/r)·B·A is built from leaf tensors A, B and passed
+to transformers' own module code with torch.func.functional_call, so the gradients are those of
+y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ through transformers' forward (PEFT's LoRA layer computes the same
+function; transformers >= 5 fuses experts into 3D parameters that PEFT adapts through
+`target_parameters`, which this avoids depending on).
 
 Packed documents are the reference's job too: each document is run on its own (positions from
 0, attention inside the document) and the logits concatenated, which is exactly what per-document
@@ -143,7 +151,7 @@ def main():
 
     # Two packed documents; the first token of each document has no label, as in packing.
     g = torch.Generator().manual_seed(1)
-    docs = [torch.randint(0, CONFIG["vocab_size"], (n,), generator=g) for n in (13, 11)]
+    docs = [torch.randint(0, CONFIG["vocab_size"], (n,), generator=g) for n in (37, 29)]
     input_ids = torch.cat(docs)
     position_ids = torch.cat([torch.arange(len(d)) for d in docs])
     labels = input_ids.clone()
@@ -181,7 +189,63 @@ def main():
     diff = (packed_logits(reloaded) - logits).abs().max().item()
     assert diff == 0.0, f"transformers reads the written checkpoint differently: {diff}"
 
+    # LoRA on every target with non-zero B, so every A and B gets a gradient.
+    r, alpha = 4, 8.0
+    scale = alpha / r
+    gl = torch.Generator().manual_seed(2)
+    targets = []
+    for k, v in sd.items():
+        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                       "gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+            targets.append((k[: -len(".weight")], v.shape))
+    lora = {}
+    for name, (out_f, in_f) in targets:
+        bound = 1.0 / in_f ** 0.5
+        a = (torch.rand(r, in_f, generator=gl) * 2 - 1) * bound
+        b = torch.randn(out_f, r, generator=gl) * 0.05
+        lora[name] = (a.requires_grad_(), b.requires_grad_())
+
+    def delta(name):
+        a, b = lora[name]
+        return scale * (b @ a)
+
+    def adapted_params():
+        params = {}
+        for pname, t in model.named_parameters():
+            if ".mlp.experts." in pname and t.dim() == 3:
+                prefix = pname.rsplit(".", 1)[0]
+                n = t.shape[0]
+                if pname.endswith("gate_up_proj"):
+                    params[pname] = t + torch.stack([
+                        torch.cat([delta(f"{prefix}.{e}.gate_proj"), delta(f"{prefix}.{e}.up_proj")])
+                        for e in range(n)])
+                else:
+                    params[pname] = t + torch.stack([delta(f"{prefix}.{e}.down_proj") for e in range(n)])
+            elif pname.endswith(".weight") and pname[: -len(".weight")] in lora:
+                params[pname] = t + delta(pname[: -len(".weight")])
+        return params
+
+    lora_logits = []
+    for d in docs:
+        out = torch.func.functional_call(model, adapted_params(), (d[None],))
+        lora_logits.append(out.logits[0].float())
+    lora_logits = torch.cat(lora_logits)
+    loss_lora = torch.nn.functional.cross_entropy(lora_logits[:-1], labels[1:], ignore_index=-100)
+    loss_lora.backward()
+    lora_tensors = {}
+    for name, (a, b) in lora.items():
+        assert a.grad is not None and a.grad.abs().max() > 0, f"no gradient for {name}.A"
+        assert b.grad is not None and b.grad.abs().max() > 0, f"no gradient for {name}.B"
+        lora_tensors[f"lora.{name}.A"] = a.detach().contiguous()
+        lora_tensors[f"lora.{name}.B"] = b.detach().contiguous()
+        lora_tensors[f"grad.{name}.A"] = a.grad.contiguous()
+        lora_tensors[f"grad.{name}.B"] = b.grad.contiguous()
+
     save_file({
+        **lora_tensors,
+        "lora_scale": torch.tensor([scale]),
+        "logits_lora": lora_logits.detach().contiguous(),
+        "loss_lora": loss_lora.detach().reshape(1).float(),
         "input_ids": input_ids.to(torch.int64),
         "position_ids": position_ids.to(torch.int64),
         "labels": labels.to(torch.int64),

@@ -12,10 +12,12 @@
 //! KV-cache forward are the model issue's remaining work and not implemented yet.
 
 pub mod config;
+pub mod lora;
 pub mod model;
 pub mod weights;
 
 pub use config::{ConfigError, Qwen3MoeConfig};
+pub use lora::{lora_scale, Lora};
 pub use model::Qwen3Moe;
 pub use weights::{BaseWeight, Weights, WeightsError};
 

@@ -12,24 +12,32 @@
 //! when `norm_topk_prob`), each expert a SwiGLU.
 
 use crate::config::Qwen3MoeConfig;
+use crate::lora::Lora;
 use crate::weights::{BaseWeight, Weights, WeightsError};
 use candle_core::{DType, Device, Tensor, D};
 
 type Result<T> = std::result::Result<T, WeightsError>;
 
+/// A frozen projection and the module name LoRA adapters are keyed by
+/// (e.g. `model.layers.0.self_attn.q_proj`, `model.layers.0.mlp.experts.3.down_proj`).
+pub(crate) struct Proj {
+    pub name: String,
+    pub w: BaseWeight,
+}
+
 struct Attention {
-    q: BaseWeight,
-    k: BaseWeight,
-    v: BaseWeight,
-    o: BaseWeight,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     q_norm: Tensor,
     k_norm: Tensor,
 }
 
 struct Expert {
-    gate: BaseWeight,
-    up: BaseWeight,
-    down: BaseWeight,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 enum Mlp {
@@ -61,6 +69,15 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
     x.matmul(&w.dequantize(DType::F32)?.t()?)
 }
 
+/// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter.
+fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+    let y = linear(x, &p.w)?;
+    match lora.and_then(|l| l.get(&p.name).map(|ab| (l.scale, ab))) {
+        Some((scale, (a, b))) => y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?,
+        None => Ok(y),
+    }
+}
+
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(var + eps)?.sqrt()?)?
@@ -68,7 +85,8 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
 }
 
 fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
+    // Softmax is shift-invariant: the max only keeps exp() in range and carries no gradient.
+    let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
@@ -79,9 +97,9 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Expert {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = silu(&linear(x, &self.gate)?)?;
-        linear(&(g * linear(x, &self.up)?)?, &self.down)
+    fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+        let g = silu(&project(x, &self.gate, lora)?)?;
+        project(&(g * project(x, &self.up, lora)?)?, &self.down, lora)
     }
 }
 
@@ -96,19 +114,25 @@ impl Qwen3Moe {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let proj = |name: String, out: usize, inp: usize| -> Result<Proj> {
+                Ok(Proj {
+                    w: weights.base_weight(&name, out, inp)?,
+                    name,
+                })
+            };
             let attn = Attention {
-                q: weights.base_weight(&format!("{p}.self_attn.q_proj"), nh * d, h)?,
-                k: weights.base_weight(&format!("{p}.self_attn.k_proj"), nkv * d, h)?,
-                v: weights.base_weight(&format!("{p}.self_attn.v_proj"), nkv * d, h)?,
-                o: weights.base_weight(&format!("{p}.self_attn.o_proj"), h, nh * d)?,
+                q: proj(format!("{p}.self_attn.q_proj"), nh * d, h)?,
+                k: proj(format!("{p}.self_attn.k_proj"), nkv * d, h)?,
+                v: proj(format!("{p}.self_attn.v_proj"), nkv * d, h)?,
+                o: proj(format!("{p}.self_attn.o_proj"), h, nh * d)?,
                 q_norm: weights.tensor(&format!("{p}.self_attn.q_norm.weight"), &[d])?,
                 k_norm: weights.tensor(&format!("{p}.self_attn.k_norm.weight"), &[d])?,
             };
             let expert = |prefix: &str, width: usize| -> Result<Expert> {
                 Ok(Expert {
-                    gate: weights.base_weight(&format!("{prefix}.gate_proj"), width, h)?,
-                    up: weights.base_weight(&format!("{prefix}.up_proj"), width, h)?,
-                    down: weights.base_weight(&format!("{prefix}.down_proj"), h, width)?,
+                    gate: proj(format!("{prefix}.gate_proj"), width, h)?,
+                    up: proj(format!("{prefix}.up_proj"), width, h)?,
+                    down: proj(format!("{prefix}.down_proj"), h, width)?,
                 })
             };
             let mlp = if c.is_moe_layer(i) {
@@ -148,6 +172,16 @@ impl Qwen3Moe {
     /// Logits `[T, vocab]` (f32) of one packed sequence: `position_ids` restart at 0 where a
     /// new document begins, and no token attends across documents.
     pub fn forward(&self, input_ids: &[u32], position_ids: &[u32]) -> candle_core::Result<Tensor> {
+        self.forward_with(input_ids, position_ids, None)
+    }
+
+    /// [`Self::forward`] with LoRA adapters on the projections `lora` names.
+    pub fn forward_with(
+        &self,
+        input_ids: &[u32],
+        position_ids: &[u32],
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let t = input_ids.len();
         if position_ids.len() != t {
@@ -225,9 +259,9 @@ impl Qwen3Moe {
             // Attention.
             let n = rms_norm(&x, &layer.input_norm, eps)?;
             let a = &layer.attn;
-            let q = linear(&n, &a.q)?.reshape((t, nh, d))?;
-            let k = linear(&n, &a.k)?.reshape((t, nkv, d))?;
-            let v = linear(&n, &a.v)?.reshape((t, nkv, d))?;
+            let q = project(&n, &a.q, lora)?.reshape((t, nh, d))?;
+            let k = project(&n, &a.k, lora)?.reshape((t, nkv, d))?;
+            let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
             let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
             let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
             // [heads, T, d], key/value heads repeated for their query group.
@@ -246,13 +280,13 @@ impl Qwen3Moe {
             let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
             let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
             let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
-            x = (x + linear(&attn, &a.o)?)?;
+            x = (x + project(&attn, &a.o, lora)?)?;
 
             // MLP.
             let n = rms_norm(&x, &layer.post_norm, eps)?;
             let y = match &layer.mlp {
-                Mlp::Dense(e) => e.forward(&n)?,
-                Mlp::Moe { router, experts } => self.moe(&n, router, experts)?,
+                Mlp::Dense(e) => e.forward(&n, lora)?,
+                Mlp::Moe { router, experts } => self.moe(&n, router, experts, lora)?,
             };
             x = (x + y)?;
         }
@@ -265,37 +299,87 @@ impl Qwen3Moe {
         x: &Tensor,
         router: &BaseWeight,
         experts: &[Expert],
+        lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let probs: Vec<Vec<f32>> = softmax_last(&linear(x, router)?)?.to_vec2()?;
-        // Top-k experts of each token and their weights.
-        let mut routed: Vec<Vec<(u32, f32)>> = vec![Vec::new(); experts.len()];
-        for (tok, p) in probs.iter().enumerate() {
+        let probs = softmax_last(&linear(x, router)?)?; // [T, E], differentiable in x
+        let values: Vec<Vec<f32>> = probs.to_vec2()?;
+        // Top-k experts of each token (the choice itself has no gradient, as in torch.topk).
+        let (t, n_exp) = (values.len(), experts.len());
+        let mut chosen = vec![0f32; t * n_exp];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        for (tok, p) in values.iter().enumerate() {
             let mut order: Vec<usize> = (0..p.len()).collect();
             // Ties broken by the lower index, as torch.topk does on CPU.
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            let top = &order[..c.num_experts_per_tok];
-            let sum: f32 = top.iter().map(|&e| p[e]).sum();
-            for &e in top {
-                let w = if c.norm_topk_prob { p[e] / sum } else { p[e] };
-                routed[e].push((tok as u32, w));
+            for &e in &order[..c.num_experts_per_tok] {
+                chosen[tok * n_exp + e] = 1.0;
+                routed[e].push(tok as u32);
             }
+        }
+        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
+        let mut weights = (probs * chosen)?;
+        if c.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
         let mut out = x.zeros_like()?;
         for (e, toks) in routed.iter().enumerate() {
             if toks.is_empty() {
                 continue;
             }
-            let idx: Vec<u32> = toks.iter().map(|&(i, _)| i).collect();
-            let w: Vec<f32> = toks.iter().map(|&(_, w)| w).collect();
-            let idx = Tensor::new(idx.as_slice(), &self.device)?;
-            let w = Tensor::from_vec(w, (toks.len(), 1), &self.device)?;
+            let idx = Tensor::new(toks.as_slice(), &self.device)?;
+            let w = weights.index_select(&idx, 0)?.narrow(1, e, 1)?;
             let y = experts[e]
-                .forward(&x.index_select(&idx, 0)?)?
+                .forward(&x.index_select(&idx, 0)?, lora)?
                 .broadcast_mul(&w)?;
             out = out.index_add(&idx, &y, 0)?;
         }
         Ok(out)
+    }
+
+    /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.
+    pub fn lora_targets(&self) -> Vec<(String, usize, usize)> {
+        let mut out = Vec::new();
+        let mut push = |p: &Proj| {
+            let s = p.w.shape();
+            out.push((p.name.clone(), s[0], s[1]));
+        };
+        for layer in &self.layers {
+            let a = &layer.attn;
+            for p in [&a.q, &a.k, &a.v, &a.o] {
+                push(p);
+            }
+            let experts: Vec<&Expert> = match &layer.mlp {
+                Mlp::Dense(e) => vec![e],
+                Mlp::Moe { experts, .. } => experts.iter().collect(),
+            };
+            for e in experts {
+                for p in [&e.gate, &e.up, &e.down] {
+                    push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Differentiable mean cross-entropy of predicting token t+1 from position t over labels
+    /// that are not −100.
+    pub fn loss_tensor(logits: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        let t = logits.dim(0)?;
+        let shifted = logits.narrow(0, 0, t - 1)?;
+        let targets: Vec<u32> = labels[1..].iter().map(|&l| l.max(0) as u32).collect();
+        let keep: Vec<f32> = labels[1..]
+            .iter()
+            .map(|&l| f32::from(u8::from(l >= 0)))
+            .collect();
+        let n = keep.iter().sum::<f32>().max(1.0);
+        let targets = Tensor::from_vec(targets, (t - 1, 1), logits.device())?;
+        let keep = Tensor::from_vec(keep, (t - 1, 1), logits.device())?;
+        let max = shifted.max_keepdim(D::Minus1)?.detach();
+        let shifted_max = shifted.broadcast_sub(&max)?;
+        let lse = shifted_max.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let picked = shifted_max.gather(&targets, 1)?;
+        ((lse - picked)? * keep)?.sum_all()? / n as f64
     }
 
     /// Mean cross-entropy of predicting token t+1 from position t, over labels that are not

@@ -129,3 +129,89 @@ fn missing_misshaped_and_unexpected_tensors_are_named() {
         "{err}"
     );
 }
+
+/// LoRA r=4 on every target with the reference's A and non-zero B: logits, loss and the
+/// gradient of every A and B against transformers' autograd.
+#[test]
+fn lora_logits_loss_and_gradients_match_transformers() {
+    use finetune_model::Lora;
+    let r = reference();
+    let model = load(&fixtures().join("bf16")).unwrap();
+    let targets = model.lora_targets();
+    // q/k/v/o in 3 layers, 4 experts × 3 in 2 MoE layers, 3 dense projections.
+    assert_eq!(targets.len(), 3 * 4 + 2 * 4 * 3 + 3);
+    let scale = r["lora_scale"].to_vec1::<f32>().unwrap()[0] as f64;
+    let lora = Lora::from_tensors(
+        4,
+        scale,
+        targets.iter().map(|(name, _, _)| {
+            (
+                name.clone(),
+                r[&format!("lora.{name}.A")].clone(),
+                r[&format!("lora.{name}.B")].clone(),
+            )
+        }),
+    )
+    .unwrap();
+    let logits = model
+        .forward_with(&ids(&r["input_ids"]), &ids(&r["position_ids"]), Some(&lora))
+        .unwrap();
+    let diff = max_abs_diff(&logits, &r["logits_lora"]);
+    eprintln!("LoRA logits max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "LoRA logits differ by {diff}");
+    let labels = r["labels"].to_vec1::<i64>().unwrap();
+    let loss = Qwen3Moe::loss_tensor(&logits, &labels).unwrap();
+    let got = loss.to_scalar::<f32>().unwrap();
+    let want = r["loss_lora"].to_vec1::<f32>().unwrap()[0];
+    eprintln!("LoRA loss {got} vs {want}");
+    assert!((got - want).abs() <= 1e-5, "loss {got} vs {want}");
+
+    let grads = loss.backward().unwrap();
+    let mut worst = (0f32, String::new());
+    for (name, _, _) in &targets {
+        let (a, b) = lora.get(name).unwrap();
+        for (which, t) in [("A", a), ("B", b)] {
+            let g = grads
+                .get(t)
+                .unwrap_or_else(|| panic!("{name}.{which}: no gradient"));
+            let want = &r[&format!("grad.{name}.{which}")];
+            let scale = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                scale > 0.0,
+                "{name}.{which}: the reference gradient is zero"
+            );
+            let rel = max_abs_diff(g, want) / scale;
+            if rel > worst.0 {
+                worst = (rel, format!("{name}.{which}"));
+            }
+            let nonzero = g
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(nonzero > 0.0, "{name}.{which}: zero gradient");
+        }
+    }
+    eprintln!(
+        "worst LoRA gradient relative error {:e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= 1e-4,
+        "gradient of {} off by {} relative",
+        worst.1,
+        worst.0
+    );
+}

@@ -1,0 +1,142 @@
+//! LoRA adapters with PEFT's semantics: for a frozen projection W `[out, in]`,
+//! y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ with A `[r, in]`, B `[out, r]`, s = lora_alpha / r (rsLoRA:
+//! lora_alpha / √r). PEFT initialises A with kaiming-uniform(a = √5), i.e. U(−1/√in, 1/√in),
+//! and B with zeros, so a fresh adapter changes nothing. Adapters are keyed by module name
+//! (`model.layers.{L}.self_attn.q_proj`, `model.layers.{L}.mlp.experts.{E}.gate_proj`, …);
+//! PEFT's file names add `base_model.model.` and `.lora_A.weight` / `.lora_B.weight`.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+/// A set of LoRA adapters.
+pub struct Lora {
+    pub r: usize,
+    pub scale: f64,
+    adapters: BTreeMap<String, (Var, Var)>,
+}
+
+/// The scale s of the update: alpha / r, or alpha / √r with rsLoRA.
+pub fn lora_scale(r: usize, alpha: f64, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+impl Lora {
+    /// PEFT's initialisation for every `(name, out, in)` target whose last name component is
+    /// in `modules` (e.g. `q_proj`, `down_proj`), from a seeded ChaCha RNG.
+    pub fn init(
+        targets: &[(String, usize, usize)],
+        modules: &[String],
+        r: usize,
+        scale: f64,
+        seed: u64,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut adapters = BTreeMap::new();
+        for (name, out, inp) in targets {
+            let module = name.rsplit('.').next().unwrap_or(name);
+            if !modules.iter().any(|m| m == module) {
+                continue;
+            }
+            let bound = 1.0 / (*inp as f32).sqrt();
+            let a: Vec<f32> = (0..r * inp)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (r, *inp), device)?)?;
+            let b = Var::zeros((*out, r), DType::F32, device)?;
+            adapters.insert(name.clone(), (a, b));
+        }
+        Ok(Self { r, scale, adapters })
+    }
+
+    /// Adapters from given A `[r, in]` and B `[out, r]` tensors (f32).
+    pub fn from_tensors(
+        r: usize,
+        scale: f64,
+        tensors: impl IntoIterator<Item = (String, Tensor, Tensor)>,
+    ) -> candle_core::Result<Self> {
+        let mut adapters = BTreeMap::new();
+        for (name, a, b) in tensors {
+            adapters.insert(
+                name,
+                (
+                    Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+                    Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+                ),
+            );
+        }
+        Ok(Self { r, scale, adapters })
+    }
+
+    /// A and B of module `name`.
+    pub fn get(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
+        self.adapters
+            .get(name)
+            .map(|(a, b)| (a.as_tensor(), b.as_tensor()))
+    }
+
+    /// Module names with an adapter, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_init_is_kaiming_uniform_a_and_zero_b() {
+        let targets = vec![
+            ("m.q_proj".to_string(), 8, 64),
+            ("m.gate".to_string(), 4, 64),
+            ("m.experts.0.down_proj".to_string(), 64, 16),
+        ];
+        let modules = vec!["q_proj".to_string(), "down_proj".to_string()];
+        let l = Lora::init(
+            &targets,
+            &modules,
+            4,
+            lora_scale(4, 8.0, false),
+            7,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            l.names().collect::<Vec<_>>(),
+            ["m.experts.0.down_proj", "m.q_proj"]
+        );
+        let (a, b) = l.get("m.q_proj").unwrap();
+        assert_eq!(a.dims(), [4, 64]);
+        assert_eq!(b.dims(), [8, 4]);
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a.iter().all(|v| v.abs() < 1.0 / 8.0) && a.iter().any(|v| *v != 0.0));
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(b.iter().all(|v| *v == 0.0));
+        // The same seed gives the same adapter.
+        let again = Lora::init(&targets, &modules, 4, 2.0, 7, &Device::Cpu).unwrap();
+        let a2: Vec<f32> = again
+            .get("m.q_proj")
+            .unwrap()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, a2);
+        assert_eq!(lora_scale(16, 32.0, true), 8.0);
+    }
+}
