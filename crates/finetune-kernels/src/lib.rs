@@ -2,11 +2,15 @@
 //!
 //! One module per fused op, each a candle `CustomOp` with `cpu_fwd` (the plain, readable
 //! reference that is also the test oracle), `cuda_fwd` (behind the `cuda` feature, sources in
-//! the workspace's `kernels/<op>.cu`) and `bwd` side by side. No op is here yet; what is here
-//! is [`device`]: which compute devices this build can use and a smoke check that runs a small
+//! the workspace's `kernels/<op>.cu`) and `bwd` side by side. Here so far: [`frozen_linear`]
+//! (a frozen projection whose backward returns dX only; CPU reference, no CUDA kernel yet) and
+//! [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 
 pub mod device;
+pub mod frozen_linear;
+
+pub use frozen_linear::frozen_linear;
 
 /// Errors of the kernel crate.
 #[derive(Debug, thiserror::Error)]

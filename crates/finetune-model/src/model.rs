@@ -65,8 +65,10 @@ pub struct Qwen3Moe {
     device: Device,
 }
 
+/// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
+/// would also compute and keep dW).
 fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
-    x.matmul(&w.dequantize(DType::F32)?.t()?)
+    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(DType::F32)?)
 }
 
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter.
