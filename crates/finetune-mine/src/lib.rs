@@ -22,6 +22,8 @@ pub use pairs::{Counts, Pair, PairMeta, Progress, Quiet};
 use git2::{Oid, Repository};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Errors of the miner. Each names the repository path and, where relevant, the revision.
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +320,12 @@ pub fn walk(opts: &MineOptions, stop_at: Option<Oid>) -> Result<History, MineErr
     })
 }
 
+/// Locks a mutex, also after a panic elsewhere (the data is still consistent: each slot is
+/// written whole).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Mines `history` into pairs (unsplit, not deduplicated), in history order, with counts.
 pub fn mine_commits(
     opts: &MineOptions,
@@ -336,59 +344,67 @@ pub fn mine_commits(
     } else {
         opts.threads
     };
-    // Contiguous chunks keep the previous-commit blob cache useful. Threads take chunks in
-    // history order from a shared counter, so at any time they work on neighbouring parts of
-    // the history and share libgit2's (small, process-wide) cache of delta bases instead of
-    // evicting each other's.
+    // Contiguous chunks keep the previous-commit blob cache useful. Every thread of the pool
+    // takes chunks in history order from a shared counter, so at any time the threads work on
+    // neighbouring parts of the history and share libgit2's (small, process-wide) cache of
+    // delta bases instead of evicting each other's.
     const CHUNK: usize = 128;
     let chunks: Vec<&[Oid]> = history.commits.chunks(CHUNK).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    type ChunkResult = Result<(Vec<Pair>, Counts), MineError>;
-    let results: std::sync::Mutex<Vec<Option<ChunkResult>>> =
-        std::sync::Mutex::new((0..chunks.len()).map(|_| None).collect());
+    let next = AtomicUsize::new(0);
+    type Mined = (Vec<Pair>, Counts);
+    let results: Mutex<Vec<Option<Mined>>> = Mutex::new((0..chunks.len()).map(|_| None).collect());
+    let failed: Mutex<Option<MineError>> = Mutex::new(None);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| MineError::Git {
+            path: opts.repo.clone(),
+            message: format!("cannot start {threads} threads: {e}"),
+        })?;
     progress.start(history.commits.len() as u64);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.min(chunks.len()).max(1) {
-            scope.spawn(|| {
-                let mut worker = match pairs::Worker::new(&opts.repo, opts, &compiled) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(slot) = r.iter_mut().find(|s| s.is_none()) {
-                            *slot = Some(Err(e));
-                        }
-                        return;
-                    }
-                };
-                loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(chunk) = chunks.get(k) else { break };
-                    let mut counts = Counts::default();
-                    let mut out = Vec::new();
-                    for &id in chunk.iter() {
-                        // A bug in the miner must not end a long run: the commit is counted
-                        // as an internal error and the run goes on.
-                        let mined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            worker.commit(id, &mut counts)
-                        }));
-                        match mined {
-                            Ok(Some(p)) => out.push(p),
-                            Ok(None) => {}
-                            Err(_) => counts.skip(pairs::ChangeSkip::InternalError),
-                        }
-                    }
-                    progress.advance(chunk.len() as u64);
-                    results.lock().unwrap_or_else(|p| p.into_inner())[k] = Some(Ok((out, counts)));
+    pool.broadcast(|_| {
+        let mut worker = match pairs::Worker::new(&opts.repo, opts, &compiled) {
+            Ok(w) => w,
+            Err(e) => {
+                lock(&failed).get_or_insert(e);
+                return;
+            }
+        };
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = chunks.get(index) else {
+                break;
+            };
+            let mut counts = Counts::default();
+            let mut out = Vec::new();
+            for &id in chunk.iter() {
+                // A bug in the miner must not end a long run: the commit is counted as an
+                // internal error and the run goes on.
+                let mined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker.commit(id, &mut counts)
+                }));
+                match mined {
+                    Ok(Some(p)) => out.push(p),
+                    Ok(None) => {}
+                    Err(_) => counts.skip(pairs::ChangeSkip::InternalError),
                 }
-            });
+            }
+            progress.advance(chunk.len() as u64);
+            lock(&results)[index] = Some((out, counts));
         }
     });
     progress.finish();
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
     let mut all = Vec::new();
     let mut counts = Counts::default();
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-    for r in results.into_iter().flatten() {
-        let (p, c) = r?;
+    for (p, c) in results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .flatten()
+    {
         all.extend(p);
         counts.add(&c);
     }
