@@ -2,7 +2,7 @@
 //! progress bar, summary.
 
 use crate::cli::MineArgs;
-use crate::recipe::{PairFormat, ResolvedRecipe};
+use crate::recipe::ResolvedRecipe;
 use crate::Outcome;
 use anyhow::Result;
 use finetune_mine::{MineOptions, MineOutcome, Progress};
@@ -18,10 +18,7 @@ pub fn options(resolved: &ResolvedRecipe) -> MineOptions {
         until: m.until.clone(),
         paths: m.paths.clone(),
         exclude: m.exclude.clone(),
-        format: match m.format {
-            PairFormat::SearchReplace => finetune_mine::PairFormat::SearchReplace,
-            PairFormat::Udiff => finetune_mine::PairFormat::Udiff,
-        },
+        format: m.format.into(),
         heldout: m.heldout,
         max_files: m.max_files as usize,
         max_lines: m.max_lines as usize,

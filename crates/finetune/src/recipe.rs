@@ -71,6 +71,24 @@ pub enum PairFormat {
     Udiff,
 }
 
+impl From<finetune_mine::PairFormat> for PairFormat {
+    fn from(f: finetune_mine::PairFormat) -> Self {
+        match f {
+            finetune_mine::PairFormat::SearchReplace => PairFormat::SearchReplace,
+            finetune_mine::PairFormat::Udiff => PairFormat::Udiff,
+        }
+    }
+}
+
+impl From<PairFormat> for finetune_mine::PairFormat {
+    fn from(f: PairFormat) -> Self {
+        match f {
+            PairFormat::SearchReplace => finetune_mine::PairFormat::SearchReplace,
+            PairFormat::Udiff => finetune_mine::PairFormat::Udiff,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MineSection {
@@ -94,25 +112,28 @@ pub struct MineSection {
 }
 
 impl Default for MineSection {
+    /// The miner's own defaults, so that there is one place they are set.
     fn default() -> Self {
+        let m = finetune_mine::MineOptions::default();
+        let narrow = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         Self {
-            repo: PathBuf::from("."),
-            rev: "HEAD".into(),
-            since: None,
-            until: None,
-            paths: Vec::new(),
-            exclude: Vec::new(),
-            format: PairFormat::SearchReplace,
-            heldout: 0.05,
-            max_files: 20,
-            max_lines: 800,
-            max_file_bytes: 1_000_000,
-            max_line_chars: 1000,
-            max_pair_tokens: 1024,
-            skip_bots: true,
-            skip_boilerplate: true,
-            skip_generated: true,
-            dedup_threshold: 0.7,
+            repo: m.repo,
+            rev: m.rev,
+            since: m.since,
+            until: m.until,
+            paths: m.paths,
+            exclude: m.exclude,
+            format: m.format.into(),
+            heldout: m.heldout,
+            max_files: narrow(m.max_files),
+            max_lines: narrow(m.max_lines),
+            max_file_bytes: m.max_file_bytes,
+            max_line_chars: narrow(m.max_line_chars),
+            max_pair_tokens: narrow(m.max_pair_tokens),
+            skip_bots: m.skip_bots,
+            skip_boilerplate: m.skip_boilerplate,
+            skip_generated: m.skip_generated,
+            dedup_threshold: m.dedup_threshold,
         }
     }
 }
