@@ -8,12 +8,15 @@ reference). Writes datasets/fixtures/tiny-qwen3-moe/:
   fp8/        the same weights with every decoder linear quantized to FP8 E4M3 with one scale per
               128x128 block (`weight_scale_inv`, the Qwen3-Coder-*-FP8 layout); router gates,
               norms, embeddings and lm_head stay bf16 (modules_to_not_convert)
+  yarn-config.json
+              the bf16 model's config with YaRN RoPE scaling (factor 4, original 64 positions)
   reference.safetensors
               input_ids / position_ids / labels of two packed documents, and, computed in f32:
               logits (bf16 weights), logits_fp8 (dequantized FP8 weights), loss (mean over labels
               != -100, shifted as in transformers); LoRA r=4 on every target (q/k/v/o, and
               gate/up/down of every expert and of the dense MLP) with random A and non-zero B:
-              `lora.<module>.A|B`, logits_lora, loss_lora and the gradients `grad.<module>.A|B`
+              `lora.<module>.A|B`, logits_lora, loss_lora and the gradients `grad.<module>.A|B`;
+              logits_yarn (bf16 weights under yarn-config.json)
 
 LoRA reference: the adapted weight W + (alpha/r)·B·A is built from leaf tensors A, B and passed
 to transformers' own module code with torch.func.functional_call, so the gradients are those of
@@ -241,8 +244,22 @@ def main():
         lora_tensors[f"grad.{name}.A"] = a.grad.contiguous()
         lora_tensors[f"grad.{name}.B"] = b.grad.contiguous()
 
+    # YaRN: the same weights under a YaRN-scaled RoPE (config written next to the fixtures).
+    yarn_cfg = dict(CONFIG)
+    yarn_cfg["rope_scaling"] = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                    rope_theta=CONFIG["rope_theta"])
+    config_yarn = Qwen3MoeConfig(**yarn_cfg)
+    model_yarn = Qwen3MoeForCausalLM(config_yarn).eval()
+    model_yarn.load_state_dict(model.state_dict())
+    logits_yarn = packed_logits(model_yarn)
+    cfgy = config_yarn.to_dict()
+    cfgy.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", torch_dtype="bfloat16")
+    with open(os.path.join(OUT, "yarn-config.json"), "w") as f:
+        json.dump(cfgy, f, indent=2, sort_keys=True)
+
     save_file({
         **lora_tensors,
+        "logits_yarn": logits_yarn.contiguous(),
         "lora_scale": torch.tensor([scale]),
         "logits_lora": lora_logits.detach().contiguous(),
         "loss_lora": loss_lora.detach().reshape(1).float(),

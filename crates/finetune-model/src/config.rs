@@ -46,6 +46,12 @@ pub struct RopeScaling {
     pub beta_slow: Option<f64>,
     #[serde(default)]
     pub attention_factor: Option<f64>,
+    #[serde(default)]
+    pub mscale: Option<f64>,
+    #[serde(default)]
+    pub mscale_all_dim: Option<f64>,
+    #[serde(default)]
+    pub truncate: Option<bool>,
 }
 
 /// `quantization_config` of an FP8 checkpoint (Qwen3-Coder-*-FP8).
@@ -174,6 +180,78 @@ impl Qwen3MoeConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE inverse frequencies (`head_dim / 2` of them, f32 as transformers computes them) and
+    /// the factor cos/sin are multiplied by. Default: θ^(−2i/d). Linear: divided by `factor`.
+    /// YaRN (arXiv 2309.00071, as in transformers' `_compute_yarn_parameters`): frequencies
+    /// between the correction dimensions of `beta_fast` and `beta_slow` rotations blend
+    /// extrapolation (θ^(−2i/d)) and interpolation (θ^(−2i/d) / factor) along a linear ramp,
+    /// and cos/sin are scaled by `attention_factor` (default 0.1·ln(factor) + 1).
+    pub fn rope_frequencies(&self) -> (Vec<f32>, f32) {
+        let d = self.head_dim();
+        let base = self.rope_theta;
+        let pos_freqs: Vec<f32> = (0..d / 2)
+            .map(|i| (base as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        let extrapolation: Vec<f32> = pos_freqs.iter().map(|p| 1.0 / p).collect();
+        let Some(rs) = &self.rope_scaling else {
+            return (extrapolation, 1.0);
+        };
+        match rs.rope_type.as_str() {
+            "linear" => (
+                extrapolation.iter().map(|f| f / rs.factor as f32).collect(),
+                1.0,
+            ),
+            "yarn" => {
+                let factor = rs.factor;
+                let mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                let attention =
+                    rs.attention_factor
+                        .unwrap_or_else(|| match (rs.mscale, rs.mscale_all_dim) {
+                            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                                mscale(factor, m) / mscale(factor, all)
+                            }
+                            _ => mscale(factor, 1.0),
+                        });
+                let beta_fast = rs.beta_fast.unwrap_or(32.0);
+                let beta_slow = rs.beta_slow.unwrap_or(1.0);
+                let original = rs
+                    .original_max_position_embeddings
+                    .unwrap_or(self.max_position_embeddings) as f64;
+                let correction_dim = |rotations: f64| {
+                    d as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+                if rs.truncate.unwrap_or(true) {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0) as f32;
+                let mut high = high.min(d as f64 - 1.0) as f32;
+                if low == high {
+                    high += 0.001;
+                }
+                let inv_freq = (0..d / 2)
+                    .map(|i| {
+                        let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation_factor = 1.0 - ramp;
+                        let interpolation = 1.0 / (factor as f32 * pos_freqs[i]);
+                        interpolation * (1.0 - extrapolation_factor)
+                            + extrapolation[i] * extrapolation_factor
+                    })
+                    .collect();
+                (inv_freq, attention as f32)
+            }
+            _ => (extrapolation, 1.0),
+        }
     }
 
     /// Whether layer `i` (0-based) has experts, as transformers decides it.

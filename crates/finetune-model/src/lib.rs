@@ -8,8 +8,9 @@
 //! Today it holds the configuration ([`config::Qwen3MoeConfig`], read from `config.json` and
 //! checked), the presets ([`Preset`], with [`Preset::config`]), weight loading in stored
 //! precision incl. FP8 block-128 ([`weights`]) and the reference forward pass in plain candle
-//! ops ([`model`]), checked against transformers. LoRA, the backward through CustomOps and the
-//! KV-cache forward are the model issue's remaining work and not implemented yet.
+//! ops ([`model`], with a KV-cache forward for generation) and LoRA adapters ([`lora`]),
+//! checked against transformers. Fused kernels, bf16 compute and `finetune score` are the
+//! model issue's remaining work.
 
 pub mod config;
 pub mod lora;
@@ -18,7 +19,7 @@ pub mod weights;
 
 pub use config::{ConfigError, Qwen3MoeConfig};
 pub use lora::{lora_scale, Lora};
-pub use model::Qwen3Moe;
+pub use model::{KvCache, Qwen3Moe};
 pub use weights::{BaseWeight, Weights, WeightsError};
 
 use std::fmt;

@@ -55,6 +55,24 @@ struct Layer {
     mlp: Mlp,
 }
 
+/// Keys and values of the tokens seen so far, per layer (`[kv heads, tokens, head_dim]`).
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// A loaded Qwen3-MoE model (base weights only).
 pub struct Qwen3Moe {
     pub config: Qwen3MoeConfig,
@@ -184,7 +202,40 @@ impl Qwen3Moe {
         position_ids: &[u32],
         lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
+        self.run(input_ids, position_ids, lora, None)
+    }
+
+    /// An empty key/value cache for [`Self::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Logits `[n, vocab]` of `input_ids` continuing the one document held in `cache` (their
+    /// positions follow the cached ones); the cache grows by them. Generation feeds the prompt
+    /// once, then one token at a time.
+    pub fn forward_cached(
+        &self,
+        input_ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        let start = cache.len as u32;
+        let positions: Vec<u32> = (start..start + input_ids.len() as u32).collect();
+        self.run(input_ids, &positions, lora, Some(cache))
+    }
+
+    fn run(
+        &self,
+        input_ids: &[u32],
+        position_ids: &[u32],
+        lora: Option<&Lora>,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
         let c = &self.config;
+        let past = cache.as_ref().map_or(0, |c| c.len);
         let t = input_ids.len();
         if position_ids.len() != t {
             candle_core::bail!(
@@ -192,14 +243,6 @@ impl Qwen3Moe {
                 input_ids.len(),
                 position_ids.len()
             );
-        }
-        if let Some(rs) = &c.rope_scaling {
-            if rs.rope_type != "default" && rs.rope_type != "linear" {
-                candle_core::bail!(
-                    "rope_scaling `{}` is not implemented in the reference forward yet",
-                    rs.rope_type
-                );
-            }
         }
         let eps = c.rms_norm_eps;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
@@ -216,11 +259,13 @@ impl Qwen3Moe {
                 prev
             });
         }
+        // Keys are the `past` cached tokens (all of the same document) followed by these.
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
                 let doc = &doc;
-                (0..t).map(move |j| {
-                    if j <= i && doc[j] == doc[i] {
+                (0..past + t).map(move |j| {
+                    let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
+                    if allowed {
                         0.0
                     } else {
                         f32::NEG_INFINITY
@@ -228,24 +273,20 @@ impl Qwen3Moe {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (1, t, t), &self.device)?;
+        let mask = Tensor::from_vec(mask, (1, t, past + t), &self.device)?;
 
-        // RoPE tables at the given positions: angle = position · theta^(−2i/d).
-        let scale = match &c.rope_scaling {
-            Some(rs) if rs.rope_type == "linear" => rs.factor,
-            _ => 1.0,
-        };
+        // RoPE tables at the given positions: angle = position · inv_freq[i], in f32 as
+        // transformers computes it; cos/sin scaled by the attention factor (YaRN).
+        let (inv_freq, attention_factor) = c.rope_frequencies();
         let half = d / 2;
         let mut cos = Vec::with_capacity(t * d);
         let mut sin = Vec::with_capacity(t * d);
         for &p in position_ids {
-            let row: Vec<f64> = (0..half)
-                .map(|i| p as f64 / scale * c.rope_theta.powf(-((2 * i) as f64) / d as f64))
-                .collect();
+            let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
             // cos/sin repeat over both halves, as transformers' cat((freqs, freqs)).
             for _ in 0..2 {
-                cos.extend(row.iter().map(|a| a.cos() as f32));
-                sin.extend(row.iter().map(|a| a.sin() as f32));
+                cos.extend(angles.iter().map(|a| a.cos() * attention_factor));
+                sin.extend(angles.iter().map(|a| a.sin() * attention_factor));
             }
         }
         let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?;
@@ -257,7 +298,7 @@ impl Qwen3Moe {
             x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
         };
 
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
             // Attention.
             let n = rms_norm(&x, &layer.input_norm, eps)?;
             let a = &layer.attn;
@@ -266,19 +307,28 @@ impl Qwen3Moe {
             let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
             let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
             let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+            // [kv heads, T, d], after the cached keys/values of this layer.
+            let mut k = k.transpose(0, 1)?.contiguous()?;
+            let mut v = v.transpose(0, 1)?.contiguous()?;
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache.layers[index] {
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
+                }
+                cache.layers[index] = Some((k.clone(), v.clone()));
+            }
+            let keys = past + t;
             // [heads, T, d], key/value heads repeated for their query group.
             let group = nh / nkv;
             let q = q.transpose(0, 1)?.contiguous()?;
             let k = k
-                .transpose(0, 1)?
                 .unsqueeze(1)?
-                .broadcast_as((nkv, group, t, d))?
-                .reshape((nh, t, d))?;
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
             let v = v
-                .transpose(0, 1)?
                 .unsqueeze(1)?
-                .broadcast_as((nkv, group, t, d))?
-                .reshape((nh, t, d))?;
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
             let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
             let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
             let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
@@ -291,6 +341,9 @@ impl Qwen3Moe {
                 Mlp::Moe { router, experts } => self.moe(&n, router, experts, lora)?,
             };
             x = (x + y)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
         }
         let x = rms_norm(&x, &self.norm, eps)?;
         linear(&x, &self.lm_head)

@@ -215,3 +215,43 @@ fn lora_logits_loss_and_gradients_match_transformers() {
         worst.0
     );
 }
+
+#[test]
+fn yarn_rope_scaling_matches_transformers() {
+    let r = reference();
+    let dir = fixtures();
+    let config = Qwen3MoeConfig::from_file(&dir.join("yarn-config.json")).unwrap();
+    assert_eq!(config.rope_scaling.as_ref().unwrap().rope_type, "yarn");
+    let weights = Weights::open(&dir.join("bf16"), &Device::Cpu).unwrap();
+    let model = Qwen3Moe::load(config, &weights, &Device::Cpu).unwrap();
+    let logits = model
+        .forward(&ids(&r["input_ids"]), &ids(&r["position_ids"]))
+        .unwrap();
+    let diff = max_abs_diff(&logits, &r["logits_yarn"]);
+    eprintln!("YaRN logits max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "YaRN logits differ by {diff}");
+    assert!(
+        max_abs_diff(&logits, &r["logits"]) > 1e-3,
+        "YaRN changed nothing"
+    );
+}
+
+#[test]
+fn cached_generation_equals_the_full_forward() {
+    // Prompt, then one token at a time: the logits equal those of the whole sequence at once.
+    let r = reference();
+    let model = load(&fixtures().join("bf16")).unwrap();
+    let input = ids(&r["input_ids"]);
+    let doc: Vec<u32> = input[..20].to_vec();
+    let positions: Vec<u32> = (0..doc.len() as u32).collect();
+    let full = model.forward(&doc, &positions).unwrap();
+    let mut cache = model.new_cache();
+    let mut parts = vec![model.forward_cached(&doc[..12], &mut cache, None).unwrap()];
+    for &token in &doc[12..] {
+        parts.push(model.forward_cached(&[token], &mut cache, None).unwrap());
+    }
+    assert_eq!(cache.len(), doc.len());
+    let cached = Tensor::cat(&parts, 0).unwrap();
+    let diff = max_abs_diff(&cached, &full);
+    assert!(diff < 1e-5, "cached logits differ by {diff}");
+}
