@@ -66,6 +66,8 @@ pub enum Command {
     /// Report this build, the CPU and the GPUs, and check each compute device against a
     /// plain reference. A new machine's first command.
     Doctor,
+    /// Per-token log-probabilities of given token ids or texts under a model (and adapter).
+    Score(ScoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +101,24 @@ pub struct MineArgs {
 
     #[command(flatten)]
     pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory (config.json, *.safetensors; tokenizer.json for texts).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// JSONL input, one sequence per line: {"ids": [..]} or {"text": ".."}; other fields are
+    /// copied to the output.
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// JSONL output: each input line plus "ids" and "logprobs" (null for the first token, then
+    /// log p(token | tokens before it)) and "total" (their sum).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

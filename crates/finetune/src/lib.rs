@@ -7,6 +7,7 @@ pub mod cli;
 pub mod mine;
 pub mod recipe;
 pub mod run_dir;
+pub mod score;
 
 use anyhow::{Context, Result};
 use cli::{Cli, Command, RecipeArgs};
@@ -55,6 +56,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
             stage(&args.recipe, "plan", 10, |r| r.check_model_dir())
         }
         Some(Command::Doctor) => doctor(),
+        Some(Command::Score(args)) => score::command(&args),
     }
 }
 

@@ -403,3 +403,99 @@ fn mine_writes_the_dataset_and_incremental_says_up_to_date() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "{}", stdout(&o));
 }
+
+/// `finetune score` on the transformers fixture: log-probabilities equal those of the reference
+/// logits, with and without a PEFT adapter written from the reference LoRA tensors.
+#[test]
+fn score_matches_the_reference_logits_with_and_without_an_adapter() {
+    use candle_core::{Device, Tensor};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../datasets/fixtures/tiny-qwen3-moe")
+        .canonicalize()
+        .unwrap();
+    let r = candle_core::safetensors::load(fixtures.join("reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    let pos: Vec<i64> = r["position_ids"].to_vec1().unwrap();
+    let first_doc = pos.iter().skip(1).position(|&p| p == 0).unwrap() + 1;
+    let ids: Vec<i64> = r["input_ids"].to_vec1::<i64>().unwrap()[..first_doc].to_vec();
+    let expected = |logits: &Tensor| -> Vec<f64> {
+        let rows: Vec<Vec<f32>> = logits.narrow(0, 0, first_doc).unwrap().to_vec2().unwrap();
+        rows.iter()
+            .zip(&ids[1..])
+            .map(|(row, &next)| {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                row[next as usize] as f64 - lse
+            })
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        format!("{}\n", serde_json::json!({"ids": ids, "name": "doc1"})),
+    )
+    .unwrap();
+
+    // A PEFT adapter directory made from the reference's LoRA tensors.
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in r
+        .keys()
+        .filter_map(|k| k.strip_prefix("lora.").and_then(|k| k.strip_suffix(".A")))
+    {
+        for which in ["A", "B"] {
+            tensors.insert(
+                format!("base_model.model.{name}.lora_{which}.weight"),
+                r[&format!("lora.{name}.{which}")].clone(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors")).unwrap();
+    let scale = r["lora_scale"].to_vec1::<f32>().unwrap()[0] as f64;
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({"r": 4, "lora_alpha": 4.0 * scale, "peft_type": "LORA"}).to_string(),
+    )
+    .unwrap();
+
+    for (adapter_arg, logits) in [(None, &r["logits"]), (Some(&adapter), &r["logits_lora"])] {
+        let out = dir.path().join("out.jsonl");
+        let mut args = vec![
+            "score".to_string(),
+            "--model".into(),
+            fixtures.join("bf16").display().to_string(),
+            "--input".into(),
+            input.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        if let Some(a) = adapter_arg {
+            args.extend(["--adapter".into(), a.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = finetune(dir.path(), &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let line: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        assert_eq!(line["name"], "doc1");
+        let got: Vec<Option<f64>> = serde_json::from_value(line["logprobs"].clone()).unwrap();
+        assert_eq!(got[0], None);
+        let want = expected(logits);
+        let worst = got[1..]
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g.unwrap() - w).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            worst < 1e-4,
+            "adapter {adapter_arg:?}: log-probs differ by {worst}"
+        );
+    }
+}
