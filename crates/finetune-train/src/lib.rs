@@ -6,4 +6,12 @@
 //! rename) and resume bit-identically. The `parallel` module (to come) holds the collectives
 //! (NCCL and an in-process CPU backend) and the expert/tensor/data parallel layouts.
 //!
-//! Not implemented yet: this crate is the trainer issue's work.
+//! Here so far: the learning-rate schedules ([`schedule`]) and the optimizer step with
+//! global-norm clipping ([`adamw`]), both checked against PyTorch + transformers. The loop,
+//! checkpoints and resume are the trainer issue's remaining work.
+
+pub mod adamw;
+pub mod schedule;
+
+pub use adamw::{clip_grad_norm, AdamW, AdamWConfig};
+pub use schedule::{lr_at, LrSchedule};

@@ -1,0 +1,121 @@
+//! AdamW with decoupled weight decay on f32 master parameters, and global-norm clipping, in
+//! PyTorch's operation order (torch.optim.AdamW, torch.nn.utils.clip_grad_norm_) so that f32
+//! trajectories agree step for step.
+//!
+//! At step t (1-based) with gradient g, for each parameter p with moments m, v:
+//!   p ← p · (1 − lr·wd)
+//!   m ← β₁·m + (1 − β₁)·g,   v ← β₂·v + (1 − β₂)·g²
+//!   p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
+//! Clipping: n = ‖(g₁, …, gₖ)‖₂ over all gradients; every g ← g · min(1, max_norm / (n + 10⁻⁶)).
+
+use candle_core::{DType, Result, Tensor, Var};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults except weight decay, which LoRA recipes usually set to 0.
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// The optimizer: f32 moments per parameter.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    params: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: u64,
+}
+
+impl AdamW {
+    /// Parameters must be f32 (the master copy, whatever the compute dtype).
+    pub fn new(params: Vec<Var>, config: AdamWConfig) -> Result<Self> {
+        for p in &params {
+            if p.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "AdamW keeps f32 master weights; got a {:?} parameter",
+                    p.dtype()
+                );
+            }
+        }
+        let m = params
+            .iter()
+            .map(|p| p.zeros_like())
+            .collect::<Result<_>>()?;
+        let v = params
+            .iter()
+            .map(|p| p.zeros_like())
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config,
+            params,
+            m,
+            v,
+            step: 0,
+        })
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update with learning rate `lr`; `grads[i]` belongs to the i-th parameter.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            candle_core::bail!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            );
+        }
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        for (i, g) in grads.iter().enumerate() {
+            let p = &self.params[i];
+            let decayed = (p.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((self.v[i].sqrt()? / bias2_sqrt)? + c.eps)?;
+            let update = (self.m[i].div(&denom)? * (lr / bias1))?;
+            p.set(&(decayed - update)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scales `grads` in place so that their global 2-norm is at most `max_norm`; returns the norm
+/// before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut sum = 0f64;
+    for g in grads.iter() {
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sum.sqrt();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
