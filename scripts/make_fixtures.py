@@ -16,7 +16,8 @@ reference). Writes datasets/fixtures/tiny-qwen3-moe/:
               != -100, shifted as in transformers); LoRA r=4 on every target (q/k/v/o, and
               gate/up/down of every expert and of the dense MLP) with random A and non-zero B:
               `lora.<module>.A|B`, logits_lora, loss_lora and the gradients `grad.<module>.A|B`;
-              logits_yarn (bf16 weights under yarn-config.json)
+              logits_yarn (bf16 weights under yarn-config.json); train_losses: the loss before
+              each of 10 steps of clip_grad_norm_(1.0) + AdamW(lr 1e-2) on all A and B
 
 LoRA reference: the adapted weight W + (alpha/r)·B·A is built from leaf tensors A, B and passed
 to transformers' own module code with torch.func.functional_call, so the gradients are those of
@@ -239,10 +240,27 @@ def main():
     for name, (a, b) in lora.items():
         assert a.grad is not None and a.grad.abs().max() > 0, f"no gradient for {name}.A"
         assert b.grad is not None and b.grad.abs().max() > 0, f"no gradient for {name}.B"
-        lora_tensors[f"lora.{name}.A"] = a.detach().contiguous()
-        lora_tensors[f"lora.{name}.B"] = b.detach().contiguous()
+        lora_tensors[f"lora.{name}.A"] = a.detach().clone().contiguous()
+        lora_tensors[f"lora.{name}.B"] = b.detach().clone().contiguous()
         lora_tensors[f"grad.{name}.A"] = a.grad.contiguous()
         lora_tensors[f"grad.{name}.B"] = b.grad.contiguous()
+
+    # Ten training steps on the packed batch: clip_grad_norm_(1.0) + AdamW (lr 1e-2, wd 0)
+    # on every A and B, starting from the adapters above; the loss before each step.
+    params = [t for ab in lora.values() for t in ab]
+    for t in params:
+        t.grad = None
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    train_losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        logits_s = torch.cat([torch.func.functional_call(model, adapted_params(), (d[None],)).logits[0].float()
+                              for d in docs])
+        loss_s = torch.nn.functional.cross_entropy(logits_s[:-1], labels[1:], ignore_index=-100)
+        loss_s.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        train_losses.append(loss_s.item())
 
     # YaRN: the same weights under a YaRN-scaled RoPE (config written next to the fixtures).
     yarn_cfg = dict(CONFIG)
@@ -260,6 +278,7 @@ def main():
     save_file({
         **lora_tensors,
         "logits_yarn": logits_yarn.contiguous(),
+        "train_losses": torch.tensor(train_losses, dtype=torch.float64),
         "lora_scale": torch.tensor([scale]),
         "logits_lora": lora_logits.detach().contiguous(),
         "loss_lora": loss_lora.detach().reshape(1).float(),

@@ -80,6 +80,11 @@ impl Lora {
             .map(|(a, b)| (a.as_tensor(), b.as_tensor()))
     }
 
+    /// The trainable tensors, A then B of each module in name order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.adapters.values().flat_map(|(a, b)| [a, b])
+    }
+
     /// Module names with an adapter, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.adapters.keys().map(String::as_str)

@@ -7,6 +7,8 @@
 //!   m ← β₁·m + (1 − β₁)·g,   v ← β₂·v + (1 − β₂)·g²
 //!   p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! Clipping: n = ‖(g₁, …, gₖ)‖₂ over all gradients; every g ← g · min(1, max_norm / (n + 10⁻⁶)).
+//! As in PyTorch, a parameter without a gradient at a step (an expert no token was routed to)
+//! is skipped: neither it nor its moments change, and t counts that parameter's own updates.
 
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -36,6 +38,8 @@ pub struct AdamW {
     params: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Updates of each parameter (t in the bias corrections).
+    t: Vec<u64>,
     step: u64,
 }
 
@@ -58,11 +62,13 @@ impl AdamW {
             .iter()
             .map(|p| p.zeros_like())
             .collect::<Result<_>>()?;
+        let t = vec![0; params.len()];
         Ok(Self {
             config,
             params,
             m,
             v,
+            t,
             step: 0,
         })
     }
@@ -72,8 +78,9 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr`; `grads[i]` belongs to the i-th parameter.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with learning rate `lr`; `grads[i]` belongs to the i-th parameter, `None`
+    /// when it got no gradient this step.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
             candle_core::bail!(
                 "{} gradients for {} parameters",
@@ -83,10 +90,12 @@ impl AdamW {
         }
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            self.t[i] += 1;
+            let t = self.t[i] as i32;
+            let bias1 = 1.0 - c.beta1.powi(t);
+            let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
             let p = &self.params[i];
             let decayed = (p.as_tensor() * (1.0 - lr * c.weight_decay))?;
             self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
@@ -99,11 +108,11 @@ impl AdamW {
     }
 }
 
-/// Scales `grads` in place so that their global 2-norm is at most `max_norm`; returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// Scales the present `grads` in place so that their global 2-norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut sum = 0f64;
-    for g in grads.iter() {
+    for g in grads.iter().flatten() {
         sum += g
             .sqr()?
             .sum_all()?
@@ -113,7 +122,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = sum.sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
-        for g in grads.iter_mut() {
+        for g in grads.iter_mut().flatten() {
             *g = (&*g * coef)?;
         }
     }

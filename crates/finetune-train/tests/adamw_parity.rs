@@ -43,8 +43,8 @@ fn twelve_steps_match_pytorch_for_every_schedule() {
                 lrs[step as usize]
             );
             let mut grads = vec![
-                r[&format!("grad.{step}.a")].clone(),
-                r[&format!("grad.{step}.b")].clone(),
+                Some(r[&format!("grad.{step}.a")].clone()),
+                Some(r[&format!("grad.{step}.b")].clone()),
             ];
             let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
             assert!(
@@ -75,4 +75,20 @@ fn twelve_steps_match_pytorch_for_every_schedule() {
 fn master_weights_must_be_f32() {
     let p = Var::zeros(3, candle_core::DType::BF16, &Device::Cpu).unwrap();
     assert!(AdamW::new(vec![p], AdamWConfig::default()).is_err());
+}
+
+#[test]
+fn a_parameter_without_gradient_is_left_alone() {
+    let dev = Device::Cpu;
+    let a = Var::from_vec(vec![1f32, 2.0], 2, &dev).unwrap();
+    let b = Var::from_vec(vec![3f32, 4.0], 2, &dev).unwrap();
+    let mut opt = AdamW::new(vec![a.clone(), b.clone()], AdamWConfig::default()).unwrap();
+    let g = Tensor::new(&[0.5f32, -0.5], &dev).unwrap();
+    opt.step(&[Some(g.clone()), Some(g.clone())], 0.1).unwrap();
+    let b_after_one = b.as_tensor().to_vec1::<f32>().unwrap();
+    opt.step(&[Some(g.clone()), None], 0.1).unwrap();
+    assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), b_after_one);
+    // Its next update is its second (bias correction t = 2), like torch's per-parameter step.
+    opt.step(&[None, Some(g)], 0.1).unwrap();
+    assert_ne!(b.as_tensor().to_vec1::<f32>().unwrap(), b_after_one);
 }
