@@ -14,6 +14,14 @@ pub struct Lora {
     pub r: usize,
     pub scale: f64,
     adapters: BTreeMap<String, (Var, Var)>,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`), drawn from a
+    /// seeded ChaCha stream so that a run is reproducible; off (`None`) for evaluation.
+    dropout: Option<Dropout>,
+}
+
+struct Dropout {
+    p: f64,
+    rng: std::cell::RefCell<rand_chacha::ChaCha8Rng>,
 }
 
 /// The scale s of the update: alpha / r, or alpha / √r with rsLoRA.
@@ -51,7 +59,12 @@ impl Lora {
             let b = Var::zeros((*out, r), DType::F32, device)?;
             adapters.insert(name.clone(), (a, b));
         }
-        Ok(Self { r, scale, adapters })
+        Ok(Self {
+            r,
+            scale,
+            adapters,
+            dropout: None,
+        })
     }
 
     /// Adapters from given A `[r, in]` and B `[out, r]` tensors (f32).
@@ -70,7 +83,40 @@ impl Lora {
                 ),
             );
         }
-        Ok(Self { r, scale, adapters })
+        Ok(Self {
+            r,
+            scale,
+            adapters,
+            dropout: None,
+        })
+    }
+
+    /// Turns dropout on the adapters' input on (`p` > 0, training) or off (`p` = 0).
+    pub fn set_dropout(&mut self, p: f64, seed: u64) {
+        self.dropout = (p > 0.0).then(|| Dropout {
+            p,
+            rng: std::cell::RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
+        });
+    }
+
+    /// The adapter's input: `x` itself, or with dropout each element zeroed with probability p
+    /// and the others scaled by 1/(1 − p), as torch.nn.Dropout does.
+    pub fn dropout_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(d) = &self.dropout else {
+            return Ok(x.clone());
+        };
+        let keep = 1.0 - d.p;
+        let mut rng = d.rng.borrow_mut();
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 
     /// A and B of module `name`.
@@ -143,5 +189,39 @@ mod tests {
             .unwrap();
         assert_eq!(a, a2);
         assert_eq!(lora_scale(16, 32.0, true), 8.0);
+    }
+
+    #[test]
+    fn dropout_zeroes_a_fraction_and_keeps_the_mean() {
+        let mut l = Lora::from_tensors(1, 1.0, Vec::new()).unwrap();
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            l.dropout_input(&x).unwrap().to_vec2::<f32>().unwrap(),
+            x.to_vec2::<f32>().unwrap()
+        );
+        l.set_dropout(0.25, 1);
+        let y: Vec<f32> = l
+            .dropout_input(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let zeros = y.iter().filter(|v| **v == 0.0).count() as f64 / y.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.03, "dropped {zeros}");
+        let mean = y.iter().sum::<f32>() as f64 / y.len() as f64;
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
+        assert!(y.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        // Same seed, same masks.
+        let mut again = Lora::from_tensors(1, 1.0, Vec::new()).unwrap();
+        again.set_dropout(0.25, 1);
+        let z: Vec<f32> = again
+            .dropout_input(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, z);
     }
 }

@@ -92,8 +92,11 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter.
 fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
     let y = linear(x, &p.w)?;
-    match lora.and_then(|l| l.get(&p.name).map(|ab| (l.scale, ab))) {
-        Some((scale, (a, b))) => y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?,
+    match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
+        Some((l, (a, b))) => {
+            let x = l.dropout_input(x)?;
+            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+        }
         None => Ok(y),
     }
 }
