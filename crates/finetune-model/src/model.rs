@@ -449,16 +449,31 @@ impl Qwen3Moe {
             if label < 0 {
                 continue;
             }
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            sum += lse - row[label as usize] as f64;
+            sum -= log_softmax_at(row, label as usize);
             n += 1;
         }
         Ok((sum / n.max(1) as f64) as f32)
     }
+
+    /// log p(ids[t] | ids[..t]) for t ≥ 1 from logits `[T, vocab]` of `ids`.
+    pub fn token_logprobs(logits: &Tensor, ids: &[u32]) -> candle_core::Result<Vec<f64>> {
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(rows
+            .iter()
+            .zip(&ids[1..])
+            .map(|(row, &next)| log_softmax_at(row, next as usize))
+            .collect())
+    }
+}
+
+/// log softmax(row)[index], in f64 with the max subtracted for range.
+pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row[index] as f64 - lse
 }

@@ -28,6 +28,26 @@ fn ids(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// The reference's r=4 adapters (A, B and scale) on `targets`.
+fn reference_lora(
+    r: &std::collections::HashMap<String, Tensor>,
+    targets: &[(String, usize, usize)],
+) -> finetune_model::Lora {
+    let scale = r["lora_scale"].to_vec1::<f32>().unwrap()[0] as f64;
+    finetune_model::Lora::from_tensors(
+        4,
+        scale,
+        targets.iter().map(|(name, _, _)| {
+            (
+                name.clone(),
+                r[&format!("lora.{name}.A")].clone(),
+                r[&format!("lora.{name}.B")].clone(),
+            )
+        }),
+    )
+    .unwrap()
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -134,25 +154,12 @@ fn missing_misshaped_and_unexpected_tensors_are_named() {
 /// gradient of every A and B against transformers' autograd.
 #[test]
 fn lora_logits_loss_and_gradients_match_transformers() {
-    use finetune_model::Lora;
     let r = reference();
     let model = load(&fixtures().join("bf16")).unwrap();
     let targets = model.lora_targets();
     // q/k/v/o in 3 layers, 4 experts × 3 in 2 MoE layers, 3 dense projections.
     assert_eq!(targets.len(), 3 * 4 + 2 * 4 * 3 + 3);
-    let scale = r["lora_scale"].to_vec1::<f32>().unwrap()[0] as f64;
-    let lora = Lora::from_tensors(
-        4,
-        scale,
-        targets.iter().map(|(name, _, _)| {
-            (
-                name.clone(),
-                r[&format!("lora.{name}.A")].clone(),
-                r[&format!("lora.{name}.B")].clone(),
-            )
-        }),
-    )
-    .unwrap();
+    let lora = reference_lora(&r, &targets);
     let logits = model
         .forward_with(&ids(&r["input_ids"]), &ids(&r["position_ids"]), Some(&lora))
         .unwrap();
@@ -260,24 +267,11 @@ fn cached_generation_equals_the_full_forward() {
 #[test]
 fn ten_lora_training_steps_follow_pytorch() {
     use candle_core::Var;
-    use finetune_model::Lora;
     use finetune_train::{clip_grad_norm, AdamW, AdamWConfig};
     let r = reference();
     let model = load(&fixtures().join("bf16")).unwrap();
     let targets = model.lora_targets();
-    let scale = r["lora_scale"].to_vec1::<f32>().unwrap()[0] as f64;
-    let lora = Lora::from_tensors(
-        4,
-        scale,
-        targets.iter().map(|(name, _, _)| {
-            (
-                name.clone(),
-                r[&format!("lora.{name}.A")].clone(),
-                r[&format!("lora.{name}.B")].clone(),
-            )
-        }),
-    )
-    .unwrap();
+    let lora = reference_lora(&r, &targets);
     let vars: Vec<Var> = lora.vars().cloned().collect();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
     let (input, pos) = (ids(&r["input_ids"]), ids(&r["position_ids"]));

@@ -5,7 +5,7 @@ use crate::cli::ScoreArgs;
 use crate::run_dir::write_atomic;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use finetune_model::{lora_scale, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use std::path::Path;
 
@@ -77,25 +77,6 @@ pub fn read_peft_adapter(dir: &Path, model: &Qwen3Moe) -> Result<Lora> {
     )?)
 }
 
-/// log p(ids[t] | ids[..t]) for t ≥ 1 from logits `[T, vocab]`.
-pub fn token_logprobs(logits: &Tensor, ids: &[u32]) -> Result<Vec<f64>> {
-    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-    Ok(rows
-        .iter()
-        .zip(&ids[1..])
-        .map(|(row, &next)| {
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            row[next as usize] as f64 - lse
-        })
-        .collect())
-}
-
 pub fn command(args: &ScoreArgs) -> Result<Outcome> {
     let config = Qwen3MoeConfig::from_file(&args.model.join("config.json"))?;
     let vocab = config.vocab_size;
@@ -153,7 +134,7 @@ pub fn command(args: &ScoreArgs) -> Result<Outcome> {
         }
         let positions: Vec<u32> = (0..ids.len() as u32).collect();
         let logits = model.forward_with(&ids, &positions, lora.as_ref())?;
-        let lp = token_logprobs(&logits, &ids)?;
+        let lp = Qwen3Moe::token_logprobs(&logits, &ids)?;
         record["ids"] = serde_json::json!(ids);
         let mut with_first: Vec<Option<f64>> = vec![None];
         with_first.extend(lp.iter().map(|&v| Some(v)));

@@ -418,21 +418,10 @@ fn score_matches_the_reference_logits_with_and_without_an_adapter() {
     let pos: Vec<i64> = r["position_ids"].to_vec1().unwrap();
     let first_doc = pos.iter().skip(1).position(|&p| p == 0).unwrap() + 1;
     let ids: Vec<i64> = r["input_ids"].to_vec1::<i64>().unwrap()[..first_doc].to_vec();
+    let doc_ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
     let expected = |logits: &Tensor| -> Vec<f64> {
-        let rows: Vec<Vec<f32>> = logits.narrow(0, 0, first_doc).unwrap().to_vec2().unwrap();
-        rows.iter()
-            .zip(&ids[1..])
-            .map(|(row, &next)| {
-                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = max
-                    + row
-                        .iter()
-                        .map(|&v| (v as f64 - max).exp())
-                        .sum::<f64>()
-                        .ln();
-                row[next as usize] as f64 - lse
-            })
-            .collect()
+        finetune_model::Qwen3Moe::token_logprobs(&logits.narrow(0, 0, first_doc).unwrap(), &doc_ids)
+            .unwrap()
     };
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
