@@ -13,13 +13,15 @@
 //! model issue's remaining work.
 
 pub mod config;
+pub mod init;
 pub mod lora;
 pub mod model;
+pub mod peft;
 pub mod weights;
 
 pub use config::{ConfigError, Qwen3MoeConfig};
 pub use lora::{lora_scale, Lora};
-pub use model::{KvCache, Qwen3Moe};
+pub use model::{KvCache, Qwen3Moe, SequenceContext};
 pub use weights::{BaseWeight, Weights, WeightsError};
 
 use std::fmt;

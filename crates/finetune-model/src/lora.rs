@@ -21,6 +21,8 @@ pub struct Lora {
 
 struct Dropout {
     p: f64,
+    /// Off while evaluating; the stream is kept, so training resumes where it was.
+    active: std::cell::Cell<bool>,
     rng: std::cell::RefCell<rand_chacha::ChaCha8Rng>,
 }
 
@@ -95,6 +97,7 @@ impl Lora {
     pub fn set_dropout(&mut self, p: f64, seed: u64) {
         self.dropout = (p > 0.0).then(|| Dropout {
             p,
+            active: std::cell::Cell::new(true),
             rng: std::cell::RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
         });
     }
@@ -102,7 +105,7 @@ impl Lora {
     /// The adapter's input: `x` itself, or with dropout each element zeroed with probability p
     /// and the others scaled by 1/(1 − p), as torch.nn.Dropout does.
     pub fn dropout_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(d) = &self.dropout else {
+        let Some(d) = self.dropout.as_ref().filter(|d| d.active.get()) else {
             return Ok(x.clone());
         };
         let keep = 1.0 - d.p;
@@ -117,6 +120,35 @@ impl Lora {
             })
             .collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
+
+    /// Dropout on (training) or off (evaluation) without touching its random stream.
+    pub fn set_training(&self, training: bool) {
+        if let Some(d) = &self.dropout {
+            d.active.set(training);
+        }
+    }
+
+    /// Position in the dropout stream (32-bit words drawn), for checkpoints and for replaying
+    /// a layer with the same masks (activation recompute); 0 without dropout.
+    pub fn dropout_position(&self) -> u128 {
+        self.dropout
+            .as_ref()
+            .map_or(0, |d| d.rng.borrow().get_word_pos())
+    }
+
+    /// Moves the dropout stream to `position` (see [`Self::dropout_position`]).
+    pub fn set_dropout_position(&self, position: u128) {
+        if let Some(d) = &self.dropout {
+            d.rng.borrow_mut().set_word_pos(position);
+        }
+    }
+
+    /// Every adapter as (module name, A, B), in name order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
+        self.adapters
+            .iter()
+            .map(|(n, (a, b))| (n.as_str(), a.as_tensor(), b.as_tensor()))
     }
 
     /// A and B of module `name`.

@@ -73,6 +73,15 @@ impl KvCache {
     }
 }
 
+/// The attention mask and RoPE tables of one forward, shared by its layers.
+pub struct SequenceContext {
+    t: usize,
+    past: usize,
+    mask: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 /// A loaded Qwen3-MoE model (base weights only).
 pub struct Qwen3Moe {
     pub config: Qwen3MoeConfig,
@@ -237,21 +246,45 @@ impl Qwen3Moe {
         lora: Option<&Lora>,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let t = input_ids.len();
-        if position_ids.len() != t {
-            candle_core::bail!(
-                "{} input ids but {} position ids",
-                input_ids.len(),
-                position_ids.len()
-            );
+        let ctx = self.sequence_context(position_ids, past)?;
+        let mut x = self.embed_tokens(input_ids)?;
+        for index in 0..self.layers.len() {
+            x = self.layer_forward(index, &x, &ctx, lora, cache.as_deref_mut())?;
         }
-        let eps = c.rms_norm_eps;
-        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let ids = Tensor::new(input_ids, &self.device)?;
-        let mut x = self.embed.to_dtype(DType::F32)?.index_select(&ids, 0)?;
+        if let Some(cache) = cache {
+            cache.len += ctx.t;
+        }
+        self.head(&x)
+    }
 
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Embeddings `[T, hidden]` (f32) of `input_ids`; the embedding is frozen.
+    pub fn embed_tokens(&self, input_ids: &[u32]) -> candle_core::Result<Tensor> {
+        let ids = Tensor::new(input_ids, &self.device)?;
+        self.embed.to_dtype(DType::F32)?.index_select(&ids, 0)
+    }
+
+    /// Final norm and lm_head: logits `[T, vocab]` of hidden states `[T, hidden]`.
+    pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        linear(&x, &self.lm_head)
+    }
+
+    /// What every layer of one forward shares: the attention mask and the RoPE tables of
+    /// `position_ids`, after `past` cached tokens.
+    pub fn sequence_context(
+        &self,
+        position_ids: &[u32],
+        past: usize,
+    ) -> candle_core::Result<SequenceContext> {
+        let c = &self.config;
+        let t = position_ids.len();
+        let d = c.head_dim();
         // Document of each token, and the additive mask: 0 where attention is allowed.
         let mut doc = Vec::with_capacity(t);
         for (i, &p) in position_ids.iter().enumerate() {
@@ -281,7 +314,6 @@ impl Qwen3Moe {
         // RoPE tables at the given positions: angle = position · inv_freq[i], in f32 as
         // transformers computes it; cos/sin scaled by the attention factor (YaRN).
         let (inv_freq, attention_factor) = c.rope_frequencies();
-        let half = d / 2;
         let mut cos = Vec::with_capacity(t * d);
         let mut sin = Vec::with_capacity(t * d);
         for &p in position_ids {
@@ -294,62 +326,79 @@ impl Qwen3Moe {
         }
         let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?;
         let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?;
+        Ok(SequenceContext {
+            t,
+            past,
+            mask,
+            cos,
+            sin,
+        })
+    }
+
+    /// Decoder layer `index` on hidden states `x` `[T, hidden]`: the unit of activation
+    /// recompute (the trainer keeps only each layer's input and replays the layer in backward).
+    pub fn layer_forward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &SequenceContext,
+        lora: Option<&Lora>,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let (t, past) = (ctx.t, ctx.past);
+        let half = d / 2;
         let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
             let x1 = x.narrow(D::Minus1, 0, half)?;
             let x2 = x.narrow(D::Minus1, half, half)?;
             let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+            x.broadcast_mul(&ctx.cos)? + rotated.broadcast_mul(&ctx.sin)?
         };
-
-        for (index, layer) in self.layers.iter().enumerate() {
-            // Attention.
-            let n = rms_norm(&x, &layer.input_norm, eps)?;
-            let a = &layer.attn;
-            let q = project(&n, &a.q, lora)?.reshape((t, nh, d))?;
-            let k = project(&n, &a.k, lora)?.reshape((t, nkv, d))?;
-            let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
-            let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
-            let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
-            // [kv heads, T, d], after the cached keys/values of this layer.
-            let mut k = k.transpose(0, 1)?.contiguous()?;
-            let mut v = v.transpose(0, 1)?.contiguous()?;
-            if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache.layers[index] {
-                    k = Tensor::cat(&[pk, &k], 1)?;
-                    v = Tensor::cat(&[pv, &v], 1)?;
-                }
-                cache.layers[index] = Some((k.clone(), v.clone()));
-            }
-            let keys = past + t;
-            // [heads, T, d], key/value heads repeated for their query group.
-            let group = nh / nkv;
-            let q = q.transpose(0, 1)?.contiguous()?;
-            let k = k
-                .unsqueeze(1)?
-                .broadcast_as((nkv, group, keys, d))?
-                .reshape((nh, keys, d))?;
-            let v = v
-                .unsqueeze(1)?
-                .broadcast_as((nkv, group, keys, d))?
-                .reshape((nh, keys, d))?;
-            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
-            let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
-            let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
-            x = (x + project(&attn, &a.o, lora)?)?;
-
-            // MLP.
-            let n = rms_norm(&x, &layer.post_norm, eps)?;
-            let y = match &layer.mlp {
-                Mlp::Dense(e) => e.forward(&n, lora)?,
-                Mlp::Moe { router, experts } => self.moe(&n, router, experts, lora)?,
-            };
-            x = (x + y)?;
-        }
+        let layer = &self.layers[index];
+        // Attention.
+        let n = rms_norm(x, &layer.input_norm, eps)?;
+        let a = &layer.attn;
+        let q = project(&n, &a.q, lora)?.reshape((t, nh, d))?;
+        let k = project(&n, &a.k, lora)?.reshape((t, nkv, d))?;
+        let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
+        let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
+        let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+        // [kv heads, T, d], after the cached keys/values of this layer.
+        let mut k = k.transpose(0, 1)?.contiguous()?;
+        let mut v = v.transpose(0, 1)?.contiguous()?;
         if let Some(cache) = cache {
-            cache.len += t;
+            if let Some((pk, pv)) = &cache.layers[index] {
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
+            }
+            cache.layers[index] = Some((k.clone(), v.clone()));
         }
-        let x = rms_norm(&x, &self.norm, eps)?;
-        linear(&x, &self.lm_head)
+        let keys = past + t;
+        // [heads, T, d], key/value heads repeated for their query group.
+        let group = nh / nkv;
+        let q = q.transpose(0, 1)?.contiguous()?;
+        let k = k
+            .unsqueeze(1)?
+            .broadcast_as((nkv, group, keys, d))?
+            .reshape((nh, keys, d))?;
+        let v = v
+            .unsqueeze(1)?
+            .broadcast_as((nkv, group, keys, d))?
+            .reshape((nh, keys, d))?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ctx.mask)?;
+        let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
+        let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
+        let x = (x + project(&attn, &a.o, lora)?)?;
+
+        // MLP.
+        let n = rms_norm(&x, &layer.post_norm, eps)?;
+        let y = match &layer.mlp {
+            Mlp::Dense(e) => e.forward(&n, lora)?,
+            Mlp::Moe { router, experts } => self.moe(&n, router, experts, lora)?,
+        };
+        x + y
     }
 
     fn moe(
@@ -423,6 +472,13 @@ impl Qwen3Moe {
     /// Differentiable mean cross-entropy of predicting token t+1 from position t over labels
     /// that are not −100.
     pub fn loss_tensor(logits: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        let n = labels[1..].iter().filter(|&&l| l >= 0).count().max(1);
+        Self::loss_sum_tensor(logits, labels)? / n as f64
+    }
+
+    /// Differentiable sum of the cross-entropies of [`Self::loss_tensor`] (the trainer divides
+    /// by the target tokens of the whole optimizer step).
+    pub fn loss_sum_tensor(logits: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
         let t = logits.dim(0)?;
         let shifted = logits.narrow(0, 0, t - 1)?;
         let targets: Vec<u32> = labels[1..].iter().map(|&l| l.max(0) as u32).collect();
@@ -430,14 +486,13 @@ impl Qwen3Moe {
             .iter()
             .map(|&l| f32::from(u8::from(l >= 0)))
             .collect();
-        let n = keep.iter().sum::<f32>().max(1.0);
         let targets = Tensor::from_vec(targets, (t - 1, 1), logits.device())?;
         let keep = Tensor::from_vec(keep, (t - 1, 1), logits.device())?;
         let max = shifted.max_keepdim(D::Minus1)?.detach();
         let shifted_max = shifted.broadcast_sub(&max)?;
         let lse = shifted_max.exp()?.sum_keepdim(D::Minus1)?.log()?;
         let picked = shifted_max.gather(&targets, 1)?;
-        ((lse - picked)? * keep)?.sum_all()? / n as f64
+        ((lse - picked)? * keep)?.sum_all()
     }
 
     /// Mean cross-entropy of predicting token t+1 from position t, over labels that are not

@@ -78,6 +78,44 @@ impl AdamW {
         self.step
     }
 
+    /// The state a checkpoint keeps: first and second moments, and each parameter's update
+    /// count.
+    pub fn state(&self) -> (&[Tensor], &[Tensor], &[u64]) {
+        (&self.m, &self.v, &self.t)
+    }
+
+    /// Restores a state from [`Self::state`] (shapes must match the parameters), after
+    /// `steps` optimizer steps.
+    pub fn set_state(
+        &mut self,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+        t: Vec<u64>,
+        steps: u64,
+    ) -> Result<()> {
+        if m.len() != self.params.len()
+            || v.len() != self.params.len()
+            || t.len() != self.params.len()
+        {
+            candle_core::bail!(
+                "optimizer state for {} parameters, expected {}",
+                m.len(),
+                self.params.len()
+            );
+        }
+        for (i, p) in self.params.iter().enumerate() {
+            if m[i].dims() != p.dims() || v[i].dims() != p.dims() {
+                candle_core::bail!(
+                    "optimizer state {i} is {:?}, parameter is {:?}",
+                    m[i].dims(),
+                    p.dims()
+                );
+            }
+        }
+        (self.m, self.v, self.t, self.step) = (m, v, t, steps);
+        Ok(())
+    }
+
     /// One update with learning rate `lr`; `grads[i]` belongs to the i-th parameter, `None`
     /// when it got no gradient this step.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {

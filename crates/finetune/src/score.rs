@@ -6,75 +6,12 @@ use crate::run_dir::write_atomic;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use finetune_model::{lora_scale, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
+use finetune_model::{Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use std::path::Path;
 
-/// Reads a PEFT adapter directory: `adapter_config.json` (r, lora_alpha, use_rslora) and
-/// `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` / `lora_B.weight`.
+/// Reads a PEFT adapter directory for `model` (see [`finetune_model::peft`]).
 pub fn read_peft_adapter(dir: &Path, model: &Qwen3Moe) -> Result<Lora> {
-    let config_path = dir.join("adapter_config.json");
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", config_path.display()))?;
-    let r = config["r"]
-        .as_u64()
-        .with_context(|| format!("{}: no integer `r`", config_path.display()))?
-        as usize;
-    let alpha = config["lora_alpha"].as_f64().unwrap_or(r as f64);
-    let rslora = config["use_rslora"].as_bool().unwrap_or(false);
-    let weights_path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
-    let mut adapters = Vec::new();
-    let mut used = 0;
-    for (name, out, inp) in model.lora_targets() {
-        let key = |which: &str| format!("base_model.model.{name}.lora_{which}.weight");
-        match (tensors.get(&key("A")), tensors.get(&key("B"))) {
-            (Some(a), Some(b)) => {
-                if a.dims() != [r, inp] || b.dims() != [out, r] {
-                    bail!(
-                        "{}: `{}` is {:?} and `{}` is {:?}, expected [{r}, {inp}] and [{out}, {r}]",
-                        weights_path.display(),
-                        key("A"),
-                        a.dims(),
-                        key("B"),
-                        b.dims()
-                    );
-                }
-                adapters.push((name, a.clone(), b.clone()));
-                used += 2;
-            }
-            (None, None) => {}
-            _ => bail!(
-                "{}: `{name}` has only one of lora_A and lora_B",
-                weights_path.display()
-            ),
-        }
-    }
-    if used != tensors.len() {
-        let known: std::collections::BTreeSet<String> = adapters
-            .iter()
-            .flat_map(|(n, _, _)| {
-                ["A", "B"].map(|w| format!("base_model.model.{n}.lora_{w}.weight"))
-            })
-            .collect();
-        let unknown: Vec<&String> = tensors
-            .keys()
-            .filter(|k| !known.contains(*k))
-            .take(3)
-            .collect();
-        bail!(
-            "{}: tensors for modules this model does not have: {unknown:?}",
-            weights_path.display()
-        );
-    }
-    Ok(Lora::from_tensors(
-        r,
-        lora_scale(r, alpha, rslora),
-        adapters,
-    )?)
+    Ok(finetune_model::peft::read_adapter(dir, &model.lora_targets())?.0)
 }
 
 pub fn command(args: &ScoreArgs) -> Result<Outcome> {

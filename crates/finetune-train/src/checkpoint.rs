@@ -1,0 +1,247 @@
+//! Checkpoints: everything a run needs to continue bit-identically.
+//!
+//! `checkpoints/step-NNNNNN/` holds
+//! - `adapter/`: the LoRA weights as a PEFT adapter (servable and usable for warm starts as is);
+//! - `optimizer.safetensors`: AdamW's first and second moments (`m.<i>`, `v.<i>`, in the
+//!   adapter's parameter order: A then B of each module, modules sorted by name);
+//! - `trainer_state.json`: step, the data cursor, each parameter's update count, the dropout
+//!   stream position, counters, the recipe the run was started with, and an xxh3 checksum of
+//!   each tensor file so that a damaged checkpoint is refused instead of resumed from.
+//!
+//! A checkpoint is assembled in a hidden temp directory next to its final place and renamed
+//! into place only when every file is written and synced: a crash or a full disk leaves the
+//! previous checkpoint as it was. Only then are checkpoints beyond the last K removed.
+
+use crate::TrainError;
+use candle_core::{Device, Tensor};
+use finetune_data::Cursor;
+use finetune_model::peft::{self, AdapterMeta};
+use finetune_model::Lora;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: u32 = 1;
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub total_steps: u64,
+    pub cursor: Cursor,
+    /// Updates of each parameter (AdamW's t).
+    pub adam_t: Vec<u64>,
+    /// Dropout stream position (decimal, it is a u128).
+    pub dropout_position: String,
+    pub tokens_seen: u64,
+    pub skipped_steps: u64,
+    pub bad_steps_in_a_row: u64,
+    pub elapsed_secs: f64,
+    pub last_heldout_loss: Option<f64>,
+    /// The resolved settings the run started with; a resume must match them.
+    pub recipe: serde_json::Value,
+    /// xxh3-64 of `adapter/adapter_model.safetensors` and `optimizer.safetensors`, hex.
+    pub checksums: HashMap<String, String>,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub lora: Lora,
+    pub meta: AdapterMeta,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub state: TrainerState,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn checksum(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
+}
+
+fn sync_file(path: &Path) -> Result<(), TrainError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
+}
+
+/// `step-NNNNNN`.
+pub fn dir_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// Writes a checkpoint under `root` (e.g. `<run>/checkpoints`) atomically and keeps the last
+/// `keep` (≥ 1). Returns its directory.
+pub fn save(
+    root: &Path,
+    lora: &Lora,
+    meta: &AdapterMeta,
+    moments: (&[Tensor], &[Tensor]),
+    mut state: TrainerState,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+    let name = dir_name(state.step);
+    let final_dir = root.join(&name);
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        let adapter_dir = tmp.join("adapter");
+        peft::write_adapter(lora, meta, &adapter_dir).map_err(|e| io(&adapter_dir, e))?;
+        let opt_path = tmp.join("optimizer.safetensors");
+        let (m, v) = moments;
+        let mut tensors = HashMap::new();
+        for (i, (m, v)) in m.iter().zip(v).enumerate() {
+            tensors.insert(format!("m.{i}"), m.clone());
+            tensors.insert(format!("v.{i}"), v.clone());
+        }
+        candle_core::safetensors::save(&tensors, &opt_path).map_err(|e| io(&opt_path, e))?;
+        let adapter_file = adapter_dir.join("adapter_model.safetensors");
+        state.checksums = HashMap::from([
+            (
+                "adapter/adapter_model.safetensors".to_string(),
+                checksum(&adapter_file)?,
+            ),
+            ("optimizer.safetensors".to_string(), checksum(&opt_path)?),
+        ]);
+        let state_path = tmp.join("trainer_state.json");
+        let text = serde_json::to_string_pretty(&state).map_err(|e| io(&state_path, e))?;
+        let mut f = std::fs::File::create(&state_path).map_err(|e| io(&state_path, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.write_all(b"\n"))
+            .and_then(|_| f.sync_all())
+            .map_err(|e| io(&state_path, e))?;
+        for p in [
+            &adapter_file,
+            &adapter_dir.join("adapter_config.json"),
+            &opt_path,
+        ] {
+            sync_file(p)?;
+        }
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+        // The rename itself must reach the disk before older checkpoints go.
+        let _ = std::fs::File::open(root).and_then(|d| d.sync_all());
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    prune(root, keep.max(1))?;
+    Ok(final_dir)
+}
+
+/// Checkpoint directories under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest checkpoint under `root`.
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    list(root).pop().map(|(_, p)| p)
+}
+
+fn prune(root: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = list(root);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Reads only `trainer_state.json` of the checkpoint in `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+    let path = dir.join("trainer_state.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| io(&path, format!("cannot read: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| io(&path, format!("corrupt checkpoint state: {e}")))?;
+    if state.format != FORMAT {
+        return Err(io(
+            &path,
+            format!(
+                "checkpoint format {} (this build reads {FORMAT})",
+                state.format
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+/// Loads and verifies the checkpoint in `dir` for a model with `targets`.
+pub fn load(dir: &Path, targets: &[(String, usize, usize)]) -> Result<Checkpoint, TrainError> {
+    let state = read_state(dir)?;
+    for (file, want) in &state.checksums {
+        let path = dir.join(file);
+        let got = checksum(&path)?;
+        if &got != want {
+            return Err(io(
+                &path,
+                format!("corrupt checkpoint: checksum {got}, trainer_state.json recorded {want}"),
+            ));
+        }
+    }
+    if state.checksums.len() != 2 {
+        return Err(io(
+            &dir.join("trainer_state.json"),
+            "corrupt checkpoint: checksums missing",
+        ));
+    }
+    let (lora, meta) = peft::read_adapter(&dir.join("adapter"), targets).map_err(|e| io(dir, e))?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let tensors =
+        candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| io(&opt_path, e))?;
+    let n = lora.vars().count();
+    let take = |prefix: &str| -> Result<Vec<Tensor>, TrainError> {
+        (0..n)
+            .map(|i| {
+                tensors
+                    .get(&format!("{prefix}.{i}"))
+                    .cloned()
+                    .ok_or_else(|| io(&opt_path, format!("missing `{prefix}.{i}`")))
+            })
+            .collect()
+    };
+    let (m, v) = (take("m")?, take("v")?);
+    if state.adam_t.len() != n {
+        return Err(io(
+            dir,
+            format!("{} update counts for {n} parameters", state.adam_t.len()),
+        ));
+    }
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        lora,
+        meta,
+        m,
+        v,
+        state,
+    })
+}

@@ -1,0 +1,565 @@
+//! The training loop ([`Trainer::run`]): one optimizer step reads top to bottom.
+//!
+//! Per step s (0-based) with B = micro_batch × grad_accum sequences x₁…x_B and N the number of
+//! target tokens among them:
+//!   loss_s = (1/N) Σ_b Σ_{t ∈ targets(x_b)} −log p(x_b[t] | x_b[<t])
+//! computed sequence by sequence: each sequence's summed cross-entropy / N is backpropagated and
+//! its LoRA gradients added, so accumulation changes nothing but memory (transformers' Trainer
+//! normalises by `num_items_in_batch` the same way). Then global-norm clipping, AdamW at
+//! lr_at(s), and the bookkeeping: metrics, held-out loss every `eval_every` steps, a checkpoint
+//! every `save_every` steps and at the end. A step whose loss or gradient norm is not finite is
+//! skipped (no update) and counted; `max_bad_steps` of them in a row stop the run. A stop
+//! request (SIGINT/SIGTERM in the binary) ends the loop after the current step with a
+//! checkpoint.
+//!
+//! With `recompute`, each layer's activations are dropped after the forward and the layer is
+//! replayed during backward (activation checkpointing per layer): memory holds one layer's
+//! graph instead of all of them, at the cost of a second forward. Dropout masks are replayed
+//! identically by rewinding the dropout stream, so gradients equal the plain path's.
+
+use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::schedule::{lr_at, LrSchedule};
+use crate::TrainError;
+use candle_core::{Tensor, Var};
+use finetune_data::{Batches, Cursor, Sequence};
+use finetune_model::peft::AdapterMeta;
+use finetune_model::{Lora, Qwen3Moe};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Everything that shapes a run (from the recipe).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    pub lr: f64,
+    pub schedule: LrSchedule,
+    pub warmup: u64,
+    pub total_steps: u64,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    pub recompute: bool,
+    pub adamw: AdamWConfig,
+    /// 0 turns clipping off (the norm is still reported).
+    pub max_grad_norm: f64,
+    /// Held-out loss every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Held-out sequences read per evaluation (0: all).
+    pub eval_sequences: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: u64,
+    pub keep_checkpoints: usize,
+    pub max_bad_steps: u64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens read this step (all of them, prompt and target).
+    pub tokens: u64,
+    pub target_tokens: u64,
+    pub tokens_per_sec: f64,
+    pub elapsed_secs: f64,
+    pub peak_rss_mib: Option<f64>,
+    pub skipped: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub stopped_early: bool,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub heldout_before: Option<f64>,
+    pub heldout_after: Option<f64>,
+    pub skipped_steps: u64,
+    pub tokens_seen: u64,
+    pub elapsed_secs: f64,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Where a run writes: `metrics.jsonl` and `checkpoints/` under `dir`.
+pub struct RunOutput {
+    pub dir: PathBuf,
+    pub adapter_meta: AdapterMeta,
+    /// The resolved settings recorded in every checkpoint.
+    pub recipe: serde_json::Value,
+}
+
+pub struct Trainer<'m> {
+    model: &'m Qwen3Moe,
+    lora: Lora,
+    vars: Vec<Var>,
+    opt: AdamW,
+    train: Vec<Sequence>,
+    heldout: Vec<Sequence>,
+    batches: Batches,
+    options: TrainOptions,
+    step: u64,
+    tokens_seen: u64,
+    skipped_steps: u64,
+    bad_in_a_row: u64,
+    elapsed_before: f64,
+    last_heldout: Option<f64>,
+}
+
+/// Peak resident memory of this process (Linux), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs `f` on a thread with a 1 GiB stack: candle's backward recurses once per graph node and
+/// overflows the default 8 MiB on a real model's graph.
+pub fn on_large_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("train".into())
+            .stack_size(1 << 30)
+            .spawn_scoped(s, f)
+            .expect("spawning the training thread")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+impl<'m> Trainer<'m> {
+    /// A fresh run (step 0) of `lora` on `train`, held-out loss on `heldout`.
+    pub fn new(
+        model: &'m Qwen3Moe,
+        lora: Lora,
+        train: Vec<Sequence>,
+        heldout: Vec<Sequence>,
+        options: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        if train.is_empty() {
+            return Err(TrainError::EmptyDataset);
+        }
+        if options.micro_batch == 0 || options.grad_accum == 0 {
+            return Err(TrainError::Options(
+                "micro_batch and grad_accum must be at least 1".into(),
+            ));
+        }
+        let vars: Vec<Var> = lora.vars().cloned().collect();
+        if vars.is_empty() {
+            return Err(TrainError::Options(
+                "no LoRA target matched a projection of the model".into(),
+            ));
+        }
+        let opt = AdamW::new(vars.clone(), options.adamw)?;
+        let batches = Batches::new(train.len(), options.seed, Cursor::default());
+        Ok(Self {
+            model,
+            lora,
+            vars,
+            opt,
+            train,
+            heldout,
+            batches,
+            options,
+            step: 0,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            bad_in_a_row: 0,
+            elapsed_before: 0.0,
+            last_heldout: None,
+        })
+    }
+
+    /// Continues from `ckpt`: adapter, moments, update counts, data cursor, dropout position
+    /// and counters, so that the rest of the run is bit-identical to an uninterrupted one.
+    /// The adapter in `ckpt` must have the same modules and shapes as this trainer's.
+    pub fn resume(&mut self, ckpt: Checkpoint) -> Result<(), TrainError> {
+        let here: Vec<(&str, Vec<usize>, Vec<usize>)> = self
+            .lora
+            .tensors()
+            .map(|(n, a, b)| (n, a.dims().to_vec(), b.dims().to_vec()))
+            .collect();
+        let there: Vec<(&str, Vec<usize>, Vec<usize>)> = ckpt
+            .lora
+            .tensors()
+            .map(|(n, a, b)| (n, a.dims().to_vec(), b.dims().to_vec()))
+            .collect();
+        if here != there {
+            return Err(TrainError::Checkpoint {
+                path: ckpt.dir.clone(),
+                message: "its adapter has other modules or shapes than this run's".into(),
+            });
+        }
+        for (var, (_, a, b)) in self.vars.chunks(2).zip(ckpt.lora.tensors()) {
+            var[0].set(a)?;
+            var[1].set(b)?;
+        }
+        let s = &ckpt.state;
+        self.opt
+            .set_state(ckpt.m, ckpt.v, s.adam_t.clone(), s.step)?;
+        self.batches = Batches::new(self.train.len(), self.options.seed, s.cursor);
+        self.lora
+            .set_dropout_position(s.dropout_position.parse().map_err(|_| {
+                TrainError::Checkpoint {
+                    path: ckpt.dir.clone(),
+                    message: format!("bad dropout_position {:?}", s.dropout_position),
+                }
+            })?);
+        self.step = s.step;
+        self.tokens_seen = s.tokens_seen;
+        self.skipped_steps = s.skipped_steps;
+        self.bad_in_a_row = s.bad_steps_in_a_row;
+        self.elapsed_before = s.elapsed_secs;
+        self.last_heldout = s.last_heldout_loss;
+        Ok(())
+    }
+
+    pub fn lora(&self) -> &Lora {
+        &self.lora
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Mean cross-entropy over the target tokens of the held-out sequences (dropout off);
+    /// `None` without held-out data.
+    pub fn heldout_loss(&self) -> Result<Option<f64>, TrainError> {
+        if self.heldout.is_empty() {
+            return Ok(None);
+        }
+        let n = match self.options.eval_sequences {
+            0 => self.heldout.len(),
+            k => k.min(self.heldout.len()),
+        };
+        self.lora.set_training(false);
+        let result = (|| {
+            let (mut sum, mut count) = (0f64, 0usize);
+            for seq in &self.heldout[..n] {
+                let logits =
+                    self.model
+                        .forward_with(&seq.ids, &seq.position_ids, Some(&self.lora))?;
+                let s = Qwen3Moe::loss_sum_tensor(&logits.detach(), &seq.labels)?;
+                sum += s.to_scalar::<f32>()? as f64;
+                count += seq.target_tokens();
+            }
+            Ok::<_, TrainError>(Some(sum / count.max(1) as f64))
+        })();
+        self.lora.set_training(true);
+        result
+    }
+
+    /// Summed loss of `seq` and its gradient contribution `d(loss_sum / n_step)/dθ`, added
+    /// into `grads`.
+    fn accumulate(
+        &self,
+        seq: &Sequence,
+        n_step: f64,
+        grads: &mut [Option<Tensor>],
+    ) -> Result<f64, TrainError> {
+        let mut add = |store: &candle_core::backprop::GradStore| -> Result<(), TrainError> {
+            for (acc, var) in grads.iter_mut().zip(&self.vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        let lora = Some(&self.lora);
+        if !self.options.recompute {
+            let logits = self.model.forward_with(&seq.ids, &seq.position_ids, lora)?;
+            let loss_sum = Qwen3Moe::loss_sum_tensor(&logits, &seq.labels)?;
+            add(&(&loss_sum / n_step)?.backward()?)?;
+            return Ok(loss_sum.to_scalar::<f32>()? as f64);
+        }
+        // Forward keeping only each layer's input (and where the dropout stream stood).
+        let ctx = self.model.sequence_context(&seq.position_ids, 0)?;
+        let mut inputs = Vec::with_capacity(self.model.num_layers());
+        let mut x = self.model.embed_tokens(&seq.ids)?;
+        for layer in 0..self.model.num_layers() {
+            inputs.push((x.clone(), self.lora.dropout_position()));
+            x = self
+                .model
+                .layer_forward(layer, &x, &ctx, lora, None)?
+                .detach();
+        }
+        let end = self.lora.dropout_position();
+        // Head and loss, then each layer replayed from its input, last to first: the gradient
+        // flowing into layer i's output is g, so backpropagating Σ(yᵢ ⊙ g) gives that layer's
+        // LoRA gradients and the gradient of its input.
+        let top = Var::from_tensor(&x)?;
+        let loss_sum = Qwen3Moe::loss_sum_tensor(&self.model.head(top.as_tensor())?, &seq.labels)?;
+        let store = (&loss_sum / n_step)?.backward()?;
+        let mut g = store
+            .get(top.as_tensor())
+            .cloned()
+            .ok_or_else(|| TrainError::Options("no gradient reached the last layer".into()))?;
+        for layer in (0..self.model.num_layers()).rev() {
+            let (input, position) = &inputs[layer];
+            let input = Var::from_tensor(input)?;
+            self.lora.set_dropout_position(*position);
+            let y = self
+                .model
+                .layer_forward(layer, input.as_tensor(), &ctx, lora, None)?;
+            let store = (y * &g)?.sum_all()?.backward()?;
+            add(&store)?;
+            if layer > 0 {
+                g = store.get(input.as_tensor()).cloned().ok_or_else(|| {
+                    TrainError::Options("no gradient reached a layer input".into())
+                })?;
+            }
+        }
+        self.lora.set_dropout_position(end);
+        Ok(loss_sum.to_scalar::<f32>()? as f64)
+    }
+
+    fn state(&self, out: &RunOutput, elapsed: f64) -> TrainerState {
+        TrainerState {
+            format: checkpoint::FORMAT,
+            step: self.step,
+            total_steps: self.options.total_steps,
+            cursor: self.batches.cursor(),
+            adam_t: self.opt.state().2.to_vec(),
+            dropout_position: self.lora.dropout_position().to_string(),
+            tokens_seen: self.tokens_seen,
+            skipped_steps: self.skipped_steps,
+            bad_steps_in_a_row: self.bad_in_a_row,
+            elapsed_secs: elapsed,
+            last_heldout_loss: self.last_heldout,
+            recipe: out.recipe.clone(),
+            checksums: HashMap::new(),
+        }
+    }
+
+    /// Writes a checkpoint of the current state under `out.dir/checkpoints`.
+    pub fn save(&self, out: &RunOutput, elapsed: f64) -> Result<PathBuf, TrainError> {
+        let (m, v, _) = self.opt.state();
+        checkpoint::save(
+            &out.dir.join("checkpoints"),
+            &self.lora,
+            &out.adapter_meta,
+            (m, v),
+            self.state(out, elapsed),
+            self.options.keep_checkpoints,
+        )
+    }
+
+    /// Trains until `total_steps` (or `stop` is raised), calling `report` after every step.
+    pub fn run(
+        &mut self,
+        out: Option<&RunOutput>,
+        stop: &AtomicBool,
+        report: &mut dyn FnMut(&StepMetrics),
+    ) -> Result<TrainSummary, TrainError> {
+        let o = self.options.clone();
+        let started = Instant::now();
+        let elapsed = |before: f64| before + started.elapsed().as_secs_f64();
+        let mut metrics_file = match out {
+            Some(out) => {
+                std::fs::create_dir_all(&out.dir).map_err(|e| TrainError::io(&out.dir, e))?;
+                let path = out.dir.join("metrics.jsonl");
+                Some((
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .map_err(|e| TrainError::io(&path, e))?,
+                    path,
+                ))
+            }
+            None => None,
+        };
+        let mut summary = TrainSummary {
+            steps: self.step,
+            stopped_early: false,
+            first_loss: None,
+            last_loss: None,
+            heldout_before: None,
+            heldout_after: None,
+            skipped_steps: self.skipped_steps,
+            tokens_seen: self.tokens_seen,
+            elapsed_secs: 0.0,
+            last_checkpoint: None,
+        };
+        if self.step == 0 {
+            self.last_heldout = self.heldout_loss()?;
+        }
+        summary.heldout_before = self.last_heldout;
+        let per_step = o.micro_batch * o.grad_accum;
+        while self.step < o.total_steps {
+            let step_started = Instant::now();
+            let lr = lr_at(o.schedule, o.lr, o.warmup, o.total_steps, self.step);
+
+            // The sequences of this step, and the target tokens the loss is averaged over.
+            let batch: Vec<usize> = (0..per_step).map(|_| self.batches.next_index()).collect();
+            let n_targets: usize = batch.iter().map(|&i| self.train[i].target_tokens()).sum();
+            let n_tokens: usize = batch.iter().map(|&i| self.train[i].ids.len()).sum();
+
+            // Forward + backward per sequence; gradients accumulate.
+            let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+            let mut loss_sum = 0f64;
+            for &i in &batch {
+                loss_sum += self.accumulate(&self.train[i], n_targets.max(1) as f64, &mut grads)?;
+            }
+            let loss = loss_sum / n_targets.max(1) as f64;
+            // A module no token reached gets a zero gradient (transformers 5's fused experts
+            // do the same), so its AdamW moments keep decaying like everyone else's.
+            let mut grads: Vec<Option<Tensor>> = grads
+                .into_iter()
+                .zip(&self.vars)
+                .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()).map(Some))
+                .collect::<candle_core::Result<_>>()?;
+
+            // Clip, then update, unless the step is not finite.
+            let grad_norm = clip_grad_norm(
+                &mut grads,
+                if o.max_grad_norm > 0.0 {
+                    o.max_grad_norm
+                } else {
+                    f64::INFINITY
+                },
+            )?;
+            let skipped = !loss.is_finite() || !grad_norm.is_finite();
+            if skipped {
+                self.skipped_steps += 1;
+                self.bad_in_a_row += 1;
+            } else {
+                self.bad_in_a_row = 0;
+                self.opt.step(&grads, lr)?;
+            }
+            self.step += 1;
+            self.tokens_seen += n_tokens as u64;
+
+            // Bookkeeping: held-out loss, checkpoint, metrics.
+            let last = self.step == o.total_steps;
+            let heldout = if (o.eval_every > 0 && self.step % o.eval_every == 0) || last {
+                self.last_heldout = self.heldout_loss()?;
+                self.last_heldout
+            } else {
+                None
+            };
+            let bad_run = self.bad_in_a_row >= o.max_bad_steps.max(1);
+            let checkpoint = match out {
+                Some(out)
+                    if (o.save_every > 0 && self.step % o.save_every == 0) || last || bad_run =>
+                {
+                    let dir = self.save(out, elapsed(self.elapsed_before))?;
+                    summary.last_checkpoint = Some(dir.clone());
+                    Some(dir.display().to_string())
+                }
+                _ => None,
+            };
+            let saved = checkpoint.is_some();
+            let secs = step_started.elapsed().as_secs_f64();
+            let m = StepMetrics {
+                step: self.step,
+                total_steps: o.total_steps,
+                loss,
+                lr,
+                grad_norm,
+                tokens: n_tokens as u64,
+                target_tokens: n_targets as u64,
+                tokens_per_sec: n_tokens as f64 / secs.max(1e-9),
+                elapsed_secs: elapsed(self.elapsed_before),
+                peak_rss_mib: peak_rss_mib(),
+                skipped,
+                heldout_loss: heldout,
+                checkpoint,
+            };
+            if let Some((f, path)) = metrics_file.as_mut() {
+                let line = serde_json::to_string(&m).map_err(|e| TrainError::io(path, e))?;
+                writeln!(f, "{line}")
+                    .and_then(|_| f.flush())
+                    .map_err(|e| TrainError::io(path, e))?;
+            }
+            report(&m);
+            if !skipped {
+                summary.first_loss.get_or_insert(loss);
+                summary.last_loss = Some(loss);
+            }
+            if bad_run {
+                return Err(TrainError::NonFinite {
+                    steps: self.bad_in_a_row,
+                    step: self.step,
+                });
+            }
+            // A stop request (signal) ends the run here, after a checkpoint.
+            if stop.load(Ordering::SeqCst) && !last {
+                if let (Some(out), false) = (out, saved) {
+                    summary.last_checkpoint = Some(self.save(out, elapsed(self.elapsed_before))?);
+                }
+                summary.stopped_early = true;
+                break;
+            }
+        }
+        summary.steps = self.step;
+        summary.heldout_after = self.last_heldout;
+        summary.skipped_steps = self.skipped_steps;
+        summary.tokens_seen = self.tokens_seen;
+        summary.elapsed_secs = elapsed(self.elapsed_before);
+        Ok(summary)
+    }
+}
+
+/// Steps for `epochs` passes over `sequences` at `per_step` sequences per step (at least 1).
+pub fn steps_for_epochs(sequences: usize, per_step: usize, epochs: f64) -> u64 {
+    ((sequences as f64 * epochs) / per_step.max(1) as f64)
+        .ceil()
+        .max(1.0) as u64
+}
+
+/// The recipe keys two runs must agree on to resume one from the other; returns those that
+/// differ (dotted paths), ignoring `allowed`.
+pub fn differing_keys(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    allowed: &[&str],
+) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &path,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", a, b, &mut out);
+    out.retain(|k| {
+        !allowed
+            .iter()
+            .any(|p| k == p || k.starts_with(&format!("{p}.")))
+    });
+    out
+}
