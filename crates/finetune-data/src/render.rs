@@ -79,8 +79,14 @@ pub enum OverLength {
     /// Cut the context until it fits; drop when the rest alone is too long.
     #[default]
     Truncate,
+    /// Cut the context, then the end of the target (for language-model-style training on
+    /// changes too large for the sequence; the cut target is no longer a complete edit).
+    TruncateTarget,
     Drop,
 }
+
+/// Fewest target tokens an example cut by [`OverLength::TruncateTarget`] keeps.
+pub const MIN_TARGET_TOKENS: usize = 16;
 
 /// One tokenized example: `labels[i]` is `ids[i]` on target tokens, −100 elsewhere.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,7 +166,7 @@ pub fn encode_pairs(
     let mut out = Vec::with_capacity(pairs.len());
     for pair in pairs {
         let [head, context, tail, target] = render(pair, template);
-        let (head, mut context, tail, target) = (
+        let (head, mut context, tail, mut target) = (
             ids(tokenizer, &head)?,
             ids(tokenizer, &context)?,
             ids(tokenizer, &tail)?,
@@ -168,11 +174,23 @@ pub fn encode_pairs(
         );
         let fixed = head.len() + tail.len() + target.len();
         if fixed + context.len() > seq_len {
-            if policy == OverLength::Drop || fixed > seq_len {
-                stats.dropped_too_long += 1;
-                continue;
+            let frame = head.len() + tail.len();
+            match policy {
+                OverLength::Truncate if fixed <= seq_len => context.truncate(seq_len - fixed),
+                // At least a few target tokens must remain to learn from.
+                OverLength::TruncateTarget if frame + MIN_TARGET_TOKENS <= seq_len => {
+                    if fixed <= seq_len {
+                        context.truncate(seq_len - fixed);
+                    } else {
+                        context.clear();
+                        target.truncate(seq_len - frame);
+                    }
+                }
+                _ => {
+                    stats.dropped_too_long += 1;
+                    continue;
+                }
             }
-            context.truncate(seq_len - fixed);
             stats.truncated += 1;
         }
         let prompt_len = head.len() + context.len() + tail.len();
@@ -279,6 +297,13 @@ mod tests {
         let (ex, stats) =
             encode_pairs(&pairs, &tok, Template::ChatMl, limit, OverLength::Drop).unwrap();
         assert_eq!((ex.len(), stats.dropped_too_long), (1, 1));
+        // The target's end may go under truncate-target: every example then fills the limit.
+        let full_target = ex[0].target_tokens();
+        let tight = short - 12; // more than the 5-letter context of the short pair
+        let (ex, stats) = encode_pairs(&pairs, &tok, Template::ChatMl, tight, OverLength::TruncateTarget).unwrap();
+        assert_eq!((ex.len(), stats.truncated), (2, 2));
+        assert!(ex.iter().all(|e| e.ids.len() == tight && e.target_tokens() >= MIN_TARGET_TOKENS));
+        assert!(ex.iter().all(|e| e.target_tokens() < full_target));
         // Too short for even the template and target: dropped under both policies.
         let (ex, stats) =
             encode_pairs(&pairs, &tok, Template::ChatMl, 20, OverLength::Truncate).unwrap();

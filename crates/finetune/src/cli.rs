@@ -6,7 +6,7 @@
 //! --rank 16`.
 
 use crate::recipe::{
-    ComputeDtype, ExportFormat, MergedDtype, PairFormat, RecipeError, ResolvedRecipe, Schedule,
+    ComputeDtype, ExportFormat, MergedDtype, Overlong, PairFormat, RecipeError, ResolvedRecipe, Schedule,
 };
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -52,8 +52,9 @@ pub enum Command {
     #[command(mut_arg("pair_format", |a| a.visible_alias("format")))]
     #[command(mut_arg("out", |a| a.help("Directory the pairs are written to: train.jsonl, heldout.jsonl, manifest.json.  [run.out]")))]
     Mine(MineArgs),
-    /// Train the LoRA adapter on mined pairs.
-    Train(StageArgs),
+    /// Train the LoRA adapter on mined pairs (metrics.jsonl, checkpoints/, adapter/ in the run
+    /// directory). Ctrl-C or SIGTERM writes a checkpoint and exits; --resume continues.
+    Train(TrainArgs),
     /// Evaluate base and base+adapter on the eval suites and write the comparison report.
     Eval(StageArgs),
     /// Export the adapter (PEFT, fused PEFT, merged weights) and print serve commands.
@@ -79,6 +80,38 @@ pub struct RunArgs {
 /// Flags shared by every stage.
 #[derive(Debug, Args)]
 pub struct StageArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Mined dataset directory (train.jsonl, heldout.jsonl): the --out of `finetune mine`, or
+    /// <run>/data. Optional with --resume (the run's own data is used).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+
+    /// Run directory to write metrics.jsonl, checkpoints/, adapter/ (and base/ for the
+    /// embedded tiny model) into. Default: a new <OUT>/runs/<id>/, or the resumed run's.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+
+    /// Continue a run bit-identically from a checkpoint directory (…/checkpoints/step-N) or
+    /// a run directory (its newest checkpoint). Refused, naming the keys, when the recipe or
+    /// the data differ from the original run's (eval_every, save_every and keep_checkpoints
+    /// may change).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+
+    /// Warm start from an existing PEFT adapter (e.g. the current adapter of a scheduled
+    /// retraining): its rank must equal --rank and its tensors must fit the model.
+    #[arg(long, value_name = "DIR")]
+    pub init_adapter: Option<PathBuf>,
+
+    /// No progress bar or per-step lines (errors and the summary are still printed).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
     #[command(flatten)]
     pub recipe: RecipeArgs,
 }
@@ -272,6 +305,11 @@ pub struct RecipeArgs {
     /// Tokens per packed sequence.  [train.seq_len]
     #[arg(long, value_name = "TOKENS", help_heading = "Training")]
     pub seq_len: Option<u32>,
+    /// A pair longer than --seq-len: `truncate` cuts its context (never the instruction or
+    /// the target) or drops it when that is not enough; `truncate-target` also cuts the end of
+    /// the target; `drop` drops it. All are counted.  [train.overlong]
+    #[arg(long, value_name = "POLICY", help_heading = "Training")]
+    pub overlong: Option<Overlong>,
     /// Seed of LoRA initialisation, dropout and data order.  [train.seed]
     #[arg(long, value_name = "SEED", help_heading = "Training")]
     pub seed: Option<u64>,
@@ -414,6 +452,7 @@ impl RecipeArgs {
         flag!(micro_batch, "--micro-batch", "train.micro_batch" => train.micro_batch);
         flag!(grad_accum, "--grad-accum", "train.grad_accum" => train.grad_accum);
         flag!(seq_len, "--seq-len", "train.seq_len" => train.seq_len);
+        flag!(overlong, "--overlong", "train.overlong" => train.overlong);
         flag!(seed, "--seed", "train.seed" => train.seed);
         flag!(recompute, "--recompute", "train.recompute" => train.recompute);
         flag!(dtype, "--dtype", "train.dtype" => train.dtype);

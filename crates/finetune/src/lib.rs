@@ -8,6 +8,7 @@ pub mod mine;
 pub mod recipe;
 pub mod run_dir;
 pub mod score;
+pub mod train;
 
 use anyhow::{Context, Result};
 use cli::{Cli, Command, RecipeArgs};
@@ -40,7 +41,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         None => run(&cli.run.recipe),
         Some(Command::Run(args)) => run(&args.recipe),
         Some(Command::Mine(args)) => mine::command(&args),
-        Some(Command::Train(args)) => stage(&args.recipe, "train", 6, |r| r.check_model_dir()),
+        Some(Command::Train(args)) => train::command(&args),
         Some(Command::Eval(args)) => stage(&args.recipe, "eval", 7, |r| r.check_model_dir()),
         Some(Command::Export(args)) => stage(&args.recipe, "export", 8, |r| r.check_model_dir()),
         Some(Command::Schedule(args)) => stage(&args.recipe, "schedule", 8, |r| {
@@ -99,6 +100,35 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
     let head = resolved.check_repo()?;
     resolved.check_model_dir()?;
 
+    let dir = new_run_dir(&resolved, Some(&head))?;
+    eprintln!(
+        "finetune: run {} in {} (repo {} at {})",
+        dir.id,
+        dir.path.display(),
+        head.path.display(),
+        &head.commit[..12.min(head.commit.len())]
+    );
+
+    // 1. mine
+    let data = dir.path.join("data");
+    let outcome = mine::mine_into(&resolved, &data, false, false, 0)?;
+    mine::print_summary(&outcome, &data);
+    dir.stage_completed("mine")?;
+
+    // 2. train
+    let report = train::train_into(&resolved, &data, &dir.path, None, None, false)?;
+    train::print_summary(&report);
+    dir.stage_completed("train")?;
+
+    // 3. evaluate
+    Ok(not_implemented("eval", 7))
+}
+
+/// Creates `<run.out>/runs/<id>/` with its manifest.json (recipe, tool, host, command, repo).
+pub(crate) fn new_run_dir(
+    resolved: &ResolvedRecipe,
+    head: Option<&finetune_mine::RepoHead>,
+) -> Result<run_dir::RunDir> {
     let started = chrono::Utc::now();
     let manifest = serde_json::json!({
         "format": 1,
@@ -119,33 +149,17 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
             "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         "command": std::env::args().collect::<Vec<_>>(),
-        "repo": {
+        "repo": head.map(|head| serde_json::json!({
             "path": head.path.display().to_string(),
             "rev": head.rev,
             "commit": head.commit,
             "reference": head.reference,
-        },
+        })),
         "recipe_file": resolved.file.as_ref().map(|p| p.display().to_string()),
         "flag_overrides": resolved.flag_overrides(),
         "recipe": serde_json::to_value(&resolved.recipe).context("recipe to JSON")?,
     });
-    let dir = run_dir::RunDir::create(&resolved.recipe.run.out, started, manifest)?;
-    eprintln!(
-        "finetune: run {} in {} (repo {} at {})",
-        dir.id,
-        dir.path.display(),
-        head.path.display(),
-        &head.commit[..12.min(head.commit.len())]
-    );
-
-    // 1. mine
-    let data = dir.path.join("data");
-    let outcome = mine::mine_into(&resolved, &data, false, false, 0)?;
-    mine::print_summary(&outcome, &data);
-    dir.stage_completed("mine")?;
-
-    // 2. train
-    Ok(not_implemented("train", 6))
+    run_dir::RunDir::create(&resolved.recipe.run.out, started, manifest)
 }
 
 /// `finetune doctor`: this build, the CPU, the GPUs, and a smoke check on each device.

@@ -195,6 +195,19 @@ pub enum ComputeDtype {
     Bf16,
 }
 
+/// What happens to a pair longer than `train.seq_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overlong {
+    /// Cut the context (never the instruction or the target); drop when that is not enough.
+    Truncate,
+    /// Cut the context, then the end of the target (changes larger than the sequence still
+    /// train, as language modelling; the cut target is not a complete edit).
+    TruncateTarget,
+    /// Drop the pair.
+    Drop,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
@@ -207,6 +220,7 @@ pub struct TrainSection {
     pub micro_batch: u32,
     pub grad_accum: u32,
     pub seq_len: u32,
+    pub overlong: Overlong,
     pub seed: u64,
     pub recompute: bool,
     pub dtype: ComputeDtype,
@@ -229,6 +243,7 @@ impl Default for TrainSection {
             micro_batch: 4,
             grad_accum: 1,
             seq_len: 1024,
+            overlong: Overlong::Truncate,
             seed: 42,
             recompute: false,
             dtype: ComputeDtype::Auto,
