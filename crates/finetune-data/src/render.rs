@@ -300,9 +300,18 @@ mod tests {
         // The target's end may go under truncate-target: every example then fills the limit.
         let full_target = ex[0].target_tokens();
         let tight = short - 12; // more than the 5-letter context of the short pair
-        let (ex, stats) = encode_pairs(&pairs, &tok, Template::ChatMl, tight, OverLength::TruncateTarget).unwrap();
+        let (ex, stats) = encode_pairs(
+            &pairs,
+            &tok,
+            Template::ChatMl,
+            tight,
+            OverLength::TruncateTarget,
+        )
+        .unwrap();
         assert_eq!((ex.len(), stats.truncated), (2, 2));
-        assert!(ex.iter().all(|e| e.ids.len() == tight && e.target_tokens() >= MIN_TARGET_TOKENS));
+        assert!(ex
+            .iter()
+            .all(|e| e.ids.len() == tight && e.target_tokens() >= MIN_TARGET_TOKENS));
         assert!(ex.iter().all(|e| e.target_tokens() < full_target));
         // Too short for even the template and target: dropped under both policies.
         let (ex, stats) =

@@ -6,7 +6,8 @@
 //! --rank 16`.
 
 use crate::recipe::{
-    ComputeDtype, ExportFormat, MergedDtype, Overlong, PairFormat, RecipeError, ResolvedRecipe, Schedule,
+    ComputeDtype, ExportFormat, MergedDtype, Overlong, PairFormat, RecipeError, ResolvedRecipe,
+    Schedule,
 };
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

@@ -19,6 +19,8 @@ use std::process::ExitCode;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Done,
+    /// Stopped by SIGINT/SIGTERM after writing a checkpoint: exit code 130.
+    Interrupted,
     /// The command reached a stage that does not exist yet: exit code 2, nothing faked.
     NotImplemented {
         stage: &'static str,
@@ -30,6 +32,7 @@ impl Outcome {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Outcome::Done => ExitCode::SUCCESS,
+            Outcome::Interrupted => ExitCode::from(130),
             Outcome::NotImplemented { .. } => ExitCode::from(2),
         }
     }
@@ -118,6 +121,9 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
     // 2. train
     let report = train::train_into(&resolved, &data, &dir.path, None, None, false)?;
     train::print_summary(&report);
+    if report.summary.stopped_early {
+        return Ok(Outcome::Interrupted);
+    }
     dir.stage_completed("train")?;
 
     // 3. evaluate

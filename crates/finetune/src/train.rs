@@ -120,7 +120,10 @@ fn fingerprint(resolved: &ResolvedRecipe, data: &Path) -> Result<serde_json::Val
 fn options(resolved: &ResolvedRecipe, sequences: usize) -> Result<TrainOptions> {
     let t = &resolved.recipe.train;
     if t.gpus > 1 {
-        bail!("flag --gpus / train.gpus = {}: multi-GPU training is not implemented yet (issue #10)", t.gpus);
+        bail!(
+            "flag --gpus / train.gpus = {}: multi-GPU training is not implemented yet (issue #10)",
+            t.gpus
+        );
     }
     let per_step = (t.micro_batch * t.grad_accum) as usize;
     let total_steps = if t.max_steps > 0 {
@@ -186,7 +189,11 @@ impl Progress {
             .heldout_loss
             .map(|h| format!("  held-out {h:.4}"))
             .unwrap_or_default();
-        let skipped = if m.skipped { "  (skipped: not finite)" } else { "" };
+        let skipped = if m.skipped {
+            "  (skipped: not finite)"
+        } else {
+            ""
+        };
         let line = format!(
             "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{held}{skipped}",
             m.loss, m.lr, m.grad_norm, m.tokens_per_sec
@@ -196,11 +203,18 @@ impl Progress {
                 bar.set_position(m.step);
                 bar.set_message(line);
                 if m.heldout_loss.is_some() {
-                    bar.println(format!("step {}/{}: {}", m.step, m.total_steps, bar.message()));
+                    bar.println(format!(
+                        "step {}/{}: {}",
+                        m.step,
+                        m.total_steps,
+                        bar.message()
+                    ));
                 }
             }
             None if !self.quiet
-                && (m.step % self.every == 0 || m.step == m.total_steps || m.heldout_loss.is_some()) =>
+                && (m.step % self.every == 0
+                    || m.step == m.total_steps
+                    || m.heldout_loss.is_some()) =>
             {
                 eprintln!("train: step {}/{}  {line}", m.step, m.total_steps);
             }
@@ -221,7 +235,8 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
             .context("installing the signal handler")?;
-        signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
+        signal_hook::flag::register(signal, stop.clone())
+            .context("installing the signal handler")?;
     }
     Ok(stop)
 }
@@ -244,7 +259,11 @@ pub fn train_into(
     let train_path = data.join("train.jsonl");
     let heldout_path = data.join("heldout.jsonl");
     if !train_path.is_file() {
-        bail!("{}: no such file: expected a mined dataset (run `finetune mine --out {}` first)", train_path.display(), data.display());
+        bail!(
+            "{}: no such file: expected a mined dataset (run `finetune mine --out {}` first)",
+            train_path.display(),
+            data.display()
+        );
     }
     let train_pairs = read_pairs(&train_path)?;
     let heldout_pairs = if heldout_path.is_file() {
@@ -279,12 +298,16 @@ pub fn train_into(
     }
 
     // The base model and tokenizer.
-    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let base = prepare_base(resolved, run_dir, &train_pairs)?;
     let config = Qwen3MoeConfig::from_file(&base.join("config.json"))?;
     let tokenizer_path = base.join("tokenizer.json");
     if !tokenizer_path.is_file() {
-        bail!("{}: no tokenizer.json in the model directory", base.display());
+        bail!(
+            "{}: no tokenizer.json in the model directory",
+            base.display()
+        );
     }
     let tokenizer = load_tokenizer(&tokenizer_path, config.vocab_size)?;
     let template = Template::for_tokenizer(&tokenizer);
@@ -294,8 +317,10 @@ pub fn train_into(
         Overlong::TruncateTarget => OverLength::TruncateTarget,
         Overlong::Drop => OverLength::Drop,
     };
-    let (train_examples, train_stats) = encode_pairs(&train_pairs, &tokenizer, template, seq_len, policy)?;
-    let (heldout_examples, heldout_stats) = encode_pairs(&heldout_pairs, &tokenizer, template, seq_len, policy)?;
+    let (train_examples, train_stats) =
+        encode_pairs(&train_pairs, &tokenizer, template, seq_len, policy)?;
+    let (heldout_examples, heldout_stats) =
+        encode_pairs(&heldout_pairs, &tokenizer, template, seq_len, policy)?;
     if !quiet {
         eprintln!(
             "train: {} pairs → {} kept ({} truncated, {} dropped as longer than {seq_len} tokens), {} tokens of which {} targets; held-out {} kept of {}",
@@ -327,13 +352,29 @@ pub fn train_into(
             if meta.r != rank {
                 bail!("--init-adapter {}: its rank is {}, this run's lora.r is {rank} (pass --rank {})", dir.display(), meta.r, meta.r);
             }
-            Lora::from_tensors(rank, scale, lora.tensors().map(|(n, a, b)| (n.to_string(), a.clone(), b.clone())))?
+            Lora::from_tensors(
+                rank,
+                scale,
+                lora.tensors()
+                    .map(|(n, a, b)| (n.to_string(), a.clone(), b.clone())),
+            )?
         }
-        None => Lora::init(&targets, &r.lora.target_modules, rank, scale, t.seed, &device)?,
+        None => Lora::init(
+            &targets,
+            &r.lora.target_modules,
+            rank,
+            scale,
+            t.seed,
+            &device,
+        )?,
     };
     lora.set_dropout(r.lora.lora_dropout, t.seed ^ 0xD40_0001);
     let adapter_meta = AdapterMeta {
-        base_model_name_or_path: base.canonicalize().unwrap_or(base.clone()).display().to_string(),
+        base_model_name_or_path: base
+            .canonicalize()
+            .unwrap_or(base.clone())
+            .display()
+            .to_string(),
         r: rank,
         lora_alpha: r.lora.lora_alpha,
         lora_dropout: r.lora.lora_dropout,
@@ -355,7 +396,11 @@ pub fn train_into(
         if let Some(dir) = &resume_dir {
             trainer.resume(checkpoint::load(dir, &targets)?)?;
             if !quiet {
-                eprintln!("train: resuming from {} (step {}/{total})", dir.display(), trainer.step());
+                eprintln!(
+                    "train: resuming from {} (step {}/{total})",
+                    dir.display(),
+                    trainer.step()
+                );
             }
         }
         let progress = Progress::new(total, trainer.step(), quiet);
@@ -381,7 +426,10 @@ pub fn train_into(
         "elapsed_secs": summary.elapsed_secs,
         "last_checkpoint": summary.last_checkpoint.as_ref().map(|p| p.display().to_string()),
     });
-    write_atomic(&run_dir.join("train.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    write_atomic(
+        &run_dir.join("train.json"),
+        (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+    )?;
     Ok(TrainReport {
         run_dir: run_dir.to_path_buf(),
         adapter: run_dir.join("adapter"),
@@ -398,7 +446,7 @@ pub fn print_summary(report: &TrainReport) {
     println!(
         "train: {} steps{} on {} sequences ({} pairs, {} truncated, {} dropped); loss {} → {}; held-out loss {} → {}; {:.0} s",
         s.steps,
-        if s.stopped_early { " (stopped early, resume with --resume)" } else { "" },
+        if s.stopped_early { format!(" (interrupted; continue with `finetune train --resume {}`)", report.run_dir.display()) } else { String::new() },
         report.sequences,
         report.train_stats.kept,
         report.train_stats.truncated,
@@ -421,7 +469,10 @@ pub fn command(args: &TrainArgs) -> Result<crate::Outcome> {
     // Where to write: --run-dir, the run a checkpoint belongs to, or a new run directory.
     let resume_run = args.resume.as_ref().map(|p| {
         if p.join("trainer_state.json").is_file() {
-            p.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| p.clone())
+            p.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| p.clone())
         } else {
             p.clone()
         }
@@ -453,5 +504,9 @@ pub fn command(args: &TrainArgs) -> Result<crate::Outcome> {
         args.quiet,
     )?;
     print_summary(&report);
-    Ok(crate::Outcome::Done)
+    Ok(if report.summary.stopped_early {
+        crate::Outcome::Interrupted
+    } else {
+        crate::Outcome::Done
+    })
 }

@@ -118,17 +118,26 @@ fn help_documents_every_flag_of_every_command() {
 }
 
 #[test]
-fn main_job_mines_into_its_run_directory_then_stops_at_train() {
+fn main_job_mines_and_trains_in_its_run_directory_then_stops_at_eval() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
     let out_arg = out.path().to_str().unwrap();
     let o = finetune(
         repo.path(),
-        &["--repo", "./", "--rank", "16", "--out", out_arg],
+        &[
+            "--repo",
+            "./",
+            "--rank",
+            "16",
+            "--out",
+            out_arg,
+            "--max-steps",
+            "2",
+        ],
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("the train stage is not implemented yet"),
+        stderr(&o).contains("the eval stage is not implemented yet"),
         "{}",
         stderr(&o)
     );
@@ -143,7 +152,23 @@ fn main_job_mines_into_its_run_directory_then_stops_at_train() {
     assert_eq!(manifest["repo"]["reference"], "refs/heads/main");
     assert_eq!(manifest["tool"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(manifest["flag_overrides"]["lora.r"], "--rank");
-    assert_eq!(manifest["stages_completed"], serde_json::json!(["mine"]));
+    assert_eq!(
+        manifest["stages_completed"],
+        serde_json::json!(["mine", "train"])
+    );
+    for file in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "train.json",
+        "base/config.json",
+        "base/model.safetensors",
+        "base/tokenizer.json",
+        "checkpoints/step-000002/trainer_state.json",
+    ] {
+        assert!(dirs[0].join(file).is_file(), "{file} missing");
+    }
+    assert!(stdout(&o).contains("train: 2 steps"), "{}", stdout(&o));
     let data = dirs[0].join("data");
     let mined: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("manifest.json")).unwrap())
@@ -160,7 +185,16 @@ fn main_job_mines_into_its_run_directory_then_stops_at_train() {
     // A second run gets its own directory and leaves the first untouched.
     let o = finetune(
         repo.path(),
-        &["--repo", "./", "--rank", "8", "--out", out_arg],
+        &[
+            "--repo",
+            "./",
+            "--rank",
+            "8",
+            "--out",
+            out_arg,
+            "--max-steps",
+            "1",
+        ],
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let dirs2 = run_dirs(out.path());
@@ -307,7 +341,7 @@ fn bad_flag_values_name_the_flag() {
 fn stages_that_do_not_exist_yet_exit_2_without_output() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
-    for stage in ["train", "eval", "export", "plan", "schedule"] {
+    for stage in ["eval", "export", "plan", "schedule"] {
         let o = finetune(
             repo.path(),
             &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
