@@ -53,7 +53,8 @@ pub enum BaseWeight {
     /// `q` is an `F8E4M3` tensor on the CPU. On a CUDA device it is a `U8` tensor of the same
     /// E4M3 bit patterns (still one byte per weight): candle 0.11.1's CUDA cast from F8E4M3
     /// looks up a kernel named `cast_f8e4m3_<dtype>` while its PTX defines
-    /// `cast_f8_e4m3_<dtype>`, so `to_dtype` on a CUDA F8E4M3 tensor cannot work there.
+    /// `cast_f8_e4m3_<dtype>`, so `to_dtype` on a CUDA F8E4M3 tensor fails (seen on an H200:
+    /// `CUDA_ERROR_NOT_FOUND`, tests/cuda_parity.rs reports it).
     Fp8 { q: Tensor, scale_inv: Tensor },
 }
 
