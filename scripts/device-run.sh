@@ -6,8 +6,11 @@
 #                                            # dist/cuda/ (git-ignored), stripped, checked to need the
 #                                            # real CUDA sonames and to fit in 64 MiB
 #   scripts/device-run.sh build-tests PKG…   # here: the test executables of PKG… with --features
-#                                            # cuda into dist/cuda-tests/ (each embeds candle's
-#                                            # ~32 MB of kernels, so they travel without the binary)
+#                                            # cuda (and PKG/cuda) into dist/cuda-tests/ (each
+#                                            # embeds candle's ~32 MB of kernels: pack them)
+#   scripts/device-run.sh pack OUT.tar.xz PATH…  # here: xz-compressed tar of PATH… (candle's PTX
+#                                            # compresses ~8×), checked to fit in 64 MiB
+#   scripts/device-run.sh unpack IN.tar.xz   # there: extract it into the current directory
 #   scripts/device-run.sh stub-check         # here: the built binary starts against the driver stub
 #   scripts/device-run.sh exec CMD [ARGS...] # there: put the CUDA 13 libraries that come with
 #                                            # PyTorch (site-packages/nvidia/*/lib) on
@@ -32,12 +35,15 @@ toolchain() {
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 }
 
-# Moves the staged $1.tmp to $1 once it fits the GPU machine's 64 MiB.
+# Moves the staged $1.tmp to $1 once it fits the GPU machine's 64 MiB (unless $2 = nolimit:
+# test executables travel packed, see `pack`).
 publish() {
   local dir=$1 size
   find "$dir.tmp" -type f -exec strip --strip-debug {} +
   size=$(du -sb "$dir.tmp" | cut -f1)
-  [ "$size" -le "$LIMIT_BYTES" ] || { log "$dir is $size bytes, over the 64 MiB a GPU machine takes"; exit 1; }
+  if [ "${2:-}" != nolimit ] && [ "$size" -gt "$LIMIT_BYTES" ]; then
+    log "$dir is $size bytes, over the 64 MiB a GPU machine takes"; exit 1
+  fi
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
   log "$dir: $(du -sh "$dir" | cut -f1)"
   ls -l "$dir" >&2
@@ -57,13 +63,19 @@ build() {
 build_tests() {
   [ $# -gt 0 ] || { log "build-tests needs at least one package, e.g. finetune-kernels"; exit 2; }
   toolchain
-  local out=${DIST}-tests args=()
-  for p in "$@"; do args+=(-p "$p"); done
+  local out=${DIST}-tests args=() features=finetune-kernels/cuda
+  for p in "$@"; do
+    args+=(-p "$p")
+    # The package's own `cuda` feature too, so that its `#![cfg(feature = "cuda")]` tests exist.
+    if [ "$p" != finetune-kernels ] && grep -q '^cuda *=' "crates/$p/Cargo.toml" 2>/dev/null; then
+      features+=",$p/cuda"
+    fi
+  done
   rm -rf "$out.tmp" && mkdir -p "$out.tmp"
-  log "cargo test --release --no-run --features finetune-kernels/cuda ${args[*]}"
+  log "cargo test --release --no-run --features $features ${args[*]}"
   # Test executables, listed by cargo's JSON messages. Integration tests of the `finetune`
   # crate find the binary by its absolute build path: they run here, not there.
-  cargo test --release --no-run --features finetune-kernels/cuda "${args[@]}" --message-format=json \
+  cargo test --release --no-run --features "$features" "${args[@]}" --message-format=json \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -72,7 +84,23 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
         print(m["executable"])' \
     | while read -r exe; do cp "$exe" "$out.tmp/"; done
-  publish "$out"
+  publish "$out" nolimit
+}
+
+pack() {
+  [ $# -ge 2 ] || { log "usage: pack OUT.tar.xz PATH..."; exit 2; }
+  local out=$1 size; shift
+  tar -cf - "$@" | xz -6 -T0 > "$out.tmp"
+  size=$(stat -c %s "$out.tmp")
+  [ "$size" -le "$LIMIT_BYTES" ] || { log "$out is $size bytes, over 64 MiB"; rm -f "$out.tmp"; exit 1; }
+  mv "$out.tmp" "$out"
+  log "$out: $size bytes from $(du -sbc "$@" | tail -1 | cut -f1) bytes of $*"
+}
+
+# tar's -J needs the xz binary; Python's tarfile reads xz without it.
+unpack() {
+  [ $# -eq 1 ] || { log "usage: unpack IN.tar.xz"; exit 2; }
+  tar -xJf "$1" 2>/dev/null || "${PYTHON:-python3}" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(".")' "$1"
 }
 
 # The binary must name the real driver and CUDA 13 libraries by soname (never the link-time
@@ -133,5 +161,7 @@ case "${1:-}" in
   build-tests) shift; build_tests "$@" ;;
   exec) shift; [ $# -gt 0 ] || { echo "usage: $0 exec CMD [ARGS...]" >&2; exit 2; }; exec_on_gpu "$@" ;;
   stub-check) stub_check ;;
-  *) sed -n '2,24p' "$0" >&2; exit 2 ;;
+  pack) shift; pack "$@" ;;
+  unpack) shift; unpack "$@" ;;
+  *) sed -n '2,28p' "$0" >&2; exit 2 ;;
 esac

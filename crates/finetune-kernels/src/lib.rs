@@ -3,7 +3,8 @@
 //! One module per fused op, each a candle `CustomOp` with `cpu_fwd` (the plain, readable
 //! reference that is also the test oracle), `cuda_fwd` (behind the `cuda` feature, sources in
 //! the workspace's `kernels/<op>.cu`) and `bwd` side by side. Here so far: [`frozen_linear`]
-//! (a frozen projection whose backward returns dX only; CPU reference, no CUDA kernel yet) and
+//! (a frozen projection whose backward returns dX only; CPU reference, CUDA forward as one cuBLAS
+//! GEMM through candle, no custom kernel) and
 //! [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 

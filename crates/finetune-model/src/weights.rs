@@ -49,7 +49,34 @@ pub enum BaseWeight {
     Dense(Tensor),
     /// FP8 E4M3 values and f32 scales `[ceil(out/128), ceil(in/128)]`:
     /// W[i][j] = q[i][j] · scale_inv[i / 128][j / 128].
+    ///
+    /// `q` is an `F8E4M3` tensor on the CPU. On a CUDA device it is a `U8` tensor of the same
+    /// E4M3 bit patterns (still one byte per weight): candle 0.11.1's CUDA cast from F8E4M3
+    /// looks up a kernel named `cast_f8e4m3_<dtype>` while its PTX defines
+    /// `cast_f8_e4m3_<dtype>`, so `to_dtype` on a CUDA F8E4M3 tensor fails (seen on an H200:
+    /// `CUDA_ERROR_NOT_FOUND`, tests/cuda_parity.rs reports it).
     Fp8 { q: Tensor, scale_inv: Tensor },
+}
+
+/// The value of every FP8 E4M3 bit pattern (OCP FP8 E4M3, "fn" variant as in PyTorch's
+/// `float8_e4m3fn`): sign s = bit 7, exponent e = bits 6..3 (bias 7), mantissa m = bits 2..0;
+/// e = 0: (−1)^s · m/8 · 2^−6 (subnormal); otherwise (−1)^s · (1 + m/8) · 2^(e−7); e = 15 and
+/// m = 7 is NaN (no infinities). Every value is exact in f32.
+pub fn e4m3_table() -> [f32; 256] {
+    let mut table = [0f32; 256];
+    for (bits, v) in table.iter_mut().enumerate() {
+        let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((bits >> 3) & 0xF) as i32;
+        let m = (bits & 0x7) as f32;
+        *v = if e == 15 && m == 7.0 {
+            f32::NAN
+        } else if e == 0 {
+            sign * m / 8.0 * 2f32.powi(-6)
+        } else {
+            sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+        };
+    }
+    table
 }
 
 impl BaseWeight {
@@ -66,6 +93,17 @@ impl BaseWeight {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
             BaseWeight::Fp8 { q, scale_inv } => {
                 let (out, inp) = q.dims2()?;
+                let values = match q.dtype() {
+                    // CPU: candle's cast.
+                    DType::F8E4M3 => q.to_dtype(DType::F32)?,
+                    // CUDA (bit patterns as U8): a gather from the 256-entry table, on the
+                    // device; like the CPU cast, it materializes this projection's f32 weight
+                    // for this use only (no fused FP8 kernel yet).
+                    DType::U8 => Tensor::from_slice(&e4m3_table(), 256, q.device())?
+                        .index_select(&q.flatten_all()?, 0)?
+                        .reshape((out, inp))?,
+                    other => candle_core::bail!("FP8 weight stored as {other:?}"),
+                };
                 let (r, c) = scale_inv.dims2()?;
                 let scale = scale_inv
                     .to_dtype(DType::F32)?
@@ -74,7 +112,7 @@ impl BaseWeight {
                     .reshape((r * FP8_BLOCK, c * FP8_BLOCK))?
                     .narrow(0, 0, out)?
                     .narrow(1, 0, inp)?;
-                (q.to_dtype(DType::F32)? * scale)?.to_dtype(dtype)
+                (values * scale)?.to_dtype(dtype)
             }
         }
     }
@@ -148,6 +186,15 @@ impl Weights {
 
     /// Loads `name`, checking its shape; keeps the stored dtype.
     pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor, WeightsError> {
+        self.tensor_on(name, expected, &self.device)
+    }
+
+    fn tensor_on(
+        &self,
+        name: &str,
+        expected: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
         if !self.contains(name) {
             return Err(WeightsError::Missing {
                 name: name.into(),
@@ -163,7 +210,7 @@ impl Weights {
             });
         }
         self.used.borrow_mut().insert(name.into());
-        Ok(self.st.load(name, &self.device)?)
+        Ok(self.st.load(name, device)?)
     }
 
     /// A projection `prefix.weight` of shape `[out, in]`, with `prefix.weight_scale_inv` when
@@ -175,14 +222,24 @@ impl Weights {
         inp: usize,
     ) -> Result<BaseWeight, WeightsError> {
         let name = format!("{prefix}.weight");
-        let w = self.tensor(&name, &[out, inp])?;
+        // Staged on the CPU (as candle's own load to a GPU does), so that FP8 can travel as bytes.
+        let w = self.tensor_on(&name, &[out, inp], &Device::Cpu)?;
         match w.dtype() {
-            DType::F32 | DType::BF16 | DType::F16 => Ok(BaseWeight::Dense(w)),
+            DType::F32 | DType::BF16 | DType::F16 => {
+                Ok(BaseWeight::Dense(w.to_device(&self.device)?))
+            }
             DType::F8E4M3 => {
                 let scale_name = format!("{prefix}.weight_scale_inv");
                 let blocks = [out.div_ceil(FP8_BLOCK), inp.div_ceil(FP8_BLOCK)];
                 let scale_inv = self.tensor(&scale_name, &blocks)?;
-                Ok(BaseWeight::Fp8 { q: w, scale_inv })
+                let q = if self.device.is_cpu() {
+                    w
+                } else {
+                    // The stored E4M3 bit patterns as U8 (see BaseWeight::Fp8).
+                    let bytes = self.st.get(&name)?.data().to_vec();
+                    Tensor::from_vec(bytes, (out, inp), &self.device)?
+                };
+                Ok(BaseWeight::Fp8 { q, scale_inv })
             }
             found => Err(WeightsError::Dtype {
                 name,
@@ -208,5 +265,82 @@ impl Weights {
             list.push(format!("and {} more", unexpected.len() - 5));
         }
         Err(WeightsError::Unexpected(list.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors buffer holding one F8_E4M3 tensor `q` of all 256 bit patterns.
+    fn all_e4m3_patterns() -> Vec<u8> {
+        let mut header =
+            r#"{"q":{"dtype":"F8_E4M3","shape":[256],"data_offsets":[0,256]}}"#.to_string();
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut buf = (header.len() as u64).to_le_bytes().to_vec();
+        buf.extend_from_slice(header.as_bytes());
+        buf.extend(0..=255u8);
+        buf
+    }
+
+    #[test]
+    fn e4m3_table_equals_candles_cpu_cast_for_every_bit_pattern() {
+        let t = candle_core::safetensors::load_buffer(&all_e4m3_patterns(), &Device::Cpu).unwrap();
+        let q = &t["q"];
+        assert_eq!(q.dtype(), DType::F8E4M3);
+        let cast: Vec<f32> = q.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let table = e4m3_table();
+        for (bits, (&want, &got)) in cast.iter().zip(table.iter()).enumerate() {
+            assert!(
+                want == got || (want.is_nan() && got.is_nan()),
+                "bits {bits:#04x}: candle {want}, table {got}"
+            );
+        }
+        assert_eq!(table[0x7e], 448.0);
+        assert_eq!(table[0x01], 2f32.powi(-9));
+        assert!(table[0x7f].is_nan() && table[0xff].is_nan());
+    }
+
+    #[test]
+    fn fp8_as_bytes_dequantizes_like_fp8() {
+        // The CUDA form (U8 bit patterns) through the table equals the CPU form through
+        // candle's cast, scales included; checked here on the CPU.
+        let t = candle_core::safetensors::load_buffer(&all_e4m3_patterns(), &Device::Cpu).unwrap();
+        let pattern: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
+        let (out, inp) = (130, 200);
+        let bytes: Vec<u8> = (0..out * inp)
+            .map(|i| pattern[(i * 31) % pattern.len()])
+            .collect();
+        let idx = Tensor::from_vec(
+            bytes.iter().map(|&b| b as u32).collect::<Vec<_>>(),
+            out * inp,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let q8 = t["q"]
+            .index_select(&idx, 0)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap();
+        let qu = Tensor::from_vec(bytes, (out, inp), &Device::Cpu).unwrap();
+        let scale_inv = Tensor::new(&[[0.5f32, 2.0], [0.25, 3.0]], &Device::Cpu).unwrap();
+        let a = BaseWeight::Fp8 {
+            q: q8,
+            scale_inv: scale_inv.clone(),
+        };
+        let b = BaseWeight::Fp8 { q: qu, scale_inv };
+        let a = a.dequantize(DType::F32).unwrap();
+        let b = b.dequantize(DType::F32).unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0);
     }
 }

@@ -168,6 +168,45 @@ pub(crate) fn new_run_dir(
     run_dir::RunDir::create(&resolved.recipe.run.out, started, manifest)
 }
 
+/// frozen_linear forward and dX on `dev` (f32 and bf16) against the CPU reference on a small
+/// shape, one PASS/FAIL line each; returns the number of failures.
+fn frozen_linear_checks(ordinal: usize, dev: &candle_core::Device) -> usize {
+    use candle_core::DType;
+    use finetune_kernels::{frozen_linear, KernelError};
+    let mut failures = 0;
+    for dtype in [DType::F32, DType::BF16] {
+        let what = format!("cuda:{ordinal}: frozen_linear {dtype:?} forward+dX vs CPU");
+        match frozen_linear::check_against_cpu(dev, dtype) {
+            Ok(c) => println!(
+                "{what}: max abs diff y {:.1e}, dX {:.1e} (tolerance {:.0e} relative to max |y| \
+                 {:.1}, max |dX| {:.1}): PASS",
+                c.forward_max_abs_diff,
+                c.grad_max_abs_diff,
+                c.rel_tolerance,
+                c.forward_scale,
+                c.grad_scale
+            ),
+            Err(KernelError::Mismatch {
+                what: which,
+                max_abs_err,
+                tolerance,
+                ..
+            }) => {
+                failures += 1;
+                println!(
+                    "{what}: {which} max abs diff {max_abs_err:.1e} over tolerance \
+                     {tolerance:.1e}: FAIL"
+                );
+            }
+            Err(e) => {
+                failures += 1;
+                println!("{what}: {e}: FAIL");
+            }
+        }
+    }
+    failures
+}
+
 /// `finetune doctor`: this build, the CPU, the GPUs, and a smoke check on each device.
 fn doctor() -> Result<Outcome> {
     use candle_core::Device;
@@ -211,10 +250,15 @@ fn doctor() -> Result<Outcome> {
                         gpu.name,
                         gpu.total_memory_bytes as f64 / (1u64 << 30) as f64
                     );
-                    let check = Device::new_cuda(gpu.ordinal)
-                        .map_err(finetune_kernels::KernelError::from)
-                        .and_then(|d| device::matmul_smoke_check(&d));
-                    match check {
+                    let dev = match Device::new_cuda(gpu.ordinal) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            failures += 1;
+                            println!("cuda:{}: FAILED: {e}", gpu.ordinal);
+                            continue;
+                        }
+                    };
+                    match device::matmul_smoke_check(&dev) {
                         Ok(err) => println!(
                             "cuda:{}: f32 matmul check ok (max abs error {err:.1e})",
                             gpu.ordinal
@@ -224,6 +268,7 @@ fn doctor() -> Result<Outcome> {
                             println!("cuda:{}: FAILED: {e}", gpu.ordinal);
                         }
                     }
+                    failures += frozen_linear_checks(gpu.ordinal, &dev);
                 }
             }
         }
