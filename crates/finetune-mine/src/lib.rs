@@ -114,7 +114,7 @@ impl Default for MineOptions {
             max_lines: 800,
             max_file_bytes: 1_000_000,
             max_line_chars: 1000,
-            max_pair_tokens: 1024,
+            max_pair_tokens: 16384,
             skip_bots: true,
             skip_boilerplate: true,
             skip_generated: true,

@@ -243,7 +243,7 @@ impl Default for TrainSection {
             micro_batch: 4,
             grad_accum: 1,
             seq_len: 1024,
-            overlong: Overlong::Truncate,
+            overlong: Overlong::TruncateTarget,
             seed: 42,
             recompute: false,
             dtype: ComputeDtype::Auto,

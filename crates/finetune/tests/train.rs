@@ -515,3 +515,56 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
         stderr(&o)
     );
 }
+
+/// `--model DIR` trains on a Hugging Face checkpoint with its own tokenizer: here the
+/// transformers-made fixture model with a BPE of its 300-token vocabulary next to it; the
+/// adapter it writes has that model's shapes and loads back in `finetune score`.
+#[test]
+fn a_hugging_face_model_directory_trains_with_its_own_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mined(dir.path());
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/fixtures/tiny-qwen3-moe/bf16");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    let texts: Vec<String> = (0..40)
+        .map(|i| format!("pub fn add_{i}(x: u32) -> u32 {{ x + {i} }}\n"))
+        .collect();
+    finetune_data::train_byte_level_bpe(texts.iter(), 300, &model.join("tokenizer.json")).unwrap();
+    let run = dir.path().join("run");
+    let o = train(
+        &data,
+        &run,
+        &["--model", model.to_str().unwrap(), "--max-steps", "2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tensors = candle_core::safetensors::load(
+        run.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    assert_eq!(a.dims(), [4, 160], "the fixture's hidden size is 160");
+    assert!(
+        !run.join("base").exists(),
+        "no embedded base for a model directory"
+    );
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"ids\": [1, 2, 3, 4]}\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let o = finetune(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        run.join("adapter").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
