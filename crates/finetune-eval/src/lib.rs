@@ -1,8 +1,29 @@
 //! Evaluation of the base model and base + adapter on the same suites.
 //!
-//! Generates with the built-in sampler or any OpenAI-compatible endpoint, runs generated code
-//! in a sandbox (own process group, rlimits, temporary directory, no network where possible),
-//! scores held-out repository edits, PR replays, HumanEval and user suites (pass@k, apply rate,
-//! held-out loss) and writes the comparison report (`report.md`, `report.json`, `report.svg`).
-//!
-//! Not implemented yet: this crate is the eval issue's work.
+//! Generates with the built-in sampler or any OpenAI-compatible endpoint ([`generate`]), runs
+//! generated code in a sandbox (own process group, rlimits, temporary directory, no network
+//! where possible), scores held-out repository edits, PR replays, HumanEval and user suites
+//! (pass@k, apply rate, held-out loss) and writes the comparison report (`report.md`,
+//! `report.json`, `report.svg`).
+
+pub mod generate;
+
+pub use generate::{cut_at_stop, GenerationParams, Generator};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{}: {message}", path.display())]
+    Io { path: PathBuf, message: String },
+    #[error("generation failed: {0}")]
+    Generation(String),
+    #[error("endpoint {url}: {message}")]
+    Endpoint { url: String, message: String },
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
