@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn cut_at_the_earliest_stop() {
         let stop = vec!["\ndef ".to_string(), "<|im_end|>".to_string()];
-        assert_eq!(cut_at_stop("  return 1\ndef g():<|im_end|>", &stop), "  return 1");
+        assert_eq!(
+            cut_at_stop("  return 1\ndef g():<|im_end|>", &stop),
+            "  return 1"
+        );
         assert_eq!(cut_at_stop("x<|im_end|>\ndef ", &stop), "x");
         assert_eq!(cut_at_stop("no stop", &stop), "no stop");
     }
