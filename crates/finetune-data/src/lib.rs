@@ -11,7 +11,10 @@ pub mod render;
 pub mod tokenizer;
 
 pub use pack::{pack, Batches, Cursor, Sequence};
-pub use render::{encode_pairs, read_pairs, EncodeStats, Example, OverLength, PairText, Template};
+pub use render::{
+    encode_pairs, prompt_ids, read_pairs, EncodeStats, Example, OverLength, PairMeta, PairText,
+    Template,
+};
 pub use tokenizer::{load_tokenizer, train_byte_level_bpe, SPECIAL_TOKENS};
 
 use std::path::PathBuf;

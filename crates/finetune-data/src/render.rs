@@ -30,6 +30,20 @@ pub struct PairText {
     pub target: String,
     /// `search-replace` or `udiff`.
     pub format: String,
+    /// Where the change comes from (absent in hand-written pairs).
+    #[serde(default)]
+    pub meta: PairMeta,
+}
+
+/// The part of a mined pair's `meta` that evaluation needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PairMeta {
+    /// The commit of the change (the first is the one on the mined history).
+    #[serde(default)]
+    pub commits: Vec<String>,
+    /// Files the change touches.
+    #[serde(default)]
+    pub files: Vec<String>,
 }
 
 /// Reads a pairs JSONL file; a bad line fails with the file and line number.
@@ -151,6 +165,27 @@ fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, DataError> {
         .to_vec())
 }
 
+/// The prompt of `pair` (template head, context, tail) in at most `max_len` tokens, the
+/// context cut to fit; `None` when even the template and instruction do not fit.
+pub fn prompt_ids(
+    pair: &PairText,
+    tokenizer: &Tokenizer,
+    template: Template,
+    max_len: usize,
+) -> Result<Option<Vec<u32>>, DataError> {
+    let [head, context, tail, _] = render(pair, template);
+    let (head, mut context, tail) = (
+        ids(tokenizer, &head)?,
+        ids(tokenizer, &context)?,
+        ids(tokenizer, &tail)?,
+    );
+    if head.len() + tail.len() > max_len {
+        return Ok(None);
+    }
+    context.truncate(max_len - head.len() - tail.len());
+    Ok(Some([head, context, tail].concat()))
+}
+
 /// Encodes `pairs` for sequences of `seq_len` tokens.
 pub fn encode_pairs(
     pairs: &[PairText],
@@ -223,6 +258,7 @@ mod tests {
             target: "src/lib.rs\n<<<<<<< SEARCH\n    n - 1\n=======\n    n\n>>>>>>> REPLACE\n"
                 .into(),
             format: "search-replace".into(),
+            meta: PairMeta::default(),
         }
     }
 

@@ -6,9 +6,14 @@
 //! (pass@k, apply rate, held-out loss) and writes the comparison report (`report.md`,
 //! `report.json`, `report.svg`).
 
+pub mod edits;
 pub mod generate;
+pub mod heldout;
+pub mod pr_replay;
+pub mod sampler;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
+pub use sampler::ModelGenerator;
 
 use std::path::PathBuf;
 

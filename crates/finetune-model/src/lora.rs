@@ -22,8 +22,10 @@ pub struct Lora {
 struct Dropout {
     p: f64,
     /// Off while evaluating; the stream is kept, so training resumes where it was.
-    active: std::cell::Cell<bool>,
-    rng: std::cell::RefCell<rand_chacha::ChaCha8Rng>,
+    /// (Atomic and a mutex rather than Cell/RefCell so that a `Lora` can be shared by the
+    /// threads of an evaluation.)
+    active: std::sync::atomic::AtomicBool,
+    rng: std::sync::Mutex<rand_chacha::ChaCha8Rng>,
 }
 
 /// The scale s of the update: alpha / r, or alpha / √r with rsLoRA.
@@ -97,19 +99,23 @@ impl Lora {
     pub fn set_dropout(&mut self, p: f64, seed: u64) {
         self.dropout = (p > 0.0).then(|| Dropout {
             p,
-            active: std::cell::Cell::new(true),
-            rng: std::cell::RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
+            active: std::sync::atomic::AtomicBool::new(true),
+            rng: std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
         });
     }
 
     /// The adapter's input: `x` itself, or with dropout each element zeroed with probability p
     /// and the others scaled by 1/(1 − p), as torch.nn.Dropout does.
     pub fn dropout_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(d) = self.dropout.as_ref().filter(|d| d.active.get()) else {
+        let Some(d) = self
+            .dropout
+            .as_ref()
+            .filter(|d| d.active.load(std::sync::atomic::Ordering::Relaxed))
+        else {
             return Ok(x.clone());
         };
         let keep = 1.0 - d.p;
-        let mut rng = d.rng.borrow_mut();
+        let mut rng = d.rng.lock().unwrap_or_else(|e| e.into_inner());
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| {
                 if rng.random::<f64>() < keep {
@@ -125,22 +131,29 @@ impl Lora {
     /// Dropout on (training) or off (evaluation) without touching its random stream.
     pub fn set_training(&self, training: bool) {
         if let Some(d) = &self.dropout {
-            d.active.set(training);
+            d.active
+                .store(training, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// Position in the dropout stream (32-bit words drawn), for checkpoints and for replaying
     /// a layer with the same masks (activation recompute); 0 without dropout.
     pub fn dropout_position(&self) -> u128 {
-        self.dropout
-            .as_ref()
-            .map_or(0, |d| d.rng.borrow().get_word_pos())
+        self.dropout.as_ref().map_or(0, |d| {
+            d.rng
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_word_pos()
+        })
     }
 
     /// Moves the dropout stream to `position` (see [`Self::dropout_position`]).
     pub fn set_dropout_position(&self, position: u128) {
         if let Some(d) = &self.dropout {
-            d.rng.borrow_mut().set_word_pos(position);
+            d.rng
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_word_pos(position);
         }
     }
 
