@@ -10,7 +10,9 @@ pub mod edits;
 pub mod generate;
 pub mod heldout;
 pub mod pr_replay;
+pub mod report;
 pub mod sampler;
+pub mod stats;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
 pub use sampler::ModelGenerator;
