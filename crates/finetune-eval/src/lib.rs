@@ -7,12 +7,15 @@
 //! `report.json`, `report.svg`).
 
 pub mod edits;
+pub mod endpoint;
 pub mod generate;
 pub mod heldout;
 pub mod pr_replay;
 pub mod report;
 pub mod sampler;
 pub mod stats;
+#[cfg(any(test, feature = "test-server"))]
+pub mod testing;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
 pub use sampler::ModelGenerator;
