@@ -57,7 +57,7 @@ pub enum Command {
     /// directory). Ctrl-C or SIGTERM writes a checkpoint and exits; --resume continues.
     Train(TrainArgs),
     /// Evaluate base and base+adapter on the eval suites and write the comparison report.
-    Eval(StageArgs),
+    Eval(EvalArgs),
     /// Export the adapter (PEFT, fused PEFT, merged weights) and print serve commands.
     #[command(mut_arg("export_formats", |a| a.visible_alias("format")))]
     Export(StageArgs),
@@ -110,6 +110,51 @@ pub struct TrainArgs {
     pub init_adapter: Option<PathBuf>,
 
     /// No progress bar or per-step lines (errors and the summary are still printed).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run directory to evaluate: its base (base/ or the recipe's model), its adapter/ and its
+    /// data/heldout.jsonl; the report is written into it.
+    #[arg(long, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+
+    /// PEFT adapter to evaluate against the base (default: <RUN>/adapter).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// Mined dataset whose heldout.jsonl the repo-heldout suite reads (default: <RUN>/data).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+
+    /// Directory the report (report.json, report.md, report.svg) is written to (default: the
+    /// run directory).
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+
+    /// With --endpoint: the served model name of the base (the `model` field of requests).
+    #[arg(long, value_name = "NAME")]
+    pub endpoint_base: Option<String>,
+
+    /// With --endpoint: the served name of the adapter (vLLM's --lora-modules NAME=PATH).
+    #[arg(long, value_name = "NAME")]
+    pub endpoint_adapter: Option<String>,
+
+    /// Requests in flight at once against --endpoint.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub concurrency: usize,
+
+    /// Compare two earlier evaluations instead of evaluating: two run directories (or
+    /// report.json files); writes a report of B against A.
+    #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]
+    pub compare: Option<Vec<PathBuf>>,
+
+    /// No per-suite progress lines.
     #[arg(long, short = 'q')]
     pub quiet: bool,
 

@@ -4,6 +4,7 @@
 //! This is the only crate where `anyhow` is used; the libraries return typed errors.
 
 pub mod cli;
+pub mod eval;
 pub mod mine;
 pub mod recipe;
 pub mod run_dir;
@@ -45,7 +46,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Some(Command::Run(args)) => run(&args.recipe),
         Some(Command::Mine(args)) => mine::command(&args),
         Some(Command::Train(args)) => train::command(&args),
-        Some(Command::Eval(args)) => stage(&args.recipe, "eval", 7, |r| r.check_model_dir()),
+        Some(Command::Eval(args)) => eval::command(&args),
         Some(Command::Export(args)) => stage(&args.recipe, "export", 8, |r| r.check_model_dir()),
         Some(Command::Schedule(args)) => stage(&args.recipe, "schedule", 8, |r| {
             r.check_repo()?;
@@ -127,7 +128,22 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
     dir.stage_completed("train")?;
 
     // 3. evaluate
-    Ok(not_implemented("eval", 7))
+    let inputs = eval::EvalInputs {
+        base: match resolved.model_preset() {
+            Some(_) => dir.path.join("base"),
+            None => std::path::PathBuf::from(&resolved.recipe.model.base),
+        },
+        adapter: report.adapter.clone(),
+        data: data.clone(),
+        report_dir: dir.path.clone(),
+    };
+    let endpoint = None; // the main job evaluates with the built-in sampler
+    let rep = eval::eval_into(&resolved, &inputs, endpoint, false)?;
+    eval::print_report(&rep, &dir.path);
+    dir.stage_completed("eval")?;
+
+    // 4. export
+    Ok(not_implemented("export", 8))
 }
 
 /// Creates `<run.out>/runs/<id>/` with its manifest.json (recipe, tool, host, command, repo).

@@ -118,7 +118,7 @@ fn help_documents_every_flag_of_every_command() {
 }
 
 #[test]
-fn main_job_mines_and_trains_in_its_run_directory_then_stops_at_eval() {
+fn main_job_mines_trains_and_evaluates_in_its_run_directory_then_stops_at_export() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
     let out_arg = out.path().to_str().unwrap();
@@ -137,7 +137,7 @@ fn main_job_mines_and_trains_in_its_run_directory_then_stops_at_eval() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("the eval stage is not implemented yet"),
+        stderr(&o).contains("the export stage is not implemented yet"),
         "{}",
         stderr(&o)
     );
@@ -154,7 +154,7 @@ fn main_job_mines_and_trains_in_its_run_directory_then_stops_at_eval() {
     assert_eq!(manifest["flag_overrides"]["lora.r"], "--rank");
     assert_eq!(
         manifest["stages_completed"],
-        serde_json::json!(["mine", "train"])
+        serde_json::json!(["mine", "train", "eval"])
     );
     for file in [
         "adapter/adapter_config.json",
@@ -165,6 +165,9 @@ fn main_job_mines_and_trains_in_its_run_directory_then_stops_at_eval() {
         "base/model.safetensors",
         "base/tokenizer.json",
         "checkpoints/step-000002/trainer_state.json",
+        "report.json",
+        "report.md",
+        "report.svg",
     ] {
         assert!(dirs[0].join(file).is_file(), "{file} missing");
     }
@@ -341,7 +344,7 @@ fn bad_flag_values_name_the_flag() {
 fn stages_that_do_not_exist_yet_exit_2_without_output() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
-    for stage in ["eval", "export", "plan", "schedule"] {
+    for stage in ["export", "plan", "schedule"] {
         let o = finetune(
             repo.path(),
             &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
