@@ -63,8 +63,10 @@ pub enum Command {
     Export(StageArgs),
     /// Print the per-GPU memory budget and parallel layout of a model × GPU count × recipe.
     Plan(PlanArgs),
-    /// Retrain on a schedule, warm-starting from the previous adapter.
-    Schedule(StageArgs),
+    /// Write the files that rerun `finetune run --incremental` on a schedule (cron, systemd or
+    /// a Kubernetes CronJob): mine new history, warm-start from the current adapter, evaluate,
+    /// promote only if better.
+    Schedule(ScheduleArgs),
     /// Report this build, the CPU and the GPUs, and check each compute device against a
     /// plain reference. A new machine's first command.
     Doctor,
@@ -74,6 +76,39 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Scheduled retraining: take <OUT>'s lock, mine only commits new since the last run into
+    /// <OUT>/data, warm-start from the current adapter (<OUT>/registry.json), evaluate, and
+    /// promote the new adapter (registry.json and the <OUT>/current link) only if its held-out
+    /// loss beats the current one's. Nothing new to mine: nothing is trained.
+    #[arg(long)]
+    pub incremental: bool,
+
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+/// Where `finetune schedule` installs the retraining job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Emit {
+    /// A crontab line.
+    Cron,
+    /// A systemd service and timer.
+    Systemd,
+    /// A Kubernetes CronJob manifest (GPU request, volumes for the repository and outputs).
+    K8s,
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// How often: 1d (daily at 03:00), 1w (Sundays at 03:00), Nh (every N hours) or a cron
+    /// expression such as '30 2 * * *'.
+    #[arg(long, value_name = "WHEN", default_value = "1d")]
+    pub every: String,
+
+    /// What to write into <OUT>/schedule/ (and print).
+    #[arg(long, value_name = "KIND", default_value = "cron")]
+    pub emit: Emit,
+
     #[command(flatten)]
     pub recipe: RecipeArgs,
 }

@@ -232,6 +232,45 @@ pub fn eval_into(
     Ok(rep)
 }
 
+/// The `repo-heldout` loss (mean over the held-out pairs of their mean target-token
+/// cross-entropy) of `adapter` on `base`; `None` without held-out pairs.
+pub fn heldout_loss(
+    base: &Path,
+    adapter: &Path,
+    data: &Path,
+    seq_len: usize,
+    max_examples: usize,
+) -> Result<Option<f64>> {
+    let path = data.join("heldout.jsonl");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let mut pairs = read_pairs(&path)?;
+    pairs.truncate(max_examples);
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let config = Qwen3MoeConfig::from_file(&base.join("config.json"))?;
+    let tokenizer = load_tokenizer(&base.join("tokenizer.json"), config.vocab_size)?;
+    let weights = Weights::open(base, &Device::Cpu)?;
+    let model = Qwen3Moe::load(config, &weights, &Device::Cpu)?;
+    let (lora, _) = finetune_model::peft::read_adapter(adapter, &model.lora_targets())
+        .with_context(|| format!("adapter {}", adapter.display()))?;
+    let scores = heldout::teacher_forced(
+        &model,
+        Some(&lora),
+        &pairs,
+        &tokenizer,
+        Template::for_tokenizer(&tokenizer),
+        seq_len,
+    )?;
+    let per: Vec<f64> = scores
+        .iter()
+        .map(|s| s.loss_sum / s.target_tokens.max(1) as f64)
+        .collect();
+    Ok((!per.is_empty()).then(|| per.iter().sum::<f64>() / per.len() as f64))
+}
+
 /// Prints the report table (stdout).
 pub fn print_report(report: &Report, dir: &Path) {
     print!("{}", report.to_markdown());

@@ -7,7 +7,9 @@ pub mod cli;
 pub mod eval;
 pub mod mine;
 pub mod recipe;
+pub mod registry;
 pub mod run_dir;
+pub mod schedule;
 pub mod score;
 pub mod train;
 
@@ -42,16 +44,13 @@ impl Outcome {
 /// Runs one parsed command line.
 pub fn execute(cli: Cli) -> Result<Outcome> {
     match cli.command {
-        None => run(&cli.run.recipe),
-        Some(Command::Run(args)) => run(&args.recipe),
+        None => run(&cli.run.recipe, cli.run.incremental),
+        Some(Command::Run(args)) => run(&args.recipe, args.incremental),
         Some(Command::Mine(args)) => mine::command(&args),
         Some(Command::Train(args)) => train::command(&args),
         Some(Command::Eval(args)) => eval::command(&args),
         Some(Command::Export(args)) => stage(&args.recipe, "export", 8, |r| r.check_model_dir()),
-        Some(Command::Schedule(args)) => stage(&args.recipe, "schedule", 8, |r| {
-            r.check_repo()?;
-            r.check_model_dir()
-        }),
+        Some(Command::Schedule(args)) => schedule::command(&args),
         Some(Command::Plan(args)) => {
             anyhow::ensure!(
                 args.gpu_mem.is_finite() && args.gpu_mem > 0.0,
@@ -96,13 +95,16 @@ fn stage(
 }
 
 /// The main job: mine → train → eval → export in a fresh run directory.
-fn run(args: &RecipeArgs) -> Result<Outcome> {
+fn run(args: &RecipeArgs, incremental: bool) -> Result<Outcome> {
     let Some(resolved) = resolve(args)? else {
         return Ok(Outcome::Done);
     };
     // Check every input before anything is written.
     let head = resolved.check_repo()?;
     resolved.check_model_dir()?;
+    if incremental {
+        return run_incremental(&resolved, &head);
+    }
 
     let dir = new_run_dir(&resolved, Some(&head))?;
     eprintln!(
@@ -144,6 +146,134 @@ fn run(args: &RecipeArgs) -> Result<Outcome> {
 
     // 4. export
     Ok(not_implemented("export", 8))
+}
+
+/// `finetune run --incremental` (see [`registry`]): lock, mine new history into `<out>/data`,
+/// warm-start from the current adapter on its base, evaluate, promote only if better.
+fn run_incremental(resolved: &ResolvedRecipe, head: &finetune_mine::RepoHead) -> Result<Outcome> {
+    let out = resolved.recipe.run.out.clone();
+    let _lock = registry::Lock::acquire(&out)?;
+    let mut reg = registry::Registry::load(&out)?;
+    let shared = out.join("data");
+    let incremental = shared.join("manifest.json").is_file();
+    let outcome = mine::mine_into(resolved, &shared, incremental, false, 0)?;
+    mine::print_summary(&outcome, &shared);
+    if matches!(outcome, finetune_mine::MineOutcome::UpToDate(_)) && reg.current.is_some() {
+        println!("finetune: no new commits since the last run; the current adapter stays");
+        return Ok(Outcome::Done);
+    }
+
+    let dir = new_run_dir(resolved, Some(head))?;
+    eprintln!(
+        "finetune: incremental run {} in {}",
+        dir.id,
+        dir.path.display()
+    );
+    let data = dir.path.join("data");
+    std::fs::create_dir_all(&data)?;
+    for f in ["train.jsonl", "heldout.jsonl", "manifest.json"] {
+        let from = shared.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, data.join(f))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    dir.stage_completed("mine")?;
+
+    // Warm start: the current adapter, on the very base (and tokenizer) it was trained on.
+    let current = reg.current_adapter(&out);
+    if let (Some(adapter), Some(_)) = (&current, resolved.model_preset()) {
+        let base = adapter
+            .parent()
+            .map(|run| run.join("base"))
+            .filter(|b| b.is_dir());
+        if let Some(base) = base {
+            copy_dir(&base, &dir.path.join("base"))?;
+        }
+    }
+    let report = train::train_into(resolved, &data, &dir.path, None, current.as_deref(), false)?;
+    train::print_summary(&report);
+    if report.summary.stopped_early {
+        return Ok(Outcome::Interrupted);
+    }
+    dir.stage_completed("train")?;
+
+    let base = match resolved.model_preset() {
+        Some(_) => dir.path.join("base"),
+        None => std::path::PathBuf::from(&resolved.recipe.model.base),
+    };
+    let inputs = eval::EvalInputs {
+        base: base.clone(),
+        adapter: report.adapter.clone(),
+        data: data.clone(),
+        report_dir: dir.path.clone(),
+    };
+    let rep = eval::eval_into(resolved, &inputs, None, false)?;
+    eval::print_report(&rep, &dir.path);
+    dir.stage_completed("eval")?;
+
+    // The gate: the new adapter against the current one, on the same held-out pairs.
+    let seq_len = resolved.recipe.train.seq_len as usize;
+    let new_loss = eval::heldout_loss(
+        &base,
+        &report.adapter,
+        &data,
+        seq_len,
+        resolved.recipe.eval.max_examples as usize,
+    )?;
+    let current_loss = match &current {
+        Some(a) => eval::heldout_loss(
+            &base,
+            a,
+            &data,
+            seq_len,
+            resolved.recipe.eval.max_examples as usize,
+        )?,
+        None => None,
+    };
+    let (promoted, reason) = registry::judge(new_loss, current_loss, current.is_some());
+    let adapter_rel = report
+        .adapter
+        .strip_prefix(&out)
+        .unwrap_or(&report.adapter)
+        .display()
+        .to_string();
+    reg.record(
+        &out,
+        registry::Entry {
+            run: dir.id.clone(),
+            adapter: adapter_rel,
+            heldout_loss: new_loss,
+            current_loss,
+            promoted,
+            reason: reason.clone(),
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        },
+    )?;
+    if promoted {
+        println!(
+            "finetune: promoted {} ({reason}); {} now points to it",
+            dir.id,
+            out.join(registry::CURRENT_LINK).display()
+        );
+    } else {
+        println!("finetune: not promoted: {reason}; the current adapter stays");
+    }
+    Ok(Outcome::Done)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates `<run.out>/runs/<id>/` with its manifest.json (recipe, tool, host, command, repo).

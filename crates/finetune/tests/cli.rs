@@ -344,7 +344,7 @@ fn bad_flag_values_name_the_flag() {
 fn stages_that_do_not_exist_yet_exit_2_without_output() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
-    for stage in ["export", "plan", "schedule"] {
+    for stage in ["export", "plan"] {
         let o = finetune(
             repo.path(),
             &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],

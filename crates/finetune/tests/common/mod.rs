@@ -16,14 +16,13 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A repository of 12 small commits (fixed author and dates), mined into `<dir>/data`.
-pub fn mined(dir: &Path) -> PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
+/// Commits `add_{i}` for i in `range` to the repository at `repo` (created on first use):
+/// each appends one small function to lib.rs, on day i + 2 of January 2024, fixed author.
+pub fn add_commits(repo: &Path, range: std::ops::Range<usize>) {
     let git = |args: &[&str], date: &str| {
         let o = Command::new("git")
             .args(args)
-            .current_dir(&repo)
+            .current_dir(repo)
             .env("GIT_AUTHOR_NAME", "Fixture Author")
             .env("GIT_AUTHOR_EMAIL", "author@example.com")
             .env("GIT_COMMITTER_NAME", "Fixture Author")
@@ -36,17 +35,27 @@ pub fn mined(dir: &Path) -> PathBuf {
             .unwrap();
         assert!(o.status.success(), "git {args:?}: {o:?}");
     };
-    git(&["init", "-q", "-b", "main"], "2024-01-01T00:00:00Z");
-    let mut body = String::from("pub fn base() -> u32 {\n    0\n}\n");
-    for i in 0..12 {
+    if !repo.join(".git").exists() {
+        std::fs::create_dir_all(repo).unwrap();
+        git(&["init", "-q", "-b", "main"], "2024-01-01T00:00:00Z");
+        std::fs::write(repo.join("lib.rs"), "pub fn base() -> u32 {\n    0\n}\n").unwrap();
+    }
+    let mut body = std::fs::read_to_string(repo.join("lib.rs")).unwrap();
+    for i in range {
         body.push_str(&format!(
             "\n/// Adds {i} to x.\npub fn add_{i}(x: u32) -> u32 {{\n    x + {i}\n}}\n"
         ));
         std::fs::write(repo.join("lib.rs"), &body).unwrap();
         git(&["add", "."], "2024-01-01T00:00:00Z");
-        let date = format!("2024-01-{:02}T10:00:00Z", i + 2);
+        let date = format!("2024-{:02}-{:02}T10:00:00Z", 1 + i / 28, 1 + i % 28);
         git(&["commit", "-q", "-m", &format!("Add add_{i}")], &date);
     }
+}
+
+/// A repository of 12 small commits (fixed author and dates), mined into `<dir>/data`.
+pub fn mined(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    add_commits(&repo, 0..12);
     let data = dir.join("data");
     let o = finetune(&[
         "mine",
