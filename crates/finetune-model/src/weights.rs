@@ -184,6 +184,16 @@ impl Weights {
         self.names.contains(name)
     }
 
+    /// Every tensor name of the files, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    /// The stored shape of tensor `name`, without loading it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.st.get(name).ok().map(|view| view.shape().to_vec())
+    }
+
     /// Loads `name`, checking its shape; keeps the stored dtype.
     pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor, WeightsError> {
         self.tensor_on(name, expected, &self.device)
