@@ -60,7 +60,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Export the adapter (PEFT, fused PEFT, merged weights) and print serve commands.
     #[command(mut_arg("export_formats", |a| a.visible_alias("format")))]
-    Export(StageArgs),
+    #[command(mut_arg("adapter_name", |a| a.visible_alias("name")))]
+    #[command(mut_arg("out", |a| a.help("Export directory: the export itself with one --format, one subdirectory per format with several. Default: <RUN>/export/<FORMAT>/.")))]
+    #[command(mut_arg("model", |a| a.help("Base model the adapter was trained on, a Hugging Face directory (config.json, *.safetensors, tokenizer.json). Default: <RUN>/base when it exists, else the run's model.base.  [model.base]")))]
+    Export(ExportArgs),
     /// Print the per-GPU memory budget and parallel layout of a model × GPU count × recipe.
     Plan(PlanArgs),
     /// Write the files that rerun `finetune run --incremental` on a schedule (cron, systemd or
@@ -192,6 +195,22 @@ pub struct EvalArgs {
     /// No per-suite progress lines.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Run directory to export from: its adapter/ is the adapter, its base/ (if any) the base
+    /// model, and <RUN>/export/<FORMAT>/ the default output.
+    #[arg(long, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+
+    /// PEFT adapter directory to export (adapter_config.json, adapter_model.safetensors).
+    /// Default: <RUN>/adapter.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 
     #[command(flatten)]
     pub recipe: RecipeArgs,
@@ -466,13 +485,13 @@ pub struct RecipeArgs {
     /// What to export, comma-separated.  [export.formats]
     #[arg(long, value_name = "FORMATS", value_delimiter = ',', num_args = 1.., help_heading = "Export")]
     pub export_formats: Option<Vec<ExportFormat>>,
-    /// Dtype of a merged checkpoint.  [export.merged_dtype]
+    /// Dtype of a merged checkpoint: bf16, fp8 (E4M3 with 128x128 block scales) or f32.  [export.merged_dtype]
     #[arg(long, value_name = "DTYPE", help_heading = "Export")]
     pub merged_dtype: Option<MergedDtype>,
     /// Name the adapter is served under (vLLM --lora-modules NAME=PATH).  [export.adapter_name]
     #[arg(long, value_name = "NAME", help_heading = "Export")]
     pub adapter_name: Option<String>,
-    /// Export even a rank that vLLM would refuse.  [export.force]
+    /// Replace an existing export directory (refused otherwise).  [export.force]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = bool_flag, help_heading = "Export")]
     pub force: Option<bool>,
 }

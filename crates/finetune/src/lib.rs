@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod eval;
+pub mod export;
 pub mod mine;
 pub mod recipe;
 pub mod registry;
@@ -49,7 +50,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Some(Command::Mine(args)) => mine::command(&args),
         Some(Command::Train(args)) => train::command(&args),
         Some(Command::Eval(args)) => eval::command(&args),
-        Some(Command::Export(args)) => stage(&args.recipe, "export", 8, |r| r.check_model_dir()),
+        Some(Command::Export(args)) => export::command(&args),
         Some(Command::Schedule(args)) => schedule::command(&args),
         Some(Command::Plan(args)) => {
             anyhow::ensure!(

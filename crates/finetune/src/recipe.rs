@@ -306,6 +306,18 @@ pub enum MergedDtype {
     Bf16,
     /// FP8 E4M3 with fresh 128×128 block scales.
     Fp8,
+    /// Full precision (twice bf16's size), e.g. to check a merge exactly.
+    F32,
+}
+
+impl From<MergedDtype> for finetune_export::merge::MergedDtype {
+    fn from(d: MergedDtype) -> Self {
+        match d {
+            MergedDtype::Bf16 => Self::Bf16,
+            MergedDtype::Fp8 => Self::Fp8,
+            MergedDtype::F32 => Self::F32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,7 +325,9 @@ pub enum MergedDtype {
 pub struct ExportSection {
     pub formats: Vec<ExportFormat>,
     pub merged_dtype: MergedDtype,
+    /// Name the adapter is served under (vLLM `--lora-modules NAME=PATH`).
     pub adapter_name: String,
+    /// Replace an existing export directory (refused otherwise).
     pub force: bool,
 }
 

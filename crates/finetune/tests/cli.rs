@@ -344,19 +344,18 @@ fn bad_flag_values_name_the_flag() {
 fn stages_that_do_not_exist_yet_exit_2_without_output() {
     let repo = git_fixture();
     let out = tempfile::tempdir().unwrap();
-    for stage in ["export", "plan"] {
-        let o = finetune(
-            repo.path(),
-            &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
-        );
-        assert_eq!(o.status.code(), Some(2), "{stage}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains(&format!("the {stage} stage is not implemented yet")),
-            "{stage}: {}",
-            stderr(&o)
-        );
-        assert!(stdout(&o).is_empty(), "{stage} printed {}", stdout(&o));
-    }
+    let stage = "plan";
+    let o = finetune(
+        repo.path(),
+        &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(2), "{stage}: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("the {stage} stage is not implemented yet")),
+        "{stage}: {}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).is_empty(), "{stage} printed {}", stdout(&o));
     assert!(!out.path().join("runs").exists());
 }
 
