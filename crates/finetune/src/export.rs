@@ -198,6 +198,33 @@ pub fn export_one(
     Ok(())
 }
 
+/// The export stage of the main job: the recipe's formats into `<run>/export/<format>/`.
+pub fn export_into(
+    resolved: &ResolvedRecipe,
+    run_dir: &Path,
+    base: &Path,
+    adapter: &Path,
+) -> Result<()> {
+    let source = Source::read(adapter, base)?;
+    for format in formats(resolved) {
+        let out = run_dir.join("export").join(format_name(format));
+        export_one(resolved, &source, format, &out)
+            .with_context(|| format!("export --format {}", format_name(format)))?;
+    }
+    Ok(())
+}
+
+/// The recipe's formats, each once, in their order.
+fn formats(resolved: &ResolvedRecipe) -> Vec<ExportFormat> {
+    let mut formats: Vec<ExportFormat> = Vec::new();
+    for f in &resolved.recipe.export.formats {
+        if !formats.contains(f) {
+            formats.push(*f);
+        }
+    }
+    formats
+}
+
 /// `finetune export`.
 pub fn command(args: &ExportArgs) -> Result<Outcome> {
     let Some(resolved) = crate::resolve(&args.recipe)? else {
@@ -229,12 +256,7 @@ pub fn command(args: &ExportArgs) -> Result<Outcome> {
         );
     }
     let base = base_dir(&resolved, run)?;
-    let mut formats: Vec<ExportFormat> = Vec::new();
-    for f in &resolved.recipe.export.formats {
-        if !formats.contains(f) {
-            formats.push(*f);
-        }
-    }
+    let formats = formats(&resolved);
     let outs: Vec<(ExportFormat, PathBuf)> = formats
         .iter()
         .map(|&f| {

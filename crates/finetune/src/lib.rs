@@ -146,7 +146,9 @@ fn run(args: &RecipeArgs, incremental: bool) -> Result<Outcome> {
     dir.stage_completed("eval")?;
 
     // 4. export
-    Ok(not_implemented("export", 8))
+    export::export_into(&resolved, &dir.path, &inputs.base, &report.adapter)?;
+    dir.stage_completed("export")?;
+    Ok(Outcome::Done)
 }
 
 /// `finetune run --incremental` (see [`registry`]): lock, mine new history into `<out>/data`,
