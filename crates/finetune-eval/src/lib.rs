@@ -7,6 +7,7 @@
 //! `report.json`, `report.svg`).
 
 pub mod generate;
+pub mod passk;
 pub mod sandbox;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
