@@ -7,8 +7,10 @@
 //! `report.json`, `report.svg`).
 
 pub mod generate;
+pub mod humaneval;
 pub mod passk;
 pub mod sandbox;
+pub mod suite;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
 
