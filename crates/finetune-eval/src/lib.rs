@@ -11,6 +11,7 @@ pub mod humaneval;
 pub mod passk;
 pub mod sandbox;
 pub mod suite;
+pub mod user_suite;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
 
