@@ -13,7 +13,8 @@
 //!   user namespace when not root). In the mount namespace every mount is made read-only
 //!   (`mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)`) and the working
 //!   directory is a fresh tmpfs of at most [`SandboxLimits::disk_bytes`] into which the files
-//!   are copied, so the only writable place is the working directory. The network namespace
+//!   are copied, so the only writable places are the working directory and a private tmpfs on
+//!   /dev/shm of the same size (POSIX semaphores, e.g. Python's multiprocessing). The network namespace
 //!   has no interfaces but a down loopback: nothing, not even 127.0.0.1, can be reached. The
 //!   program is PID 1 of its own PID namespace with a private /proc: it cannot see or signal
 //!   any other process, and when it exits or is killed the kernel kills every process it
@@ -472,6 +473,7 @@ mod imp {
         gid_map: CString,
         workdir: CString,
         tmpfs_opts: CString,
+        shm_opts: CString,
         /// Directories to create in the tmpfs (absolute, parents first).
         dirs: Vec<CString>,
         /// (relative source under the staged directory, absolute destination).
@@ -531,6 +533,10 @@ mod imp {
                 gid_map: cstring(format!("{gid} {gid} 1\n"))?,
                 workdir: cstring(workdir.as_os_str().as_bytes())?,
                 tmpfs_opts: cstring(tmpfs_opts)?,
+                shm_opts: cstring(format!(
+                    "size={},nr_inodes=1024,mode=1777",
+                    disk_bytes.max(4096)
+                ))?,
                 dirs: dirs
                     .iter()
                     .map(|d| cstring(workdir.join(d).as_os_str().as_bytes()))
@@ -628,7 +634,17 @@ mod imp {
         }
         let copied = copy_files(plan, src);
         libc::close(src);
-        copied.map_err(|e| (Step::CopyFiles, e))
+        copied.map_err(|e| (Step::CopyFiles, e))?;
+        // A private /dev/shm (POSIX semaphores, e.g. Python's multiprocessing), of the same
+        // size; best effort: where there is no /dev/shm the program goes without.
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/dev/shm".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            plan.shm_opts.as_ptr().cast(),
+        );
+        Ok(())
     }
 
     /// Copies the staged files from `src` into the tmpfs. Async-signal-safe.

@@ -141,9 +141,11 @@ fn bad_file_names_and_missing_programs_are_errors() {
 fn an_infinite_loop_is_stopped_by_the_cpu_limit_and_a_sleeper_by_the_wall_clock() {
     let _serial = serial();
     for iso in mechanisms() {
+        // The CPU limit, not the (generous) wall clock, must end it: SIGXCPU after 1 CPU second,
+        // or SIGKILL after 2 where SIGXCPU is ignored (PID 1 of a namespace).
         let l = SandboxLimits {
             cpu_secs: 1,
-            wall_secs: 5.0,
+            wall_secs: 20.0,
             ..limits(iso)
         };
         let t = Instant::now();
@@ -153,13 +155,12 @@ fn an_infinite_loop_is_stopped_by_the_cpu_limit_and_a_sleeper_by_the_wall_clock(
                 o.status,
                 SandboxStatus::Killed {
                     signal: libc::SIGXCPU | libc::SIGKILL
-                } | SandboxStatus::TimedOut
+                }
             ),
             "{iso:?}: {o:#?}"
         );
-        // 1 CPU second, or the wall limit on a loaded machine, plus the time to kill.
         assert!(
-            t.elapsed() < Duration::from_millis(5500),
+            t.elapsed() < Duration::from_secs(10),
             "{iso:?}: {:?}",
             t.elapsed()
         );
@@ -322,7 +323,8 @@ fn a_file_larger_than_the_limit_cannot_be_written() {
 }
 
 /// Writes to a world-writable directory of the test (so only the sandbox can stop it), to /tmp
-/// and to /dev/shm, by absolute path.
+/// and to /dev/shm, by absolute path. (In namespace mode /dev/shm is a private tmpfs: the write
+/// succeeds there but must not reach the real one.)
 #[test]
 fn writing_outside_the_working_directory_is_prevented() {
     let _serial = serial();
@@ -337,12 +339,16 @@ fn writing_outside_the_working_directory_is_prevented() {
             std::path::PathBuf::from(format!("/dev/shm/{m}.txt")),
         ];
         let mut code = String::from("import sys\nn = 0\n");
-        for t in &targets {
+        for t in &targets[..2] {
             code.push_str(&format!(
                 "try:\n    open({:?}, 'w').write('escaped')\n    n += 1\nexcept OSError as e:\n    print(e)\n",
                 t.display().to_string()
             ));
         }
+        code.push_str(&format!(
+            "try:\n    open({:?}, 'w').write('escaped')\nexcept OSError as e:\n    print(e)\n",
+            targets[2].display().to_string()
+        ));
         code.push_str("open('inside.txt', 'w').write('fine')\nprint('written outside:', n)\n");
         let o = py(&code, &limits(iso));
         assert_eq!(o.status, SandboxStatus::Passed, "{iso:?}: {o:#?}");
@@ -415,6 +421,25 @@ fn network_connections_fail_where_isolation_is_available() {
             );
         }
     }
+}
+
+/// Python's multiprocessing needs a writable /dev/shm: a private one in namespace mode.
+#[test]
+fn multiprocessing_works() {
+    let _serial = serial();
+    let code = "import multiprocessing as mp\n\
+                if __name__ == '__main__':\n\
+                \x20   with mp.Pool(2) as pool:\n\
+                \x20       print(sum(pool.map(abs, range(-5, 5))))\n";
+    let o = run_sandboxed(
+        "python3",
+        &["main.py"],
+        &[("main.py", code.as_bytes())],
+        &SandboxLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(o.status, SandboxStatus::Passed, "{o:#?}");
+    assert_eq!(o.stdout, "25\n");
 }
 
 #[test]
