@@ -14,8 +14,13 @@ pub mod pr_replay;
 pub mod report;
 pub mod sampler;
 pub mod stats;
+pub mod humaneval;
+pub mod passk;
+pub mod sandbox;
+pub mod suite;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
+pub mod user_suite;
 
 pub use generate::{cut_at_stop, GenerationParams, Generator};
 pub use sampler::ModelGenerator;
