@@ -10,13 +10,13 @@ pub mod edits;
 pub mod endpoint;
 pub mod generate;
 pub mod heldout;
+pub mod humaneval;
+pub mod passk;
 pub mod pr_replay;
 pub mod report;
 pub mod sampler;
-pub mod stats;
-pub mod humaneval;
-pub mod passk;
 pub mod sandbox;
+pub mod stats;
 pub mod suite;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;

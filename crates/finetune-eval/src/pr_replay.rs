@@ -139,6 +139,60 @@ pub fn apply_edit(dir: &Path, target: &str, format: &str) -> Result<bool, EvalEr
     Ok(true)
 }
 
+/// Runs the user's test command `cmd` with `sh -c` in `dir`, in its own process group, killing
+/// the whole group after `timeout`; true when it exits 0 in time. (The command is the user's
+/// own and runs in a throw-away worktree, so it is not confined further than that: its
+/// build and test steps need the toolchain, caches and network the user's CI has.)
+pub fn run_test_command(
+    dir: &Path,
+    cmd: &str,
+    timeout: std::time::Duration,
+) -> Result<bool, EvalError> {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new("sh")
+        .args(["-c", cmd])
+        .current_dir(dir)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| EvalError::Io {
+            path: dir.to_path_buf(),
+            message: format!("running the test command: {e}"),
+        })?;
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| EvalError::Io {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })? {
+            // Whatever the command left running in its group goes too.
+            kill_group(child.id());
+            return Ok(status.success());
+        }
+        if started.elapsed() >= timeout {
+            kill_group(child.id());
+            let _ = child.wait();
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL to the process group `pgid` (the test command's own: it was started as a group
+/// leader); never to group 0 or 1.
+fn kill_group(pgid: u32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        if pgid > 1 {
+            // SAFETY: kill(2) with a negative pid signals that process group only.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Replays `target` on the parent of `commit`: worktree, apply, `run_test(dir)`.
 pub fn replay(
     repo: &Path,
@@ -193,6 +247,26 @@ mod tests {
     /// The "test command": value.txt must say 2.
     fn test_cmd(dir: &Path) -> Result<bool, EvalError> {
         Ok(std::fs::read_to_string(dir.join("value.txt")).unwrap() == "2\n")
+    }
+
+    #[test]
+    fn test_commands_pass_fail_and_time_out_with_their_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::time::Duration::from_secs(5);
+        assert!(run_test_command(dir.path(), "test -d .", t).unwrap());
+        assert!(!run_test_command(dir.path(), "exit 3", t).unwrap());
+        let started = std::time::Instant::now();
+        let marker = dir.path().join("survivor");
+        let cmd = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+        assert!(
+            !run_test_command(dir.path(), &cmd, std::time::Duration::from_millis(300)).unwrap()
+        );
+        assert!(started.elapsed().as_secs() < 5);
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        assert!(
+            !marker.exists(),
+            "a child of the timed-out command survived"
+        );
     }
 
     #[test]

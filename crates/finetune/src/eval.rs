@@ -14,7 +14,11 @@ use candle_core::Device;
 use finetune_data::{load_tokenizer, read_pairs, PairText, Template};
 use finetune_eval::endpoint::Endpoint;
 use finetune_eval::heldout::{self, EditScore};
+use finetune_eval::passk::pass_at_k;
+use finetune_eval::pr_replay::{self, Replay};
 use finetune_eval::report::{self, MetricSamples, Report, RunResults, RunSamples};
+use finetune_eval::sandbox::SandboxLimits;
+use finetune_eval::suite::SuiteResult;
 use finetune_eval::{GenerationParams, Generator, ModelGenerator};
 use finetune_model::{Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use std::path::{Path, PathBuf};
@@ -97,6 +101,36 @@ fn edit_metrics(
     ));
 }
 
+/// pass@1 (and pass@10 with ≥ 10 samples) per problem of a code suite, base vs adapter.
+fn push_code_suite(
+    suite: &str,
+    base: &SuiteResult,
+    adapter: &SuiteResult,
+    out: &mut Vec<MetricSamples>,
+) -> Result<()> {
+    let ids: Vec<String> = base.problems.iter().map(|p| p.id.clone()).collect();
+    for k in [1usize, 10] {
+        if base.samples < k {
+            continue;
+        }
+        let per = |r: &SuiteResult| -> Result<Vec<f64>> {
+            r.problems
+                .iter()
+                .map(|p| Ok(pass_at_k(p.n, p.passed, k)?))
+                .collect()
+        };
+        out.push(samples(
+            suite,
+            &format!("pass@{k}"),
+            true,
+            ids.clone(),
+            per(base)?,
+            per(adapter)?,
+        ));
+    }
+    Ok(())
+}
+
 /// Evaluates base and base + adapter; writes samples.json and the report into `inputs.report_dir`.
 pub fn eval_into(
     resolved: &ResolvedRecipe,
@@ -142,6 +176,11 @@ pub fn eval_into(
         top_p: e.top_p,
         stop: vec!["<|im_end|>".into()],
         seed: resolved.recipe.train.seed,
+    };
+    // Code suites stop at their own sequences (added by each suite), not at <|im_end|> alone.
+    let params_code = GenerationParams {
+        stop: Vec::new(),
+        ..params.clone()
     };
     let endpoints = endpoint.map(|(url, base_name, adapter_name, concurrency)| {
         let mk = |name: &str| {
@@ -206,13 +245,57 @@ pub fn eval_into(
                     generated = Some((eb, ea));
                 }
             }
-            "pr-replay" | "humaneval" => {
-                bail!("eval.suites: `{suite}` needs the sandbox, which is not merged yet")
+            "pr-replay" => {
+                let (Some(cmd), Some(repo)) = (&e.test_cmd, &repo) else {
+                    notes.push("pr-replay: needs --test-cmd and the mined repository; skipped".into());
+                    continue;
+                };
+                let Some((eb, ea)) = &generated else {
+                    notes.push("pr-replay: replays repo-heldout's generated edits; list repo-heldout first (and --max-new-tokens > 0)".into());
+                    continue;
+                };
+                let timeout = std::time::Duration::from_secs(e.timeout_secs.max(1));
+                let run_test = |dir: &Path| pr_replay::run_test_command(dir, cmd, timeout);
+                let (mut ids, mut vb, mut va, mut unjudged) = (Vec::new(), Vec::new(), Vec::new(), 0);
+                for pair in &pairs {
+                    let Some(commit) = pair.meta.commits.first() else { continue };
+                    let (Some(b), Some(a)) = (eb.iter().find(|x| x.id == pair.id), ea.iter().find(|x| x.id == pair.id)) else { continue };
+                    say(format!("pr-replay: {}", pair.id));
+                    if pr_replay::replay(repo, commit, &pair.target, &pair.format, &run_test)? != Replay::Green {
+                        unjudged += 1;
+                        continue;
+                    }
+                    let green = |g: &str| -> Result<f64> {
+                        Ok(if pr_replay::replay(repo, commit, g, &pair.format, &run_test)? == Replay::Green { 1.0 } else { 0.0 })
+                    };
+                    ids.push(pair.id.clone());
+                    vb.push(green(&b.generated)?);
+                    va.push(green(&a.generated)?);
+                }
+                if unjudged > 0 {
+                    notes.push(format!("pr-replay: {unjudged} commits left out: their own change is not green under the test command"));
+                }
+                metrics.push(samples("pr-replay", "green first try", true, ids, vb, va));
+            }
+            "humaneval" => {
+                say("humaneval: generating and running completions in the sandbox".into());
+                let limit = Some(e.max_examples as usize);
+                let limits = SandboxLimits { wall_secs: e.timeout_secs.max(1) as f64, ..finetune_eval::humaneval::humaneval_limits() };
+                let hb = finetune_eval::humaneval::run_humaneval(gb, &params_code, e.samples.max(1) as usize, limit, &limits)?;
+                let ha = finetune_eval::humaneval::run_humaneval(ga, &params_code, e.samples.max(1) as usize, limit, &limits)?;
+                push_code_suite("humaneval", &hb, &ha, &mut metrics)?;
+            }
+            file if file.ends_with(".jsonl") => {
+                say(format!("{file}: user suite in the sandbox"));
+                let limits = SandboxLimits { wall_secs: e.timeout_secs.max(1) as f64, ..SandboxLimits::default() };
+                let path = Path::new(file);
+                let ub = finetune_eval::user_suite::run_user_suite(path, gb, &params_code, e.samples.max(1) as usize, &limits)?;
+                let ua = finetune_eval::user_suite::run_user_suite(path, ga, &params_code, e.samples.max(1) as usize, &limits)?;
+                push_code_suite(file, &ub, &ua, &mut metrics)?;
             }
             other => bail!("eval.suites: unknown suite `{other}` (repo-heldout, pr-replay, humaneval, or FILE.jsonl)"),
         }
     }
-    drop(generated); // pr-replay reads it (needs the sandbox)
     let base_name = local
         .as_ref()
         .map_or(inputs.base.display().to_string(), |l| l.2.clone());

@@ -200,3 +200,56 @@ fn endpoint_mode_scores_generated_edits_from_a_served_model() {
     );
     assert!(server.max_in_flight() <= 2);
 }
+
+/// The suites that run code: pr-replay (the fixture's own test command: lib.rs still parses as
+/// the file it was, i.e. the real change replays green), HumanEval (3 problems) and a user
+/// suite, each in the report for base and adapter.
+#[test]
+fn code_suites_run_in_the_sandbox_and_reach_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained(dir.path());
+    let suite = dir.path().join("suite.jsonl");
+    std::fs::write(
+        &suite,
+        concat!(
+            r#"{"id": "one", "prompt": "def one():\n", "test": "assert one() == 1\n", "language": "python"}"#, "\n",
+            r#"{"id": "echo", "prompt": "echo ", "test": "\ntrue\n", "language": "bash"}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let suites = format!("repo-heldout,pr-replay,humaneval,{}", suite.display());
+    let o = finetune(&[
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--suites",
+        &suites,
+        "--test-cmd",
+        "grep -q 'pub fn add_' lib.rs",
+        "--max-examples",
+        "3",
+        "--max-new-tokens",
+        "16",
+        "--seq-len",
+        "384",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&run);
+    let replay = row(&r, "pr-replay", "green first try");
+    assert!(replay["n"].as_u64().unwrap() >= 1, "{replay}");
+    let he = row(&r, "humaneval", "pass@1");
+    assert_eq!(he["n"], 3);
+    let user = row(&r, suite.to_str().unwrap(), "pass@1");
+    assert_eq!(user["n"], 2);
+    // bash `echo <anything>` then `true` passes whatever was generated.
+    let samples: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("samples.json")).unwrap()).unwrap();
+    let user_samples = samples["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["suite"] == suite.to_str().unwrap())
+        .unwrap();
+    assert_eq!(user_samples["base"][1], 1.0, "{user_samples}");
+}
