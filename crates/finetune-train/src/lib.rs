@@ -9,6 +9,7 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod plan;
 pub mod schedule;
 pub mod trainer;
 

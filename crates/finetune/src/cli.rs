@@ -32,7 +32,7 @@ pub const VERSION: &str = concat!(
         repository, trains the adapter, evaluates base and base+adapter side by side and exports \
         the adapter for vLLM and SGLang, all in one run directory <out>/runs/<id>/.\n\n\
         Every knob lives in a recipe (--recipe FILE, see recipes/); flags override the recipe. \
-        Exit codes: 0 success, 1 error, 2 usage error or a stage that is not implemented yet.",
+        Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted (a checkpoint was written).",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -256,7 +256,7 @@ pub struct ScoreArgs {
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// Memory of one GPU in GB (80 for H100, 141 for H200).
+    /// Memory of one GPU in GiB (80 for an H100 80GB, 140 for an H200 141GB).
     #[arg(
         long,
         value_name = "GB",
@@ -264,6 +264,11 @@ pub struct PlanArgs {
         help_heading = "Planning"
     )]
     pub gpu_mem: f64,
+
+    /// How the base projections are stored: bf16, or fp8 (E4M3, 128×128 block scales). Default:
+    /// fp8 when the model's config.json has an FP8 quantization_config, else bf16.
+    #[arg(long, value_name = "FORMAT", value_parser = ["bf16", "fp8"], help_heading = "Planning")]
+    pub weights: Option<String>,
 
     #[command(flatten)]
     pub recipe: RecipeArgs,

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod eval;
 pub mod export;
 pub mod mine;
+pub mod plan;
 pub mod recipe;
 pub mod registry;
 pub mod run_dir;
@@ -25,11 +26,6 @@ pub enum Outcome {
     Done,
     /// Stopped by SIGINT/SIGTERM after writing a checkpoint: exit code 130.
     Interrupted,
-    /// The command reached a stage that does not exist yet: exit code 2, nothing faked.
-    NotImplemented {
-        stage: &'static str,
-        issue: u32,
-    },
 }
 
 impl Outcome {
@@ -37,7 +33,6 @@ impl Outcome {
         match self {
             Outcome::Done => ExitCode::SUCCESS,
             Outcome::Interrupted => ExitCode::from(130),
-            Outcome::NotImplemented { .. } => ExitCode::from(2),
         }
     }
 }
@@ -55,10 +50,10 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Some(Command::Plan(args)) => {
             anyhow::ensure!(
                 args.gpu_mem.is_finite() && args.gpu_mem > 0.0,
-                "flag --gpu-mem: must be a number of GB > 0, got {}",
+                "flag --gpu-mem: must be a number of GiB > 0, got {}",
                 args.gpu_mem
             );
-            stage(&args.recipe, "plan", 10, |r| r.check_model_dir())
+            plan::command(&args)
         }
         Some(Command::Doctor) => doctor(),
         Some(Command::Score(args)) => score::command(&args),
@@ -73,26 +68,6 @@ pub(crate) fn resolve(args: &RecipeArgs) -> Result<Option<ResolvedRecipe>> {
         return Ok(None);
     }
     Ok(Some(resolved))
-}
-
-fn not_implemented(stage: &'static str, issue: u32) -> Outcome {
-    eprintln!("finetune: the {stage} stage is not implemented yet (issue #{issue})");
-    Outcome::NotImplemented { stage, issue }
-}
-
-/// A stage command: resolve and validate the recipe, check the inputs that stage reads, then
-/// report that the stage itself does not exist yet.
-fn stage(
-    args: &RecipeArgs,
-    name: &'static str,
-    issue: u32,
-    check_inputs: impl FnOnce(&ResolvedRecipe) -> Result<(), recipe::RecipeError>,
-) -> Result<Outcome> {
-    let Some(resolved) = resolve(args)? else {
-        return Ok(Outcome::Done);
-    };
-    check_inputs(&resolved)?;
-    Ok(not_implemented(name, issue))
 }
 
 /// The main job: mine → train → eval → export in a fresh run directory.

@@ -345,22 +345,53 @@ fn bad_flag_values_name_the_flag() {
 }
 
 #[test]
-fn stages_that_do_not_exist_yet_exit_2_without_output() {
-    let repo = git_fixture();
-    let out = tempfile::tempdir().unwrap();
-    let stage = "plan";
+fn plan_prints_the_budget_and_the_layout() {
+    let dir = tempfile::tempdir().unwrap();
     let o = finetune(
-        repo.path(),
-        &[stage, "--repo", "./", "--out", out.path().to_str().unwrap()],
+        dir.path(),
+        &[
+            "plan",
+            "--model",
+            "qwen3-coder-30b-a3b",
+            "--gpus",
+            "1",
+            "--gpu-mem",
+            "80",
+            "--seq-len",
+            "4096",
+            "--micro-batch",
+            "1",
+        ],
     );
-    assert_eq!(o.status.code(), Some(2), "{stage}: {}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    // The hand calculation of finetune-train's plan test: 61.06e9 bytes of bf16 weights = 56.9 GiB.
+    assert!(out.contains("| base weights | 56.9 GiB |"), "{out}");
+    assert!(out.contains("recompute on; FITS"), "{out}");
+    let o = finetune(
+        dir.path(),
+        &[
+            "plan",
+            "--model",
+            "qwen3-coder-480b-a35b",
+            "--gpus",
+            "8",
+            "--gpu-mem",
+            "80",
+            "--weights",
+            "fp8",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains(&format!("the {stage} stage is not implemented yet")),
-        "{stage}: {}",
-        stderr(&o)
+        stdout(&o).contains("tensor parallel 8 × experts expert parallel 8"),
+        "{}",
+        stdout(&o)
     );
-    assert!(stdout(&o).is_empty(), "{stage} printed {}", stdout(&o));
-    assert!(!out.path().join("runs").exists());
+    assert!(
+        !dir.path().join("finetune-out").exists(),
+        "plan writes nothing"
+    );
 }
 
 #[test]
