@@ -64,7 +64,9 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-fn checksum(path: &Path) -> Result<String, TrainError> {
+/// xxh3-64 of the file at `path`, 16 hex digits (the checkpoint checksums, and the data hash
+/// a resume compares).
+pub fn checksum(path: &Path) -> Result<String, TrainError> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
     Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
 }

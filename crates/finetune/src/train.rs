@@ -98,11 +98,6 @@ fn device() -> Device {
     Device::Cpu
 }
 
-fn xxh3_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)))
-}
-
 /// The settings a checkpoint records and a resume must match.
 fn fingerprint(resolved: &ResolvedRecipe, data: &Path) -> Result<serde_json::Value> {
     let r = &resolved.recipe;
@@ -112,7 +107,7 @@ fn fingerprint(resolved: &ResolvedRecipe, data: &Path) -> Result<serde_json::Val
         "train": serde_json::to_value(&r.train)?,
         "data": {
             "dir": data.display().to_string(),
-            "train.jsonl": xxh3_file(&data.join("train.jsonl"))?,
+            "train.jsonl": checkpoint::checksum(&data.join("train.jsonl"))?,
         },
     }))
 }
