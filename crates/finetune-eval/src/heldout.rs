@@ -21,6 +21,13 @@ pub struct LossScore {
     pub target_tokens: usize,
 }
 
+impl LossScore {
+    /// Mean cross-entropy over the pair's target tokens.
+    pub fn mean(&self) -> f64 {
+        self.loss_sum / self.target_tokens.max(1) as f64
+    }
+}
+
 /// One generated edit and its scores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditScore {

@@ -227,7 +227,9 @@ pub fn eval_into(
                         say(format!("repo-heldout: teacher-forced loss on {} pairs", pairs.len()));
                         let lb = heldout::teacher_forced(model, None, &pairs, &tokenizer, template, seq_len)?;
                         let la = heldout::teacher_forced(model, Some(lora), &pairs, &tokenizer, template, seq_len)?;
-                        let per = |v: &[heldout::LossScore]| v.iter().map(|s| s.loss_sum / s.target_tokens.max(1) as f64).collect::<Vec<_>>();
+                        let per = |v: &[heldout::LossScore]| {
+                            v.iter().map(heldout::LossScore::mean).collect::<Vec<_>>()
+                        };
                         metrics.push(samples("repo-heldout", "loss", false, lb.iter().map(|s| s.id.clone()).collect(), per(&lb), per(&la)));
                     }
                     None => notes.push("repo-heldout: the teacher-forced loss needs the built-in model; with --endpoint only generated edits are scored".into()),
@@ -316,42 +318,47 @@ pub fn eval_into(
 }
 
 /// The `repo-heldout` loss (mean over the held-out pairs of their mean target-token
-/// cross-entropy) of `adapter` on `base`; `None` without held-out pairs.
-pub fn heldout_loss(
+/// cross-entropy) of each adapter on `base`, the base loaded once; `None` without held-out pairs.
+pub fn heldout_losses(
     base: &Path,
-    adapter: &Path,
+    adapters: &[&Path],
     data: &Path,
     seq_len: usize,
     max_examples: usize,
-) -> Result<Option<f64>> {
+) -> Result<Vec<Option<f64>>> {
     let path = data.join("heldout.jsonl");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let mut pairs = read_pairs(&path)?;
+    let mut pairs = if path.is_file() {
+        read_pairs(&path)?
+    } else {
+        Vec::new()
+    };
     pairs.truncate(max_examples);
     if pairs.is_empty() {
-        return Ok(None);
+        return Ok(vec![None; adapters.len()]);
     }
     let config = Qwen3MoeConfig::from_file(&base.join("config.json"))?;
     let tokenizer = load_tokenizer(&base.join("tokenizer.json"), config.vocab_size)?;
     let weights = Weights::open(base, &Device::Cpu)?;
     let model = Qwen3Moe::load(config, &weights, &Device::Cpu)?;
-    let (lora, _) = finetune_model::peft::read_adapter(adapter, &model.lora_targets())
-        .with_context(|| format!("adapter {}", adapter.display()))?;
-    let scores = heldout::teacher_forced(
-        &model,
-        Some(&lora),
-        &pairs,
-        &tokenizer,
-        Template::for_tokenizer(&tokenizer),
-        seq_len,
-    )?;
-    let per: Vec<f64> = scores
+    let template = Template::for_tokenizer(&tokenizer);
+    adapters
         .iter()
-        .map(|s| s.loss_sum / s.target_tokens.max(1) as f64)
-        .collect();
-    Ok((!per.is_empty()).then(|| per.iter().sum::<f64>() / per.len() as f64))
+        .map(|adapter| {
+            let (lora, _) = finetune_model::peft::read_adapter(adapter, &model.lora_targets())
+                .with_context(|| format!("adapter {}", adapter.display()))?;
+            let scores = heldout::teacher_forced(
+                &model,
+                Some(&lora),
+                &pairs,
+                &tokenizer,
+                template,
+                seq_len,
+            )?;
+            Ok((!scores.is_empty()).then(|| {
+                scores.iter().map(heldout::LossScore::mean).sum::<f64>() / scores.len() as f64
+            }))
+        })
+        .collect()
 }
 
 /// Prints the report table (stdout).

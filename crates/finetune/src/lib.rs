@@ -191,24 +191,16 @@ fn run_incremental(resolved: &ResolvedRecipe, head: &finetune_mine::RepoHead) ->
     dir.stage_completed("eval")?;
 
     // The gate: the new adapter against the current one, on the same held-out pairs.
-    let seq_len = resolved.recipe.train.seq_len as usize;
-    let new_loss = eval::heldout_loss(
+    let mut adapters = vec![report.adapter.as_path()];
+    adapters.extend(current.as_deref());
+    let losses = eval::heldout_losses(
         &base,
-        &report.adapter,
+        &adapters,
         &data,
-        seq_len,
+        resolved.recipe.train.seq_len as usize,
         resolved.recipe.eval.max_examples as usize,
     )?;
-    let current_loss = match &current {
-        Some(a) => eval::heldout_loss(
-            &base,
-            a,
-            &data,
-            seq_len,
-            resolved.recipe.eval.max_examples as usize,
-        )?,
-        None => None,
-    };
+    let (new_loss, current_loss) = (losses[0], losses.get(1).copied().flatten());
     let (promoted, reason) = registry::judge(new_loss, current_loss, current.is_some());
     let adapter_rel = report
         .adapter
