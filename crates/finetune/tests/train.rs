@@ -68,22 +68,7 @@ fn train_writes_adapter_metrics_and_checkpoints_and_refuses_a_changed_recipe() {
     assert!(summary["data"]["train"]["kept"].as_u64().unwrap() >= 8);
 
     // Resuming with a different learning rate and rank is refused, naming both keys.
-    let o = finetune(&[
-        "train",
-        "--resume",
-        run.to_str().unwrap(),
-        "--rank",
-        "8",
-        "--seq-len",
-        "384",
-        "--micro-batch",
-        "1",
-        "--warmup",
-        "1",
-        "--lr",
-        "5e-2",
-        "-q",
-    ]);
+    let o = resume(&run, &["--rank", "8", "--lr", "5e-2"]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -97,26 +82,14 @@ fn train_writes_adapter_metrics_and_checkpoints_and_refuses_a_changed_recipe() {
     let n = bytes.len();
     bytes[n - 3] ^= 1;
     std::fs::write(&opt, bytes).unwrap();
-    let mut args = vec![
-        "train",
-        "--resume",
-        run.to_str().unwrap(),
-        "--max-steps",
-        "6",
-    ];
-    args.extend_from_slice(FAST);
-    let o = finetune(&args);
+    let o = resume(&run, &["--max-steps", "6"]);
     assert_eq!(o.status.code(), Some(1));
     // The recipe is compared before the checkpoint is read: --max-steps 6 is named first.
     let e = stderr(&o);
     assert!(e.contains("train.max_steps"), "{e}");
-    let mut args = vec![
-        "train".to_string(),
-        "--resume".into(),
-        run.join("checkpoints/step-000004").display().to_string(),
-    ];
-    args.extend(
-        [
+    let o = resume(
+        &run.join("checkpoints/step-000004"),
+        &[
             "--max-steps",
             "4",
             "--save-every",
@@ -125,14 +98,8 @@ fn train_writes_adapter_metrics_and_checkpoints_and_refuses_a_changed_recipe() {
             "2",
             "--eval-every",
             "2",
-        ]
-        .map(String::from),
+        ],
     );
-    args.extend(FAST.iter().map(|s| s.to_string()));
-    let o = Command::new(env!("CARGO_BIN_EXE_finetune"))
-        .args(&args)
-        .output()
-        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -196,10 +163,7 @@ fn sigterm_checkpoints_and_resume_gives_the_uninterrupted_weights() {
     assert_eq!(saved.len(), 1, "{saved:?}");
     assert_ne!(saved[0], "step-000030", "stopped before the end");
 
-    let mut args = vec!["train", "--resume", cut.to_str().unwrap()];
-    args.extend_from_slice(FAST);
-    args.extend_from_slice(&steps);
-    let o = finetune(&args);
+    let o = resume(&cut, &steps);
     assert!(o.status.success(), "{}", stderr(&o));
     let a = std::fs::read(whole.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(cut.join("adapter/adapter_model.safetensors")).unwrap();
@@ -376,28 +340,17 @@ fn disk_full_while_checkpointing_keeps_the_previous_checkpoint() {
     // Step 1's checkpoint is complete (and loadable: resume reads it).
     let names = checkpoints(&saved);
     assert_eq!(names, ["step-000001"], "stdout: {out}\nstderr: {err}");
-    let o = finetune(&[
-        "train",
-        "--resume",
-        saved.to_str().unwrap(),
-        "--max-steps",
-        "3",
-        "--save-every",
-        "1",
-        "--keep-checkpoints",
-        "1",
-        "--rank",
-        "4",
-        "--seq-len",
-        "384",
-        "--micro-batch",
-        "1",
-        "--warmup",
-        "1",
-        "--lr",
-        "1e-2",
-        "-q",
-    ]);
+    let o = resume(
+        &saved,
+        &[
+            "--max-steps",
+            "3",
+            "--save-every",
+            "1",
+            "--keep-checkpoints",
+            "1",
+        ],
+    );
     assert!(
         o.status.success(),
         "resume from the surviving checkpoint: {}",

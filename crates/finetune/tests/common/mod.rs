@@ -127,3 +127,10 @@ pub fn checkpoints(run: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// `finetune train --resume TARGET` with the fast flags, `extra` overriding them.
+pub fn resume(target: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--resume", target.to_str().unwrap()];
+    args.extend(fast_with(extra));
+    finetune(&args)
+}
