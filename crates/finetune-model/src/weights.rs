@@ -39,8 +39,7 @@ pub enum WeightsError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Side of the FP8 scale blocks.
-pub const FP8_BLOCK: usize = 128;
+pub use finetune_kernels::fp8_dequant::FP8_BLOCK;
 
 /// A frozen projection weight `[out, in]` in its stored precision.
 #[derive(Debug, Clone)]
@@ -58,26 +57,7 @@ pub enum BaseWeight {
     Fp8 { q: Tensor, scale_inv: Tensor },
 }
 
-/// The value of every FP8 E4M3 bit pattern (OCP FP8 E4M3, "fn" variant as in PyTorch's
-/// `float8_e4m3fn`): sign s = bit 7, exponent e = bits 6..3 (bias 7), mantissa m = bits 2..0;
-/// e = 0: (−1)^s · m/8 · 2^−6 (subnormal); otherwise (−1)^s · (1 + m/8) · 2^(e−7); e = 15 and
-/// m = 7 is NaN (no infinities). Every value is exact in f32.
-pub fn e4m3_table() -> [f32; 256] {
-    let mut table = [0f32; 256];
-    for (bits, v) in table.iter_mut().enumerate() {
-        let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
-        let e = ((bits >> 3) & 0xF) as i32;
-        let m = (bits & 0x7) as f32;
-        *v = if e == 15 && m == 7.0 {
-            f32::NAN
-        } else if e == 0 {
-            sign * m / 8.0 * 2f32.powi(-6)
-        } else {
-            sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
-        };
-    }
-    table
-}
+pub use finetune_kernels::fp8_dequant::e4m3_table;
 
 impl BaseWeight {
     pub fn shape(&self) -> &[usize] {
@@ -91,29 +71,11 @@ impl BaseWeight {
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
         match self {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
-            BaseWeight::Fp8 { q, scale_inv } => {
-                let (out, inp) = q.dims2()?;
-                let values = match q.dtype() {
-                    // CPU: candle's cast.
-                    DType::F8E4M3 => q.to_dtype(DType::F32)?,
-                    // CUDA (bit patterns as U8): a gather from the 256-entry table, on the
-                    // device; like the CPU cast, it materializes this projection's f32 weight
-                    // for this use only (no fused FP8 kernel yet).
-                    DType::U8 => Tensor::from_slice(&e4m3_table(), 256, q.device())?
-                        .index_select(&q.flatten_all()?, 0)?
-                        .reshape((out, inp))?,
-                    other => candle_core::bail!("FP8 weight stored as {other:?}"),
-                };
-                let (r, c) = scale_inv.dims2()?;
-                let scale = scale_inv
-                    .to_dtype(DType::F32)?
-                    .reshape((r, 1, c, 1))?
-                    .broadcast_as((r, FP8_BLOCK, c, FP8_BLOCK))?
-                    .reshape((r * FP8_BLOCK, c * FP8_BLOCK))?
-                    .narrow(0, 0, out)?
-                    .narrow(1, 0, inp)?;
-                (values * scale)?.to_dtype(dtype)
-            }
+            // One projection at a time, by finetune-kernels' op (CPU table, CUDA kernel).
+            BaseWeight::Fp8 { q, scale_inv } => match dtype {
+                DType::F32 | DType::BF16 => finetune_kernels::fp8_dequant(q, scale_inv, dtype),
+                _ => finetune_kernels::fp8_dequant(q, scale_inv, DType::F32)?.to_dtype(dtype),
+            },
         }
     }
 }
