@@ -10,6 +10,12 @@
 //! that is either dense SwiGLU, down(silu(gate(x)) ⊙ up(x)), or a mixture of experts: router
 //! p = softmax(gate(x)), the top-k experts per token weighted by p (renormalised to sum to 1
 //! when `norm_topk_prob`), each expert a SwiGLU.
+//!
+//! Compute dtype ([`Qwen3Moe::set_compute_dtype`]): f32 (the default, and the only one on the
+//! CPU), or bf16 on a GPU, following transformers' bf16 path: activations, frozen projections
+//! and residuals in bf16; RMSNorm statistics, the attention softmax, the router softmax and the
+//! loss in f32; the LoRA path in f32 (as PEFT with f32 adapters: x cast to f32, s·(x·Aᵀ)·Bᵀ cast
+//! back before the add), so LoRA gradients arrive in f32 for the f32 master weights.
 
 use crate::config::Qwen3MoeConfig;
 use crate::lora::Lora;
@@ -90,30 +96,44 @@ pub struct Qwen3Moe {
     norm: Tensor,
     lm_head: BaseWeight,
     device: Device,
+    dtype: DType,
 }
 
 /// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
 /// would also compute and keep dW).
 fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
-    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(DType::F32)?)
+    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
 }
 
-/// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter.
+/// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
+/// whatever x's dtype).
 fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
     let y = linear(x, &p.w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
-            let x = l.dropout_input(x)?;
-            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+            let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
+            let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?;
+            let dtype = y.dtype();
+            y + delta.to_dtype(dtype)?
         }
         None => Ok(y),
     }
 }
 
+/// x / sqrt(mean(x²) + eps) · w, the statistics in f32 and the result in x's dtype (as
+/// transformers' Qwen3MoeRMSNorm: normalise in f32, cast back, then scale).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(&w.to_dtype(DType::F32)?)
+    if x.dtype() == DType::F32 {
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        return x
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    x32.broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(x.dtype())?
+        .broadcast_mul(&w.to_dtype(x.dtype())?)
 }
 
 fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -198,6 +218,7 @@ impl Qwen3Moe {
             norm,
             lm_head,
             device: device.clone(),
+            dtype: DType::F32,
         })
     }
 
@@ -258,21 +279,42 @@ impl Qwen3Moe {
         self.head(&x)
     }
 
+    /// Computes in `dtype` from now on: f32 (the default) or bf16 (GPU only: candle's CPU
+    /// matmul has no bf16).
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> candle_core::Result<()> {
+        match (dtype, &self.device) {
+            (DType::F32, _) => {}
+            (DType::BF16, Device::Cuda(_)) => {}
+            (DType::BF16, _) => candle_core::bail!(
+                "bf16 compute needs a GPU (candle's CPU matmul has no bf16); use f32"
+            ),
+            (other, _) => candle_core::bail!("compute dtype {other:?}: expected f32 or bf16"),
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// The compute dtype (see [`Self::set_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
-    /// Embeddings `[T, hidden]` (f32) of `input_ids`; the embedding is frozen.
+    /// Embeddings `[T, hidden]` (in the compute dtype) of `input_ids`; the embedding is frozen.
     pub fn embed_tokens(&self, input_ids: &[u32]) -> candle_core::Result<Tensor> {
         let ids = Tensor::new(input_ids, &self.device)?;
-        self.embed.to_dtype(DType::F32)?.index_select(&ids, 0)
+        self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)
     }
 
-    /// Final norm and lm_head: logits `[T, vocab]` of hidden states `[T, hidden]`.
+    /// Final norm and lm_head: logits `[T, vocab]` (f32 whatever the compute dtype, for the
+    /// loss) of hidden states `[T, hidden]`.
     pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
-        linear(&x, &self.lm_head)
+        linear(&x, &self.lm_head)?.to_dtype(DType::F32)
     }
 
     /// What every layer of one forward shares: the attention mask and the RoPE tables of
@@ -324,8 +366,9 @@ impl Qwen3Moe {
                 sin.extend(angles.iter().map(|a| a.sin() * attention_factor));
             }
         }
-        let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?;
-        let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?;
+        // Cast to the compute dtype once, as transformers' rotary embedding does.
+        let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?.to_dtype(self.dtype)?;
         Ok(SequenceContext {
             t,
             past,
@@ -387,8 +430,12 @@ impl Qwen3Moe {
             .unsqueeze(1)?
             .broadcast_as((nkv, group, keys, d))?
             .reshape((nh, keys, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ctx.mask)?;
-        let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
+        // Scores in the compute dtype, the softmax in f32, the weights back in the compute
+        // dtype for ·V (transformers' eager attention).
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&ctx.mask)?;
+        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
         let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
         let x = (x + project(&attn, &a.o, lora)?)?;
 
@@ -409,7 +456,8 @@ impl Qwen3Moe {
         lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let probs = softmax_last(&linear(x, router)?)?; // [T, E], differentiable in x
+        // Router logits in the compute dtype, softmax in f32 (transformers).
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
         let values: Vec<Vec<f32>> = probs.to_vec2()?;
         // Top-k experts of each token (the choice itself has no gradient, as in torch.topk).
         let (t, n_exp) = (values.len(), experts.len());
@@ -429,19 +477,31 @@ impl Qwen3Moe {
         if c.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
-        let mut out = x.zeros_like()?;
+        let weights = weights.to_dtype(x.dtype())?;
+        // Every expert's outputs are concatenated in expert order, weighted by one gather of
+        // the routing weights, and added into the tokens' rows by one index_add (per token in
+        // expert order, the order the per-expert loop added them in). Inputs are gathered per
+        // expert: the backward of a narrow of one big gather would zero-fill a full
+        // [T·k, hidden] gradient per expert.
+        let mut outputs = Vec::with_capacity(n_exp);
+        let (mut all_tokens, mut weight_index) = (Vec::new(), Vec::new());
         for (e, toks) in routed.iter().enumerate() {
             if toks.is_empty() {
                 continue;
             }
             let idx = Tensor::new(toks.as_slice(), &self.device)?;
-            let w = weights.index_select(&idx, 0)?.narrow(1, e, 1)?;
-            let y = experts[e]
-                .forward(&x.index_select(&idx, 0)?, lora)?
-                .broadcast_mul(&w)?;
-            out = out.index_add(&idx, &y, 0)?;
+            outputs.push(experts[e].forward(&x.index_select(&idx, 0)?, lora)?);
+            all_tokens.extend_from_slice(toks);
+            weight_index.extend(toks.iter().map(|&tok| tok * n_exp as u32 + e as u32));
         }
-        Ok(out)
+        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        let w = weights
+            .flatten_all()?
+            .index_select(&weight_index, 0)?
+            .unsqueeze(1)?;
+        let y = Tensor::cat(&outputs, 0)?.broadcast_mul(&w)?;
+        let all_tokens = Tensor::new(all_tokens.as_slice(), &self.device)?;
+        x.zeros_like()?.index_add(&all_tokens, &y, 0)
     }
 
     /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.

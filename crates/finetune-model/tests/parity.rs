@@ -304,3 +304,17 @@ fn ten_lora_training_steps_follow_pytorch() {
         eprintln!("step {step}: loss {got:.6} (PyTorch {want:.6})");
     }
 }
+
+/// bf16 compute is a GPU feature (candle's CPU matmul has no bf16): asking for it on the CPU is
+/// refused with the reason, and f32 stays the default.
+#[test]
+fn bf16_compute_is_refused_on_the_cpu() {
+    let mut model = load(&fixtures().join("bf16")).unwrap();
+    assert_eq!(model.compute_dtype(), candle_core::DType::F32);
+    let err = model
+        .set_compute_dtype(candle_core::DType::BF16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a GPU"), "{err}");
+    assert_eq!(model.compute_dtype(), candle_core::DType::F32);
+}
