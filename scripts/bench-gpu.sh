@@ -11,8 +11,9 @@
 #      (true layer shapes: hidden 2048, 32 heads, 4 KV heads, 128 experts of 768, top-8; vocab
 #      151,936) with LAYERS layers (default 2), in bf16 and in FP8 block-128.
 #   2. cuBLAS references: bf16 and FP8 GEMM TFLOPS at one expert's and a dense shape.
-#   3. `finetune bench train` on bf16 (f32 compute; and with TF32 GEMMs) and on FP8 (TF32),
-#      r = 16 on q/k/v/o and every expert's gate/up/down, SEQ tokens (default 4096).
+#   3. `finetune bench train`, r = 16 on q/k/v/o and every expert's gate/up/down, SEQ tokens
+#      (default 4096): bf16 base with bf16 compute, FP8 base with bf16 compute, and bf16 base
+#      with f32 compute on TF32 tensor cores.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
 # Peak memory: nvidia-smi's memory.used sampled every 50 ms during each side's run (the
 # whole process: weights, activations, allocator caches, CUDA context), the same measure for
@@ -55,12 +56,12 @@ run_ours() {  # NAME MODEL FLAGS...
     > "$OUT_DIR/$name.stdout" 2> "$OUT_DIR/$name.log"
   tail -3 "$OUT_DIR/$name.log" >&2
 }
-run_ours ours-bf16-f32 "$WORK/base/bf16"
-run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32
-run_ours ours-fp8-tf32 "$WORK/base/fp8" --tf32
 peak_mem peft-bf16 timeout 240 $PY scripts/bench_gpu_train.py peft "$WORK/base/bf16" "$SEQ" "$STEPS" "$WARMUP" 16 \
   > "$OUT_DIR/peft-bf16.json" 2> "$OUT_DIR/peft-bf16.log"
 tail -3 "$OUT_DIR/peft-bf16.log" >&2
+run_ours ours-bf16 "$WORK/base/bf16" --bf16
+run_ours ours-fp8 "$WORK/base/fp8" --bf16
+run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32
 
 $PY - "$OUT_DIR" "$SEQ" "$LAYERS" <<'PYEOF' | tee "$OUT_DIR/summary.md"
 import json, os, sys
@@ -72,7 +73,7 @@ flops_per_token = 4 * n_active + 3 * attn_fwd
 gpu = open(os.path.join(out, "gpu.txt")).read().strip()
 def load(name):
     try:
-        r = json.loads(open(os.path.join(out, name + (".json" if name.startswith("peft") else ".json"))).read().strip().splitlines()[-1])
+        r = json.loads(open(os.path.join(out, name + ".json")).read().strip().splitlines()[-1])
     except Exception as e:
         return None
     try:
@@ -80,7 +81,7 @@ def load(name):
     except Exception:
         r["peak_mib"] = None
     return r
-rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16-f32", "ours-bf16-tf32", "ours-fp8-tf32"]]
+rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-fp8", "ours-bf16-tf32"]]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")
 print("| run | tokens/s | × PEFT | MFU | peak memory.used (MiB) | × PEFT | first loss |")

@@ -51,7 +51,28 @@ enum Mlp {
     Moe {
         router: BaseWeight,
         experts: Vec<Expert>,
+        /// The same expert weights stacked `[E, out, in]` per projection (each expert's `Proj`
+        /// holds a view of its slice, so nothing is stored twice), for [`MoePath::Batched`].
+        stacked: StackedExperts,
     },
+}
+
+struct StackedExperts {
+    gate: BaseWeight,
+    up: BaseWeight,
+    down: BaseWeight,
+}
+
+/// How a MoE block runs its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoePath {
+    /// One forward per expert on its own tokens (the reference; the CPU default).
+    PerExpert,
+    /// Every expert's tokens gathered into one `[E, C, hidden]` tensor padded to the largest
+    /// group C, each projection one batched GEMM (frozen base) plus batched LoRA matmuls, and
+    /// one scatter-add back (the GPU default). Same math; LoRA dropout masks are drawn over
+    /// the padded tensor, so with dropout the random stream differs from the per-expert path.
+    Batched,
 }
 
 struct Layer {
@@ -97,6 +118,7 @@ pub struct Qwen3Moe {
     lm_head: BaseWeight,
     device: Device,
     dtype: DType,
+    moe_path: MoePath,
 }
 
 /// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
@@ -118,6 +140,46 @@ fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Ten
         }
         None => Ok(y),
     }
+}
+
+/// Whether the batched MoE path can run with `lora`: no adapters, or one on every expert's
+/// gate, up and down (a partial set runs per expert).
+fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
+    lora.is_none_or(|l| {
+        experts.iter().all(|e| {
+            [&e.gate, &e.up, &e.down]
+                .iter()
+                .all(|p| l.get(&p.name).is_some())
+        })
+    })
+}
+
+/// y[e] = x[e]·W[e]ᵀ + s·(x[e]·A[e]ᵀ)·B[e]ᵀ for the experts named `names` (in order), x
+/// `[E, C, in]`, W stacked `[E, out, in]`; the adapters are stacked for this use (their
+/// gradients flow back to each expert's own A and B), the LoRA path in f32.
+fn batched_project(
+    x: &Tensor,
+    w: &BaseWeight,
+    names: &[&str],
+    lora: Option<&Lora>,
+) -> candle_core::Result<Tensor> {
+    let y = finetune_kernels::frozen_batched_linear(x, &w.dequantize(x.dtype())?)?;
+    let Some(l) = lora else { return Ok(y) };
+    let mut a_parts = Vec::with_capacity(names.len());
+    let mut b_parts = Vec::with_capacity(names.len());
+    for name in names {
+        let (a, b) = l
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
+        a_parts.push(a.clone());
+        b_parts.push(b.clone());
+    }
+    let a = Tensor::stack(&a_parts, 0)?; // [E, r, in]
+    let b = Tensor::stack(&b_parts, 0)?; // [E, out, r]
+    let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
+    let delta = (x.matmul(&a.transpose(1, 2)?)?.matmul(&b.transpose(1, 2)?)? * l.scale)?;
+    let dtype = y.dtype();
+    y + delta.to_dtype(dtype)?
 }
 
 /// x / sqrt(mean(x²) + eps) · w, the statistics in f32 and the result in x's dtype (as
@@ -188,11 +250,27 @@ impl Qwen3Moe {
                 })
             };
             let mlp = if c.is_moe_layer(i) {
+                let mut experts: Vec<Expert> = (0..c.num_experts)
+                    .map(|e| expert(&format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
+                    .collect::<Result<_>>()?;
+                let mut stack = |pick: fn(&mut Expert) -> &mut Proj| -> Result<BaseWeight> {
+                    let parts: Vec<BaseWeight> =
+                        experts.iter_mut().map(|e| pick(e).w.clone()).collect();
+                    let stacked = BaseWeight::stack(&parts).map_err(WeightsError::from)?;
+                    for (index, e) in experts.iter_mut().enumerate() {
+                        pick(e).w = stacked.get(index).map_err(WeightsError::from)?;
+                    }
+                    Ok(stacked)
+                };
+                let stacked = StackedExperts {
+                    gate: stack(|e| &mut e.gate)?,
+                    up: stack(|e| &mut e.up)?,
+                    down: stack(|e| &mut e.down)?,
+                };
                 Mlp::Moe {
                     router: weights.base_weight(&format!("{p}.mlp.gate"), c.num_experts, h)?,
-                    experts: (0..c.num_experts)
-                        .map(|e| expert(&format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
-                        .collect::<Result<_>>()?,
+                    experts,
+                    stacked,
                 }
             } else {
                 Mlp::Dense(expert(&format!("{p}.mlp"), c.intermediate_size)?)
@@ -219,6 +297,11 @@ impl Qwen3Moe {
             lm_head,
             device: device.clone(),
             dtype: DType::F32,
+            moe_path: if device.is_cuda() {
+                MoePath::Batched
+            } else {
+                MoePath::PerExpert
+            },
         })
     }
 
@@ -297,6 +380,12 @@ impl Qwen3Moe {
     /// The compute dtype (see [`Self::set_compute_dtype`]).
     pub fn compute_dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Chooses how MoE blocks run their experts (default: batched on a GPU, per expert on
+    /// the CPU).
+    pub fn set_moe_path(&mut self, path: MoePath) {
+        self.moe_path = path;
     }
 
     /// Number of decoder layers.
@@ -443,7 +532,16 @@ impl Qwen3Moe {
         let n = rms_norm(&x, &layer.post_norm, eps)?;
         let y = match &layer.mlp {
             Mlp::Dense(e) => e.forward(&n, lora)?,
-            Mlp::Moe { router, experts } => self.moe(&n, router, experts, lora)?,
+            Mlp::Moe {
+                router,
+                experts,
+                stacked,
+            } => match self.moe_path {
+                MoePath::Batched if batched_lora_covers(experts, lora) => {
+                    self.moe_batched(&n, router, experts, stacked, lora)?
+                }
+                _ => self.moe(&n, router, experts, lora)?,
+            },
         };
         x + y
     }
@@ -502,6 +600,72 @@ impl Qwen3Moe {
         let y = Tensor::cat(&outputs, 0)?.broadcast_mul(&w)?;
         let all_tokens = Tensor::new(all_tokens.as_slice(), &self.device)?;
         x.zeros_like()?.index_add(&all_tokens, &y, 0)
+    }
+
+    /// [`MoePath::Batched`]: the routing of [`Self::moe`], then every expert at once on its
+    /// tokens gathered into `[E, C, hidden]` (C = the largest group; pad rows are a zero row
+    /// whose routing weight is 0, so they add nothing and no gradient), one batched GEMM per
+    /// projection, and one index_add back in expert order (the order the per-expert path adds
+    /// in).
+    fn moe_batched(
+        &self,
+        x: &Tensor,
+        router: &BaseWeight,
+        experts: &[Expert],
+        stacked: &StackedExperts,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (t, h) = x.dims2()?;
+        let n_exp = experts.len();
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
+        let values: Vec<Vec<f32>> = probs.to_vec2()?;
+        let mut chosen = vec![0f32; t * n_exp];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        for (tok, p) in values.iter().enumerate() {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for &e in &order[..c.num_experts_per_tok] {
+                chosen[tok * n_exp + e] = 1.0;
+                routed[e].push(tok as u32);
+            }
+        }
+        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
+        let mut weights = (probs * chosen)?;
+        if c.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        }
+        let weights = weights.to_dtype(x.dtype())?;
+        let cap = routed.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        // Row t of the padded input is zeros; entry t·E of the padded weights is 0.
+        let mut rows = vec![t as u32; n_exp * cap];
+        let mut weight_index = vec![(t * n_exp) as u32; n_exp * cap];
+        for (e, toks) in routed.iter().enumerate() {
+            for (j, &tok) in toks.iter().enumerate() {
+                rows[e * cap + j] = tok;
+                weight_index[e * cap + j] = tok * n_exp as u32 + e as u32;
+            }
+        }
+        let rows = Tensor::new(rows.as_slice(), &self.device)?;
+        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        let zero_row = Tensor::zeros((1, h), x.dtype(), &self.device)?;
+        let xs = Tensor::cat(&[x, &zero_row], 0)?
+            .index_select(&rows, 0)?
+            .reshape((n_exp, cap, h))?;
+        let names = |pick: fn(&Expert) -> &Proj| -> Vec<&str> {
+            experts.iter().map(|e| pick(e).name.as_str()).collect()
+        };
+        let g = batched_project(&xs, &stacked.gate, &names(|e| &e.gate), lora)?;
+        let u = batched_project(&xs, &stacked.up, &names(|e| &e.up), lora)?;
+        let y = batched_project(&(silu(&g)? * u)?, &stacked.down, &names(|e| &e.down), lora)?;
+        let zero = Tensor::zeros(1, x.dtype(), &self.device)?;
+        let w = Tensor::cat(&[&weights.flatten_all()?, &zero], 0)?
+            .index_select(&weight_index, 0)?
+            .unsqueeze(1)?;
+        let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
+        Tensor::zeros((t + 1, h), x.dtype(), &self.device)?
+            .index_add(&rows, &y, 0)?
+            .narrow(0, 0, t)
     }
 
     /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.

@@ -67,8 +67,77 @@ impl BaseWeight {
         }
     }
 
-    /// The weight in `dtype`, dequantized for this use only.
+    /// The weights of `parts` (same shape and storage kind) stacked along a new first
+    /// dimension: `[E, out, in]` values (and `[E, ⌈out/128⌉, ⌈in/128⌉]` FP8 scales).
+    pub fn stack(parts: &[BaseWeight]) -> candle_core::Result<BaseWeight> {
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                BaseWeight::Dense(t) => Some(t),
+                BaseWeight::Fp8 { .. } => None,
+            })
+            .collect();
+        if let Some(dense) = dense {
+            return Ok(BaseWeight::Dense(Tensor::stack(&dense, 0)?));
+        }
+        let mut qs = Vec::with_capacity(parts.len());
+        let mut scales = Vec::with_capacity(parts.len());
+        for p in parts {
+            match p {
+                BaseWeight::Fp8 { q, scale_inv } => {
+                    qs.push(q);
+                    scales.push(scale_inv);
+                }
+                BaseWeight::Dense(_) => candle_core::bail!("cannot stack FP8 and dense weights"),
+            }
+        }
+        // candle has no copy kernels for F8E4M3 on every path: stack the bit patterns.
+        let q = if qs[0].dtype() == DType::F8E4M3 {
+            let bytes: Vec<Tensor> = qs
+                .iter()
+                .map(|q| f8_bits(q))
+                .collect::<candle_core::Result<_>>()?;
+            let stacked = Tensor::stack(&bytes, 0)?;
+            from_f8_bits(&stacked)?
+        } else {
+            Tensor::stack(&qs, 0)?
+        };
+        Ok(BaseWeight::Fp8 {
+            q,
+            scale_inv: Tensor::stack(&scales, 0)?,
+        })
+    }
+
+    /// Entry `index` of a stacked weight (a view, no copy).
+    pub fn get(&self, index: usize) -> candle_core::Result<BaseWeight> {
+        Ok(match self {
+            BaseWeight::Dense(t) => BaseWeight::Dense(t.get(index)?),
+            BaseWeight::Fp8 { q, scale_inv } => BaseWeight::Fp8 {
+                q: q.get(index)?,
+                scale_inv: scale_inv.get(index)?,
+            },
+        })
+    }
+
+    /// The weight in `dtype`, dequantized for this use only; a stacked weight `[E, out, in]`
+    /// comes back stacked.
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        if let (BaseWeight::Fp8 { q, scale_inv }, 3) = (self, self.shape().len()) {
+            let (e, out, inp) = q.dims3()?;
+            let (_, sr, sc) = scale_inv.dims3()?;
+            if out % FP8_BLOCK == 0 {
+                // Blocks never straddle two experts: one launch over [E·out, in].
+                let flat = BaseWeight::Fp8 {
+                    q: q.reshape((e * out, inp))?,
+                    scale_inv: scale_inv.reshape((e * sr, sc))?,
+                };
+                return flat.dequantize(dtype)?.reshape((e, out, inp));
+            }
+            let parts: Vec<Tensor> = (0..e)
+                .map(|i| self.get(i)?.dequantize(dtype))
+                .collect::<candle_core::Result<_>>()?;
+            return Tensor::stack(&parts, 0);
+        }
         match self {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
             // One projection at a time, by finetune-kernels' op (CPU table, CUDA kernel).
@@ -78,6 +147,28 @@ impl BaseWeight {
             },
         }
     }
+}
+
+/// F8E4M3 values as their bit patterns (U8), on the CPU.
+fn f8_bits(q: &Tensor) -> candle_core::Result<Tensor> {
+    let bits: Vec<u8> = q
+        .flatten_all()?
+        .to_vec1::<float8::F8E4M3>()?
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect();
+    Tensor::from_vec(bits, q.shape(), q.device())
+}
+
+/// The inverse of [`f8_bits`].
+fn from_f8_bits(bits: &Tensor) -> candle_core::Result<Tensor> {
+    let values: Vec<float8::F8E4M3> = bits
+        .flatten_all()?
+        .to_vec1::<u8>()?
+        .into_iter()
+        .map(float8::F8E4M3::from_bits)
+        .collect();
+    Tensor::from_vec(values, bits.shape(), bits.device())
 }
 
 /// The safetensors of one model directory.
@@ -314,5 +405,48 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert_eq!(diff, 0.0);
+    }
+
+    /// Stacked FP8 weights whose blocks align with the experts (out a multiple of 128)
+    /// dequantize in one launch to exactly the per-expert values; a view of one entry is that
+    /// expert's weight.
+    #[test]
+    fn stacked_fp8_dequantizes_like_each_part() {
+        let part = |salt: usize| {
+            let bits: Vec<u8> = (0..128 * 200)
+                .map(|i| ((i * 13 + salt * 7) % 255) as u8)
+                .collect();
+            let q = Tensor::from_vec(bits, (128, 200), &Device::Cpu).unwrap();
+            let scale =
+                Tensor::from_vec(vec![0.5 + salt as f32, 2.0], (1, 2), &Device::Cpu).unwrap();
+            BaseWeight::Fp8 {
+                q,
+                scale_inv: scale,
+            }
+        };
+        let parts = [part(0), part(1), part(2)];
+        let stacked = BaseWeight::stack(&parts).unwrap();
+        assert_eq!(stacked.shape(), &[3, 128, 200]);
+        let all = stacked.dequantize(DType::F32).unwrap();
+        for (i, p) in parts.iter().enumerate() {
+            let want = p.dequantize(DType::F32).unwrap();
+            let got = all.get(i).unwrap();
+            let view = stacked.get(i).unwrap().dequantize(DType::F32).unwrap();
+            let a = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let c = view.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                a.iter()
+                    .zip(&b)
+                    .all(|(x, y)| x == y || (x.is_nan() && y.is_nan())),
+                "part {i}"
+            );
+            assert!(
+                c.iter()
+                    .zip(&b)
+                    .all(|(x, y)| x == y || (x.is_nan() && y.is_nan())),
+                "view {i}"
+            );
+        }
     }
 }

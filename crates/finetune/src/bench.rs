@@ -15,6 +15,7 @@ use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use finetune_data::pack::Sequence;
+use finetune_model::model::MoePath;
 use finetune_model::{lora_scale, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use finetune_train::{on_large_stack, AdamWConfig, LrSchedule, TrainOptions, Trainer};
 use std::sync::atomic::AtomicBool;
@@ -58,6 +59,11 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         candle_core::DType::F32
     };
     model.set_compute_dtype(dtype)?;
+    match args.moe.as_deref() {
+        Some("batched") => model.set_moe_path(MoePath::Batched),
+        Some("per-expert") => model.set_moe_path(MoePath::PerExpert),
+        _ => {}
+    }
     let compute = match (args.bf16, args.tf32) {
         (true, _) => "bf16",
         (false, true) => "f32+tf32",
@@ -168,6 +174,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "targets": targets,
         "lora_params": lora_params,
         "recompute": args.recompute,
+        "moe": args.moe.as_deref().unwrap_or(if device.is_cuda() { "batched" } else { "per-expert" }),
         "warmup_steps": args.warmup,
         "step_secs": measured,
         "median_step_secs": median,

@@ -124,6 +124,10 @@ pub struct BenchTrainArgs {
     /// Compute in bf16 (GPU only; LoRA path, softmaxes, norms' statistics and the loss in f32).
     #[arg(long)]
     pub bf16: bool,
+    /// How MoE blocks run their experts: `batched` (stacked experts, one padded GEMM per
+    /// projection; the GPU default) or `per-expert` (the reference loop; the CPU default).
+    #[arg(long, value_name = "PATH", value_parser = ["batched", "per-expert"])]
+    pub moe: Option<String>,
     /// Benchmark the CPU even in a CUDA build.
     #[arg(long)]
     pub cpu: bool,

@@ -17,7 +17,7 @@ fn fixture(kind: &str) -> String {
 fn bench_train_reports_step_times_and_a_falling_loss() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    for kind in ["bf16", "fp8"] {
+    for (kind, moe) in [("bf16", "per-expert"), ("fp8", "batched")] {
         let o = finetune(&[
             "bench",
             "train",
@@ -32,6 +32,8 @@ fn bench_train_reports_step_times_and_a_falling_loss() {
             "1",
             "--rank",
             "4",
+            "--moe",
+            moe,
             "--json",
             json.to_str().unwrap(),
         ]);
@@ -41,6 +43,7 @@ fn bench_train_reports_step_times_and_a_falling_loss() {
         let written: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(printed, written, "{kind}");
+        assert_eq!(printed["moe"], moe, "{kind}");
         assert_eq!(
             printed["step_secs"].as_array().unwrap().len(),
             3,
