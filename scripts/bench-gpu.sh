@@ -52,7 +52,7 @@ timeout 60 $PY scripts/bench_gpu_train.py gemm "$SEQ" 2048 768 128 | tee "$OUT_D
 run_ours() {  # NAME MODEL FLAGS...
   local name=$1 model=$2; shift 2
   peak_mem "$name" timeout 240 bash scripts/device-run.sh exec "$FT" bench train --model "$model" \
-    --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --rank 16 --json "$OUT_DIR/$name.json" "$@" \
+    --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --rank 16 --profile --json "$OUT_DIR/$name.json" "$@" \
     > "$OUT_DIR/$name.stdout" 2> "$OUT_DIR/$name.log"
   tail -3 "$OUT_DIR/$name.log" >&2
 }
@@ -73,7 +73,8 @@ flops_per_token = 4 * n_active + 3 * attn_fwd
 gpu = open(os.path.join(out, "gpu.txt")).read().strip()
 def load(name):
     try:
-        r = json.loads(open(os.path.join(out, name + ".json")).read().strip().splitlines()[-1])
+        text = open(os.path.join(out, name + ".json")).read().strip()
+        r = json.loads(text if name.startswith("ours") else text.splitlines()[-1])
     except Exception as e:
         return None
     try:
@@ -92,5 +93,10 @@ for name, r in rows:
     tps = r["tokens_per_sec"]; mfu = tps * flops_per_token / 989e12
     x = f"{tps / base['tokens_per_sec']:.2f}" if base else "-"
     mem = r["peak_mib"]; xm = f"{mem / base['peak_mib']:.2f}" if base and mem and base.get("peak_mib") else "-"
-    print(f"| {name} | {tps:.0f} | {x} | {100 * mfu:.1f}% | {mem} | {xm} | {r['losses'][0]:.4f} |")
+    print(f"| {name} | {tps:.0f} | {x} | {100 * mfu:.1f}% | {mem:.0f} | {xm} | {r['losses'][0]:.4f} |")
+for name, r in rows:
+    if r and r.get("profile"):
+        p = r["profile"]
+        print(f"\n{name}: forward + loss {p['forward_and_loss_secs']:.3f} s, backward {p['backward_secs']:.3f} s, "
+              f"rest of the step {p['rest_of_step_secs']:.3f} s (median step {r['median_step_secs']:.3f} s)")
 PYEOF

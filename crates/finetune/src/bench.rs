@@ -131,6 +131,8 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     );
     let stop = AtomicBool::new(false);
     let mut steps = Vec::new();
+    let mut profile = None;
+    let profiled = sequence.clone();
     on_large_stack(|| -> Result<()> {
         let mut trainer = Trainer::new(&model, lora, vec![sequence], Vec::new(), options)?;
         let mut last = 0.0;
@@ -152,6 +154,14 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
             );
             steps.push((m.step, secs, m.loss, m.tokens));
         })?;
+        if args.profile {
+            profile = Some(forward_backward_secs(
+                &model,
+                trainer.lora(),
+                &profiled,
+                &device,
+            )?);
+        }
         Ok(())
     })?;
     let measured: Vec<f64> = steps
@@ -181,6 +191,11 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "tokens_per_sec": tokens_per_sec,
         "losses": steps.iter().map(|s| s.2).collect::<Vec<_>>(),
         "load_secs": load_secs,
+        "profile": profile.map(|(f, b)| serde_json::json!({
+            "forward_and_loss_secs": f,
+            "backward_secs": b,
+            "rest_of_step_secs": median - f - b,
+        })),
     });
     println!("{}", serde_json::to_string(&result)?);
     if let Some(path) = &args.json {
@@ -201,4 +216,29 @@ pub fn bench_ids(seq: usize, vocab: usize) -> Vec<u32> {
     (0..seq as u32)
         .map(|t| t.wrapping_mul(2_654_435_761) % vocab as u32)
         .collect()
+}
+
+/// Seconds of the forward + loss and of the backward of one step on `sequence` (the second of
+/// two tries, the device synchronized around each phase).
+fn forward_backward_secs(
+    model: &Qwen3Moe,
+    lora: &Lora,
+    sequence: &Sequence,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let mut times = (0.0, 0.0);
+    for _ in 0..2 {
+        device.synchronize()?;
+        let started = std::time::Instant::now();
+        let logits = model.forward_with(&sequence.ids, &sequence.position_ids, Some(lora))?;
+        let loss = Qwen3Moe::loss_sum_tensor(&logits, &sequence.labels)?;
+        device.synchronize()?;
+        let forward = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
+        let grads = loss.backward()?;
+        device.synchronize()?;
+        times = (forward, started.elapsed().as_secs_f64());
+        drop(grads);
+    }
+    Ok(times)
 }

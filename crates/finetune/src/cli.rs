@@ -128,6 +128,10 @@ pub struct BenchTrainArgs {
     /// projection; the GPU default) or `per-expert` (the reference loop; the CPU default).
     #[arg(long, value_name = "PATH", value_parser = ["batched", "per-expert"])]
     pub moe: Option<String>,
+    /// After the measured steps, time the forward + loss and the backward of one more step
+    /// separately (the device synchronized around each), and report the rest of the step.
+    #[arg(long)]
+    pub profile: bool,
     /// Benchmark the CPU even in a CUDA build.
     #[arg(long)]
     pub cpu: bool,
