@@ -21,6 +21,7 @@ use crate::config::Qwen3MoeConfig;
 use crate::lora::Lora;
 use crate::weights::{BaseWeight, Weights, WeightsError};
 use candle_core::{DType, Device, Tensor, D};
+use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
 
 type Result<T> = std::result::Result<T, WeightsError>;
 
@@ -603,10 +604,10 @@ impl Qwen3Moe {
     }
 
     /// [`MoePath::Batched`]: the routing of [`Self::moe`], then every expert at once on its
-    /// tokens gathered into `[E, C, hidden]` (C = the largest group; pad rows are a zero row
-    /// whose routing weight is 0, so they add nothing and no gradient), one batched GEMM per
-    /// projection, and one index_add back in expert order (the order the per-expert path adds
-    /// in).
+    /// tokens gathered into `[E, C, hidden]` (C = the largest group; pad slots are zero rows
+    /// whose routing weight is 0, so they add nothing and get no gradient) by
+    /// finetune-kernels' `gather_rows`, one batched GEMM per projection, and `sum_rows` back,
+    /// each token's experts summed in expert order (the order the per-expert path adds in).
     fn moe_batched(
         &self,
         x: &Tensor,
@@ -646,12 +647,9 @@ impl Qwen3Moe {
                 weight_index[e * cap + j] = tok * n_exp as u32 + e as u32;
             }
         }
-        let rows = Tensor::new(rows.as_slice(), &self.device)?;
+        let perm = std::sync::Arc::new(Permutation::new(rows, t, &self.device)?);
         let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
-        let zero_row = Tensor::zeros((1, h), x.dtype(), &self.device)?;
-        let xs = Tensor::cat(&[x, &zero_row], 0)?
-            .index_select(&rows, 0)?
-            .reshape((n_exp, cap, h))?;
+        let xs = gather_rows(x, &perm)?.reshape((n_exp, cap, h))?;
         let names = |pick: fn(&Expert) -> &Proj| -> Vec<&str> {
             experts.iter().map(|e| pick(e).name.as_str()).collect()
         };
@@ -663,9 +661,7 @@ impl Qwen3Moe {
             .index_select(&weight_index, 0)?
             .unsqueeze(1)?;
         let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
-        Tensor::zeros((t + 1, h), x.dtype(), &self.device)?
-            .index_add(&rows, &y, 0)?
-            .narrow(0, 0, t)
+        sum_rows(&y, &perm)
     }
 
     /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.
