@@ -12,8 +12,9 @@
 #      151,936) with LAYERS layers (default 2), in bf16 and in FP8 block-128.
 #   2. cuBLAS references: bf16 and FP8 GEMM TFLOPS at one expert's and a dense shape.
 #   3. `finetune bench train`, r = 16 on q/k/v/o and every expert's gate/up/down, SEQ tokens
-#      (default 4096): bf16 base with bf16 compute, FP8 base with bf16 compute, and bf16 base
-#      with f32 compute on TF32 tensor cores.
+#      (default 4096): bf16 base with bf16 compute, FP8 base with bf16 compute, bf16 base with
+#      f32 compute on TF32 tensor cores, bf16 with the per-expert MoE loop instead of the
+#      batched path, and bf16 with per-layer recompute.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
 # Peak memory: nvidia-smi's memory.used sampled every 50 ms during each side's run (the
 # whole process: weights, activations, allocator caches, CUDA context), the same measure for
@@ -62,6 +63,8 @@ tail -3 "$OUT_DIR/peft-bf16.log" >&2
 run_ours ours-bf16 "$WORK/base/bf16" --bf16
 run_ours ours-fp8 "$WORK/base/fp8" --bf16
 run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32
+run_ours ours-bf16-per-expert "$WORK/base/bf16" --bf16 --moe per-expert
+run_ours ours-bf16-recompute "$WORK/base/bf16" --bf16 --recompute
 
 $PY - "$OUT_DIR" "$SEQ" "$LAYERS" <<'PYEOF' | tee "$OUT_DIR/summary.md"
 import json, os, sys
@@ -82,7 +85,8 @@ def load(name):
     except Exception:
         r["peak_mib"] = None
     return r
-rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-fp8", "ours-bf16-tf32"]]
+rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-fp8", "ours-bf16-tf32", "ours-bf16-per-expert",
+                                "ours-bf16-recompute"]]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")
 print("| run | tokens/s | × PEFT | MFU | peak memory.used (MiB) | × PEFT | first loss |")
