@@ -418,7 +418,7 @@ impl Qwen3Moe {
         let t = position_ids.len();
         let d = c.head_dim();
         // Document of each token, and the additive mask: 0 where attention is allowed.
-        let mut doc = Vec::with_capacity(t);
+        let mut doc: Vec<u32> = Vec::with_capacity(t);
         for (i, &p) in position_ids.iter().enumerate() {
             let prev = if i == 0 { 0 } else { doc[i - 1] };
             doc.push(if i > 0 && p <= position_ids[i - 1] && p == 0 {
@@ -428,20 +428,32 @@ impl Qwen3Moe {
             });
         }
         // Keys are the `past` cached tokens (all of the same document) followed by these.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                let doc = &doc;
-                (0..past + t).map(move |j| {
-                    let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
-                    if allowed {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
+        let mask = if past == 0 {
+            // Built on the device from the document ids (a T×T mask is 64 MB at T = 4096).
+            let doc = Tensor::new(doc.as_slice(), &self.device)?;
+            let same_doc = doc.reshape((t, 1))?.broadcast_eq(&doc.reshape((1, t))?)?;
+            let pos = Tensor::arange(0u32, t as u32, &self.device)?;
+            let causal = pos.reshape((t, 1))?.broadcast_ge(&pos.reshape((1, t))?)?;
+            let allowed = (same_doc * causal)?;
+            let zeros = Tensor::zeros((t, t), DType::F32, &self.device)?;
+            let blocked = Tensor::full(f32::NEG_INFINITY, (t, t), &self.device)?;
+            allowed.where_cond(&zeros, &blocked)?.reshape((1, t, t))?
+        } else {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    let doc = &doc;
+                    (0..past + t).map(move |j| {
+                        let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
+                        if allowed {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, t, past + t), &self.device)?;
+                .collect();
+            Tensor::from_vec(mask, (1, t, past + t), &self.device)?
+        };
 
         // RoPE tables at the given positions: angle = position · inv_freq[i], in f32 as
         // transformers computes it; cos/sin scaled by the attention factor (YaRN).
