@@ -274,6 +274,24 @@ impl<'m> Trainer<'m> {
         &self.lora
     }
 
+    /// The whole adapter: this trainer's, or in a parallel run the experts' adapters gathered
+    /// from every rank onto rank 0 (`None` on the other ranks, which must call it too).
+    pub fn whole_lora(&self) -> Result<Option<Lora>, TrainError> {
+        match &self.parallel {
+            None => Ok(Some(Lora::from_tensors(
+                self.lora.r,
+                self.lora.scale,
+                self.lora
+                    .tensors()
+                    .map(|(n, a, b)| (n.to_string(), a.clone(), b.clone())),
+            )?)),
+            Some(p) => {
+                let (m, v, t) = self.opt.state();
+                Ok(p.gather(&self.lora, m, v, t)?.map(|w| w.0))
+            }
+        }
+    }
+
     pub fn step(&self) -> u64 {
         self.step
     }

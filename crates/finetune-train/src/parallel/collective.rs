@@ -55,6 +55,10 @@ pub trait Collective: Send + Sync {
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
     fn barrier(&self) -> Result<()>;
     fn all_reduce_f64(&self, v: &[f64]) -> Result<Vec<f64>>;
+    /// Makes the other ranks' pending and future operations fail, where the backend can (a
+    /// rank gave up). The CPU backend does; NCCL has no such thing short of aborting the
+    /// communicator, and the process exits anyway.
+    fn abort(&self, _reason: &str) {}
 }
 
 /// Width of a row (product of the dims after the first) and the row count.
@@ -251,6 +255,10 @@ impl Drop for CpuCollective {
 impl Collective for CpuCollective {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    fn abort(&self, reason: &str) {
+        CpuCollective::abort(self, reason)
     }
 
     fn size(&self) -> usize {

@@ -20,6 +20,7 @@
 //! their AdamW state; a checkpoint gathers the experts' adapters and moments on rank 0 and is
 //! written whole (PEFT names, full tensors), so any layout resumes it ([`RankContext::restrict`]).
 
+pub mod check;
 pub mod collective;
 pub mod engine;
 pub mod launch;
@@ -96,11 +97,6 @@ impl CpuComms {
             dp: Box::new(self.dp),
         }
     }
-
-    /// Makes every pending collective of this rank's groups fail (the rank gave up).
-    pub fn abort_handles(&self) -> [&CpuCollective; 4] {
-        [&self.world, &self.tp, &self.a2a, &self.dp]
-    }
 }
 
 /// How an adapter's gradient is reduced.
@@ -133,6 +129,8 @@ pub struct RankContext {
     /// Every adapter of the run (all experts), name order: (name, A dims, B dims).
     full: Vec<(String, Vec<usize>, Vec<usize>)>,
     n_experts: usize,
+    /// Where this rank's tensors live (a resumed checkpoint is moved there).
+    device: candle_core::Device,
 }
 
 impl RankContext {
@@ -161,11 +159,27 @@ impl RankContext {
                 .map(|(n, a, b)| (n.to_string(), a.dims().to_vec(), b.dims().to_vec()))
                 .collect(),
             n_experts,
+            device: full
+                .vars()
+                .next()
+                .map_or(candle_core::Device::Cpu, |v| v.device().clone()),
         })
     }
 
     pub fn rank(&self) -> usize {
         self.coords.rank
+    }
+
+    /// Releases the other ranks from their collectives: this rank failed.
+    pub fn abort(&self, reason: &str) {
+        for c in [
+            &self.comms.world,
+            &self.comms.tp,
+            &self.comms.a2a,
+            &self.comms.dp,
+        ] {
+            c.abort(reason);
+        }
     }
 
     /// Whether adapter `name` is kept on shard `shard`.
@@ -202,14 +216,23 @@ impl RankContext {
                 [k, k]
             })
             .collect();
-        let pick = |v: Vec<Tensor>| -> Vec<Tensor> {
+        let dev = &self.device;
+        let pick = |v: Vec<Tensor>| -> Result<Vec<Tensor>, TrainError> {
             v.into_iter()
                 .zip(&keep)
                 .filter(|(_, k)| **k)
-                .map(|(t, _)| t)
+                .map(|(t, _)| Ok(t.to_device(dev)?))
                 .collect()
         };
-        let lora = self.local_lora(&ckpt.lora)?;
+        let lora = Lora::from_tensors(
+            ckpt.lora.r,
+            ckpt.lora.scale,
+            ckpt.lora
+                .tensors()
+                .filter(|(n, _, _)| self.keeps(n))
+                .map(|(n, a, b)| Ok((n.to_string(), a.to_device(dev)?, b.to_device(dev)?)))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        )?;
         let mut state = ckpt.state;
         state.adam_t = state
             .adam_t
@@ -222,8 +245,8 @@ impl RankContext {
             dir: ckpt.dir,
             lora,
             meta: ckpt.meta,
-            m: pick(ckpt.m),
-            v: pick(ckpt.v),
+            m: pick(ckpt.m)?,
+            v: pick(ckpt.v)?,
             state,
         })
     }
@@ -484,4 +507,144 @@ pub fn bucketed_all_reduce(
         start = end;
     }
     Ok(())
+}
+
+/// NCCL communicators for a layout: one unique id per group (all kinds, in
+/// [`layout::GROUP_KINDS`] order, groups in [`Layout::groups`] order), made in one place and
+/// handed to every rank, and each rank's joining of its groups.
+#[cfg(feature = "cuda")]
+pub mod nccl_setup {
+    use super::layout::GROUP_KINDS;
+    use super::nccl::{unique_id, NcclCollective};
+    use super::{Collective, CollectiveError, Comms, Layout, Solo};
+    use candle_core::Device;
+
+    /// Unique ids of every group of `layout`, concatenated (128 bytes each).
+    pub fn ids(layout: &Layout) -> Result<Vec<u8>, CollectiveError> {
+        let mut out = Vec::new();
+        for kind in GROUP_KINDS {
+            for _ in layout.groups(kind) {
+                out.extend(unique_id()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rank `rank` joins its groups on `device` (every rank of the run must call it at the
+    /// same time; groups of one rank other than the world need no communicator).
+    pub fn join(
+        layout: &Layout,
+        rank: usize,
+        device: &Device,
+        ids: &[u8],
+    ) -> Result<Comms, CollectiveError> {
+        let mut comms: Vec<Box<dyn Collective>> = Vec::new();
+        let mut offset = 0;
+        for (k, kind) in GROUP_KINDS.into_iter().enumerate() {
+            let groups = layout.groups(kind);
+            for (g, members) in groups.iter().enumerate() {
+                let Some(pos) = members.iter().position(|&r| r == rank) else {
+                    continue;
+                };
+                let start = (offset + g) * 128;
+                let id: [u8; 128] = ids
+                    .get(start..start + 128)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| CollectiveError::Invalid {
+                        op: "join",
+                        message: format!("{} bytes of unique ids, too few", ids.len()),
+                    })?;
+                comms.push(if members.len() == 1 && k > 0 {
+                    Box::new(Solo)
+                } else {
+                    Box::new(NcclCollective::join(device, pos, members.len(), id)?)
+                });
+            }
+            offset += groups.len();
+        }
+        let mut it = comms.into_iter();
+        let mut next = || {
+            it.next().ok_or_else(|| CollectiveError::Invalid {
+                op: "join",
+                message: format!("rank {rank} is missing from a group"),
+            })
+        };
+        Ok(Comms {
+            world: next()?,
+            tp: next()?,
+            a2a: next()?,
+            dp: next()?,
+        })
+    }
+}
+
+/// Runs `f` on a trainer for every rank of `layout` as threads of this process (1 GiB stacks),
+/// with the in-process CPU collectives; tensors live on `device` (the CPU collectives copy
+/// through the host, so this also runs a layout on one GPU). Each rank gets its own copy of
+/// `full`. Returns the results by rank; the first error fails the whole run.
+#[allow(clippy::too_many_arguments)]
+pub fn simulate<T: Send>(
+    layout: Layout,
+    model: &finetune_model::Qwen3Moe,
+    full: &Lora,
+    train: &[Sequence],
+    heldout: &[Sequence],
+    options: &crate::TrainOptions,
+    device: &candle_core::Device,
+    f: impl Fn(&mut crate::Trainer) -> Result<T, TrainError> + Sync,
+) -> Result<Vec<T>, TrainError> {
+    let comms = CpuComms::for_layout(&layout, Duration::from_secs(600));
+    let n_experts = model.config.num_experts;
+    let results: Vec<Result<T, TrainError>> = std::thread::scope(|s| {
+        let f = &f;
+        let joins: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, c)| {
+                std::thread::Builder::new()
+                    .name(format!("rank-{rank}"))
+                    .stack_size(1 << 30)
+                    .spawn_scoped(s, move || -> Result<T, TrainError> {
+                        let own = copy_lora(full, device)?;
+                        let ctx = RankContext::new(layout, rank, c.into_comms(), &own, n_experts)?;
+                        let mut t = crate::Trainer::new_parallel(
+                            model,
+                            &own,
+                            train.to_vec(),
+                            heldout.to_vec(),
+                            options.clone(),
+                            ctx,
+                        )?;
+                        let r = f(&mut t);
+                        if let (Err(e), Some(ctx)) = (&r, t.rank_context()) {
+                            ctx.abort(&format!("rank {rank}: {e}"));
+                        }
+                        r
+                    })
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// A copy of `lora` with its own storage on `device` (ranks update their adapters in place).
+pub fn copy_lora(lora: &Lora, device: &candle_core::Device) -> Result<Lora, TrainError> {
+    Ok(Lora::from_tensors(
+        lora.r,
+        lora.scale,
+        lora.tensors()
+            .map(|(n, a, b)| {
+                Ok((
+                    n.to_string(),
+                    a.to_device(device)?.copy()?,
+                    b.to_device(device)?.copy()?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    )?)
 }
