@@ -394,6 +394,8 @@ pub fn train_into(
         if t.recompute && !quiet {
             eprintln!("train: train.recompute is not applied with several ranks yet (every layer's activations are kept)");
         }
+        // Processes other than the first train but write nothing (rank 0 writes the run).
+        let writes = world.first_rank == 0;
         let progress = std::sync::Mutex::new(None::<Progress>);
         let summary = crate::train_parallel::run(
             crate::train_parallel::ParallelRun {
@@ -425,7 +427,7 @@ pub fn train_into(
             p.finish();
         }
         return finish(
-            resolved,
+            writes,
             data,
             run_dir,
             train_stats,
@@ -457,7 +459,7 @@ pub fn train_into(
         Ok(summary)
     })?;
     finish(
-        resolved,
+        true,
         data,
         run_dir,
         train_stats,
@@ -469,10 +471,10 @@ pub fn train_into(
     )
 }
 
-/// `train.json`, and the report.
+/// `train.json` (where `writes`), and the report.
 #[allow(clippy::too_many_arguments)]
 fn finish(
-    _resolved: &ResolvedRecipe,
+    writes: bool,
     data: &Path,
     run_dir: &Path,
     train_stats: EncodeStats,
@@ -497,10 +499,12 @@ fn finish(
         "elapsed_secs": summary.elapsed_secs,
         "last_checkpoint": summary.last_checkpoint.as_ref().map(|p| p.display().to_string()),
     });
-    write_atomic(
-        &run_dir.join("train.json"),
-        (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
-    )?;
+    if writes {
+        write_atomic(
+            &run_dir.join("train.json"),
+            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+        )?;
+    }
     Ok(TrainReport {
         run_dir: run_dir.to_path_buf(),
         adapter: run_dir.join("adapter"),

@@ -4,6 +4,9 @@
 //! batch script), and a small TCP rendezvous at `MASTER_ADDR:MASTER_PORT` through which process
 //! 0 hands every other process a blob (the NCCL unique ids of the run's communicators).
 //!
+//! The rendezvous listens on `FINETUNE_RENDEZVOUS_PORT`, else `MASTER_PORT` + 1: torchrun's own
+//! store may hold `MASTER_PORT` itself.
+//!
 //! A process runs `gpus` ranks (one thread per local GPU): global rank = process rank × gpus +
 //! local index, world = processes × gpus. torchrun with one process per GPU is gpus = 1 and
 //! `LOCAL_RANK` picks the device; one Slurm task per node is gpus = GPUs per node.
@@ -34,6 +37,8 @@ pub struct LaunchEnv {
     pub local: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// Where process 0 listens for the rendezvous.
+    pub rendezvous_port: u16,
 }
 
 pub const DEFAULT_PORT: u16 = 29500;
@@ -91,12 +96,25 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv
             message: "not a TCP port".into(),
         })?,
     };
+    let rendezvous_port = match get("FINETUNE_RENDEZVOUS_PORT") {
+        Some(p) => p.trim().parse().map_err(|_| LaunchError::Env {
+            name: "FINETUNE_RENDEZVOUS_PORT",
+            value: p.clone(),
+            message: "not a TCP port".into(),
+        })?,
+        None => master_port.checked_add(1).ok_or_else(|| LaunchError::Env {
+            name: "MASTER_PORT",
+            value: master_port.to_string(),
+            message: "the rendezvous uses MASTER_PORT + 1: too large".into(),
+        })?,
+    };
     Ok(Some(LaunchEnv {
         process,
         processes,
         local,
         master_addr,
         master_port,
+        rendezvous_port,
     }))
 }
 
@@ -110,7 +128,7 @@ pub fn share_blob(
     blob: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Vec<u8>, LaunchError> {
-    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    let addr = format!("{}:{}", env.master_addr, env.rendezvous_port);
     let err = |message: String| LaunchError::Rendezvous {
         addr: addr.clone(),
         message,
@@ -120,7 +138,7 @@ pub fn share_blob(
         if env.processes == 1 {
             return Ok(blob);
         }
-        let listener = TcpListener::bind(("0.0.0.0", env.master_port))
+        let listener = TcpListener::bind(("0.0.0.0", env.rendezvous_port))
             .map_err(|e| err(format!("cannot listen: {e}")))?;
         listener
             .set_nonblocking(true)
@@ -229,7 +247,8 @@ mod tests {
                 processes: 4,
                 local: 1,
                 master_addr: "node0".into(),
-                master_port: 1234
+                master_port: 1234,
+                rendezvous_port: 1235,
             }
         );
         let e = env(&[
@@ -280,7 +299,8 @@ mod tests {
                             processes: 3,
                             local: 0,
                             master_addr: "127.0.0.1".into(),
-                            master_port: port,
+                            master_port: 1,
+                            rendezvous_port: port,
                         };
                         share_blob(&e, (p == 0).then_some(blob), Duration::from_secs(20)).unwrap()
                     })
