@@ -555,7 +555,8 @@ fn project_rows(
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
             let x = l.dropout_input(x)?;
-            let b = b.narrow(0, rows.start, rows.len())?;
+            // Narrowed views are copied: CUDA's matmul takes only contiguous operands.
+            let b = b.narrow(0, rows.start, rows.len())?.contiguous()?;
             y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
         }
         None => Ok(y),
@@ -578,7 +579,7 @@ fn project_cols(
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
             let x = l.dropout_input(x)?;
-            let a = a.narrow(1, cols.start, cols.len())?;
+            let a = a.narrow(1, cols.start, cols.len())?.contiguous()?;
             y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
         }
         None => Ok(y),

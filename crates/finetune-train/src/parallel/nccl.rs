@@ -9,7 +9,6 @@
 //! receives each peer's rows inside one NCCL group (rows for itself are copied, not sent).
 
 use super::collective::{check_counts, rows_of, Collective, CollectiveError, Result};
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, Tensor};
