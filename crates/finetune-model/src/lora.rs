@@ -128,6 +128,11 @@ impl Lora {
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 
+    /// The dropout probability (0 without dropout).
+    pub fn dropout_p(&self) -> f64 {
+        self.dropout.as_ref().map_or(0.0, |d| d.p)
+    }
+
     /// Dropout on (training) or off (evaluation) without touching its random stream.
     pub fn set_training(&self, training: bool) {
         if let Some(d) = &self.dropout {

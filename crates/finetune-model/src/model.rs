@@ -764,3 +764,189 @@ pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
             .ln();
     row[index] as f64 - lse
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pieces of a layer for the parallel trainer (finetune-train's `parallel` module), which runs a
+// layer as segments separated by collectives: attention over a range of heads (tensor
+// parallel), the router, single experts (expert parallel), the dense MLP. Each piece is the
+// same math as `layer_forward`; with the full head range the attention piece equals the
+// attention of `layer_forward`.
+// ---------------------------------------------------------------------------------------------
+
+/// `project` restricted to output rows `rows` of W (and of LoRA's B): the column-parallel
+/// half of a tensor-parallel projection.
+fn project_rows(
+    x: &Tensor,
+    p: &Proj,
+    lora: Option<&Lora>,
+    rows: std::ops::Range<usize>,
+) -> candle_core::Result<Tensor> {
+    let w = p.w.dequantize(DType::F32)?;
+    let w = w.narrow(0, rows.start, rows.len())?.contiguous()?;
+    let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
+    match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
+        Some((l, (a, b))) => {
+            let x = l.dropout_input(x)?;
+            // Narrowed views are copied: CUDA's matmul takes only contiguous operands.
+            let b = b.narrow(0, rows.start, rows.len())?.contiguous()?;
+            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+        }
+        None => Ok(y),
+    }
+}
+
+/// `project` restricted to input columns `cols` of W (and of LoRA's A), for an input that
+/// holds only those columns: the row-parallel half of a tensor-parallel projection, whose
+/// results summed over the column ranges give `project` of the whole input (LoRA included:
+/// (Σ xᵢAᵢᵀ)Bᵀ = Σ (xᵢAᵢᵀ)Bᵀ).
+fn project_cols(
+    x: &Tensor,
+    p: &Proj,
+    lora: Option<&Lora>,
+    cols: std::ops::Range<usize>,
+) -> candle_core::Result<Tensor> {
+    let w = p.w.dequantize(DType::F32)?;
+    let w = w.narrow(1, cols.start, cols.len())?.contiguous()?;
+    let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
+    match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
+        Some((l, (a, b))) => {
+            let x = l.dropout_input(x)?;
+            let a = a.narrow(1, cols.start, cols.len())?.contiguous()?;
+            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+        }
+        None => Ok(y),
+    }
+}
+
+impl Qwen3Moe {
+    /// Whether layer `index` has a mixture of experts (else a dense MLP).
+    pub fn layer_is_moe(&self, index: usize) -> bool {
+        matches!(self.layers[index].mlp, Mlp::Moe { .. })
+    }
+
+    /// The attention of layer `index` restricted to query heads `heads` (and their key/value
+    /// heads: `heads` must cover whole query groups), projected by the matching columns of
+    /// o_proj: o_proj's output before the residual, of which the sum over a partition of the
+    /// heads is the layer's attention output. `x` is the layer input `[T, hidden]`; no cache.
+    pub fn attention_heads(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &SequenceContext,
+        lora: Option<&Lora>,
+        heads: std::ops::Range<usize>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let group = nh / nkv;
+        if heads.start % group != 0 || heads.end % group != 0 || heads.end > nh {
+            candle_core::bail!(
+                "attention heads {heads:?} do not cover whole groups of {group} query heads per \
+                 key/value head ({nh} heads, {nkv} key/value heads)"
+            );
+        }
+        let kv = heads.start / group..heads.end / group;
+        let (lh, lkv) = (heads.len(), kv.len());
+        let t = ctx.t;
+        let half = d / 2;
+        let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            x.broadcast_mul(&ctx.cos)? + rotated.broadcast_mul(&ctx.sin)?
+        };
+        let layer = &self.layers[index];
+        let n = rms_norm(x, &layer.input_norm, eps)?;
+        let a = &layer.attn;
+        let q =
+            project_rows(&n, &a.q, lora, heads.start * d..heads.end * d)?.reshape((t, lh, d))?;
+        let k = project_rows(&n, &a.k, lora, kv.start * d..kv.end * d)?.reshape((t, lkv, d))?;
+        let v = project_rows(&n, &a.v, lora, kv.start * d..kv.end * d)?.reshape((t, lkv, d))?;
+        let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
+        let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let q = q.transpose(0, 1)?.contiguous()?;
+        let k = k
+            .unsqueeze(1)?
+            .broadcast_as((lkv, group, t, d))?
+            .reshape((lh, t, d))?;
+        let v = v
+            .unsqueeze(1)?
+            .broadcast_as((lkv, group, t, d))?
+            .reshape((lh, t, d))?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&ctx.mask)?;
+        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
+        let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
+        project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d)
+    }
+
+    /// The MLP input of layer `index`: post-attention RMSNorm of `h` (input + attention).
+    pub fn post_attention_norm(&self, index: usize, h: &Tensor) -> candle_core::Result<Tensor> {
+        rms_norm(h, &self.layers[index].post_norm, self.config.rms_norm_eps)
+    }
+
+    /// The router of MoE layer `index` on MLP inputs `x` `[T, hidden]`: the combine weights
+    /// `[T, experts]` (differentiable in `x`, zero off each token's top-k, renormalised when
+    /// `norm_topk_prob`) and, per expert, the tokens routed to it in token order — as the
+    /// routing inside `layer_forward`.
+    pub fn route(&self, index: usize, x: &Tensor) -> candle_core::Result<(Tensor, Vec<Vec<u32>>)> {
+        let Mlp::Moe {
+            router, experts, ..
+        } = &self.layers[index].mlp
+        else {
+            candle_core::bail!("layer {index} has a dense MLP, not experts");
+        };
+        let c = &self.config;
+        // Router logits in the compute dtype, softmax in f32 (as `moe`).
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?;
+        let values: Vec<Vec<f32>> = probs.to_vec2()?;
+        let (t, n_exp) = (values.len(), experts.len());
+        let mut chosen = vec![0f32; t * n_exp];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        for (tok, p) in values.iter().enumerate() {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for &e in &order[..c.num_experts_per_tok] {
+                chosen[tok * n_exp + e] = 1.0;
+                routed[e].push(tok as u32);
+            }
+        }
+        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
+        let mut weights = (probs * chosen)?;
+        if c.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        }
+        Ok((weights.to_dtype(x.dtype())?, routed))
+    }
+
+    /// Expert `expert` of MoE layer `index` (a SwiGLU with its LoRA adapters) on rows `x`.
+    pub fn expert_forward(
+        &self,
+        index: usize,
+        expert: usize,
+        x: &Tensor,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
+            candle_core::bail!("layer {index} has a dense MLP, not experts");
+        };
+        experts[expert].forward(x, lora)
+    }
+
+    /// The dense MLP of layer `index` on `x` (layers in `mlp_only_layers`).
+    pub fn dense_mlp(
+        &self,
+        index: usize,
+        x: &Tensor,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        let Mlp::Dense(e) = &self.layers[index].mlp else {
+            candle_core::bail!("layer {index} has experts, not a dense MLP");
+        };
+        e.forward(x, lora)
+    }
+}

@@ -4,11 +4,12 @@
 //! backward (on a thread with a large stack, [`on_large_stack`]), gradient accumulation,
 //! global-norm clipping, AdamW on f32 master weights and moments ([`adamw`]), learning-rate
 //! schedule ([`schedule`]), metrics, held-out loss, checkpoint. Checkpoints are atomic (temp
-//! dir + rename) and resume bit-identically ([`checkpoint`]). The `parallel` module (to come,
-//! the parallel issue) will hold the collectives and the expert/tensor/data parallel layouts.
+//! dir + rename) and resume bit-identically ([`checkpoint`]). The [`parallel`] module holds the
+//! collectives (in-process CPU threads, NCCL) and the expert/tensor/data parallel layouts.
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod parallel;
 pub mod plan;
 pub mod schedule;
 pub mod trainer;
@@ -38,6 +39,10 @@ pub enum TrainError {
     Io { path: PathBuf, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Collective(#[from] parallel::CollectiveError),
+    #[error(transparent)]
+    Layout(#[from] parallel::LayoutError),
 }
 
 impl TrainError {

@@ -190,10 +190,16 @@ pub fn layouts(input: &PlanInput) -> Vec<Budget> {
     let c = &input.config;
     let divisors: Vec<usize> = (1..=n).filter(|d| n % d == 0).collect();
     let mut out = Vec::new();
-    for &tp in divisors.iter().filter(|&&t| c.num_attention_heads % t == 0) {
+    // The layouts `parallel::Layout` implements: tp divides the query and the key/value heads
+    // (whole key/value groups per rank) and the expert-parallel degree (each tp rank holds its
+    // own slice of the experts).
+    for &tp in divisors
+        .iter()
+        .filter(|&&t| c.num_attention_heads % t == 0 && c.num_key_value_heads % t == 0)
+    {
         for &ep in divisors
             .iter()
-            .filter(|&&e| c.num_experts == 0 || c.num_experts % e == 0)
+            .filter(|&&e| (c.num_experts == 0 || c.num_experts % e == 0) && e % tp == 0)
         {
             for recompute in [false, true] {
                 out.push(budget(input, tp, ep, recompute));
@@ -294,6 +300,11 @@ mod tests {
             micro_batch: 1,
         };
         let h100 = layouts(&input(80.0));
+        // Every layout the planner offers is one the trainer runs.
+        for b in &h100 {
+            crate::parallel::Layout::new(8, b.tp, b.ep, &input(80.0).config)
+                .unwrap_or_else(|e| panic!("planned layout tp {} ep {}: {e}", b.tp, b.ep));
+        }
         let best = &h100[0];
         assert!(best.total() <= 80.0 * GIB, "{best:?}");
         assert_eq!((best.tp, best.ep), (8, 8), "{best:?}");

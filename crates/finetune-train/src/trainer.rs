@@ -16,6 +16,12 @@
 //! replayed during backward (activation checkpointing per layer): memory holds one layer's
 //! graph instead of all of them, at the cost of a second forward. Dropout masks are replayed
 //! identically by rewinding the dropout stream, so gradients equal the plain path's.
+//!
+//! A parallel run ([`Trainer::new_parallel`], one `Trainer` per rank) goes through the same
+//! loop: each rank takes its slice of the step's sequences, runs them with the layout's
+//! forward/backward (`parallel::engine`, which keeps every layer: no recompute yet), and the
+//! loss, gradients and clipping norm are reduced over the ranks before the identical AdamW
+//! update (`parallel` module doc). Rank 0 writes metrics and checkpoints (whole adapters).
 
 use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::checkpoint::{self, Checkpoint, TrainerState};
@@ -114,6 +120,8 @@ pub struct Trainer<'m> {
     bad_in_a_row: u64,
     elapsed_before: f64,
     last_heldout: Option<f64>,
+    /// This rank's place in a parallel run (`None`: single device).
+    parallel: Option<crate::parallel::RankContext>,
 }
 
 /// Peak resident memory of this process (Linux), MiB.
@@ -178,13 +186,50 @@ impl<'m> Trainer<'m> {
             bad_in_a_row: 0,
             elapsed_before: 0.0,
             last_heldout: None,
+            parallel: None,
         })
+    }
+
+    /// One rank of a parallel run: `full` is the whole adapter (every rank builds the same one,
+    /// e.g. from the same seed); the rank keeps its part of it ([`RankContext::local_lora`]).
+    /// Every rank must be given the same data and options.
+    ///
+    /// [`RankContext::local_lora`]: crate::parallel::RankContext::local_lora
+    pub fn new_parallel(
+        model: &'m Qwen3Moe,
+        full: &Lora,
+        train: Vec<Sequence>,
+        heldout: Vec<Sequence>,
+        options: TrainOptions,
+        rank: crate::parallel::RankContext,
+    ) -> Result<Self, TrainError> {
+        if full.dropout_p() > 0.0 && rank.layout.world > 1 {
+            return Err(TrainError::Options(format!(
+                "lora_dropout {} is not supported in parallel runs yet (the masks would differ \
+                 from the single-device run's); set it to 0",
+                full.dropout_p()
+            )));
+        }
+        let lora = rank.local_lora(full)?;
+        let mut t = Self::new(model, lora, train, heldout, options)?;
+        t.parallel = Some(rank);
+        Ok(t)
+    }
+
+    /// This rank's place in a parallel run.
+    pub fn rank_context(&self) -> Option<&crate::parallel::RankContext> {
+        self.parallel.as_ref()
     }
 
     /// Continues from `ckpt`: adapter, moments, update counts, data cursor, dropout position
     /// and counters, so that the rest of the run is bit-identical to an uninterrupted one.
     /// The adapter in `ckpt` must have the same modules and shapes as this trainer's.
     pub fn resume(&mut self, ckpt: Checkpoint) -> Result<(), TrainError> {
+        // Checkpoints hold whole adapters; a rank resumes its part (any layout).
+        let ckpt = match &self.parallel {
+            Some(p) => p.restrict(ckpt)?,
+            None => ckpt,
+        };
         let here: Vec<(&str, Vec<usize>, Vec<usize>)> = self
             .lora
             .tensors()
@@ -229,6 +274,24 @@ impl<'m> Trainer<'m> {
         &self.lora
     }
 
+    /// The whole adapter: this trainer's, or in a parallel run the experts' adapters gathered
+    /// from every rank onto rank 0 (`None` on the other ranks, which must call it too).
+    pub fn whole_lora(&self) -> Result<Option<Lora>, TrainError> {
+        match &self.parallel {
+            None => Ok(Some(Lora::from_tensors(
+                self.lora.r,
+                self.lora.scale,
+                self.lora
+                    .tensors()
+                    .map(|(n, a, b)| (n.to_string(), a.clone(), b.clone())),
+            )?)),
+            Some(p) => {
+                let (m, v, t) = self.opt.state();
+                Ok(p.gather(&self.lora, m, v, t)?.map(|w| w.0))
+            }
+        }
+    }
+
     pub fn step(&self) -> u64 {
         self.step
     }
@@ -243,6 +306,17 @@ impl<'m> Trainer<'m> {
             0 => self.heldout.len(),
             k => k.min(self.heldout.len()),
         };
+        if let Some(p) = &self.parallel {
+            let all: Vec<usize> = (0..n).collect();
+            let count: usize = self.heldout[..n].iter().map(|s| s.target_tokens()).sum();
+            let mut sum = 0f64;
+            for slot in p.local_slice(&all) {
+                let pad = crate::parallel::RankContext::padding();
+                let seq = slot.map_or(&pad, |i| &self.heldout[i]);
+                sum += crate::parallel::engine::loss_sum(self.model, &self.lora, p, seq)?;
+            }
+            return Ok(Some(p.sum_over_data(sum)? / count.max(1) as f64));
+        }
         self.lora.set_training(false);
         let result = (|| {
             let (mut sum, mut count) = (0f64, 0usize);
@@ -279,6 +353,11 @@ impl<'m> Trainer<'m> {
             }
             Ok(())
         };
+        if let Some(p) = &self.parallel {
+            return crate::parallel::engine::accumulate(
+                self.model, &self.lora, &self.vars, p, seq, n_step, grads,
+            );
+        }
         let lora = Some(&self.lora);
         if !self.options.recompute {
             let logits = self.model.forward_with(&seq.ids, &seq.position_ids, lora)?;
@@ -327,6 +406,66 @@ impl<'m> Trainer<'m> {
         Ok(loss_sum.to_scalar::<f32>()? as f64)
     }
 
+    /// The summed loss of the step's sequences `batch` (indices into the training set) and its
+    /// gradients d(loss_sum / n_targets)/dθ, one per variable (zeros where no gradient came). A
+    /// parallel rank runs its slice of the step, padded so that its all-to-all group runs in
+    /// lockstep, and returns the loss summed over the data ranks and its gradient shares (not
+    /// yet reduced).
+    fn step_grads(
+        &self,
+        batch: &[usize],
+        n_targets: usize,
+    ) -> Result<(f64, Vec<Option<Tensor>>), TrainError> {
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut loss_sum = 0f64;
+        let slots: Vec<Option<usize>> = match &self.parallel {
+            Some(p) => p.local_slice(batch),
+            None => batch.iter().map(|&i| Some(i)).collect(),
+        };
+        let pad = crate::parallel::RankContext::padding();
+        for slot in slots {
+            let seq = slot.map_or(&pad, |i| &self.train[i]);
+            loss_sum += self.accumulate(seq, n_targets.max(1) as f64, &mut grads)?;
+        }
+        if let Some(p) = &self.parallel {
+            loss_sum = p.sum_over_data(loss_sum)?;
+        }
+        // A module no token reached gets a zero gradient (transformers 5's fused experts
+        // do the same), so its AdamW moments keep decaying like everyone else's.
+        let grads: Vec<Option<Tensor>> = grads
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()).map(Some))
+            .collect::<candle_core::Result<_>>()?;
+        Ok((loss_sum, grads))
+    }
+
+    /// The loss and the (reduced, unclipped) gradients of one step over the training
+    /// sequences `batch`, with the gradient norm, without updating anything: what an
+    /// optimizer step would see. Gradients are named `<module>.A` / `<module>.B`; a parallel
+    /// rank returns those of the adapters it holds. Every rank of a parallel run must call it.
+    #[allow(clippy::type_complexity)]
+    pub fn step_gradients(
+        &self,
+        batch: &[usize],
+    ) -> Result<(f64, f64, Vec<(String, Tensor)>), TrainError> {
+        let n_targets: usize = batch.iter().map(|&i| self.train[i].target_tokens()).sum();
+        let (loss_sum, mut grads) = self.step_grads(batch, n_targets)?;
+        let norm = match &self.parallel {
+            Some(p) => p.reduce_and_clip(&self.lora, &mut grads, f64::INFINITY)?,
+            None => clip_grad_norm(&mut grads, f64::INFINITY)?,
+        };
+        let names = self
+            .lora
+            .names()
+            .flat_map(|n| [format!("{n}.A"), format!("{n}.B")]);
+        Ok((
+            loss_sum / n_targets.max(1) as f64,
+            norm,
+            names.zip(grads.into_iter().flatten()).collect(),
+        ))
+    }
+
     fn state(&self, out: &RunOutput, elapsed: f64) -> TrainerState {
         TrainerState {
             format: checkpoint::FORMAT,
@@ -346,8 +485,31 @@ impl<'m> Trainer<'m> {
     }
 
     /// Writes a checkpoint of the current state under `out.dir/checkpoints`.
+    /// In a parallel run every rank must call it: the experts' adapters and moments are
+    /// gathered, and rank 0 writes the whole checkpoint (the path is returned on every rank).
     pub fn save(&self, out: &RunOutput, elapsed: f64) -> Result<PathBuf, TrainError> {
-        let (m, v, _) = self.opt.state();
+        let (m, v, t) = self.opt.state();
+        if let Some(p) = &self.parallel {
+            let dir = out
+                .dir
+                .join("checkpoints")
+                .join(checkpoint::dir_name(self.step));
+            if let Some((lora, m, v, t)) = p.gather(&self.lora, m, v, t)? {
+                let mut state = self.state(out, elapsed);
+                state.adam_t = t;
+                checkpoint::save(
+                    &out.dir.join("checkpoints"),
+                    &lora,
+                    &out.adapter_meta,
+                    (&m, &v),
+                    state,
+                    self.options.keep_checkpoints,
+                )?;
+            }
+            // Nobody reads the checkpoint before rank 0 has renamed it into place.
+            p.comms.world.barrier()?;
+            return Ok(dir);
+        }
         checkpoint::save(
             &out.dir.join("checkpoints"),
             &self.lora,
@@ -368,8 +530,9 @@ impl<'m> Trainer<'m> {
         let o = self.options.clone();
         let started = Instant::now();
         let elapsed = |before: f64| before + started.elapsed().as_secs_f64();
+        let writes = self.parallel.as_ref().is_none_or(|p| p.rank() == 0);
         let mut metrics_file = match out {
-            Some(out) => {
+            Some(out) if writes => {
                 std::fs::create_dir_all(&out.dir).map_err(|e| TrainError::io(&out.dir, e))?;
                 let path = out.dir.join("metrics.jsonl");
                 Some((
@@ -381,7 +544,7 @@ impl<'m> Trainer<'m> {
                     path,
                 ))
             }
-            None => None,
+            _ => None,
         };
         let mut summary = TrainSummary {
             steps: self.step,
@@ -410,29 +573,19 @@ impl<'m> Trainer<'m> {
             let n_tokens: usize = batch.iter().map(|&i| self.train[i].ids.len()).sum();
 
             // Forward + backward per sequence; gradients accumulate.
-            let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-            let mut loss_sum = 0f64;
-            for &i in &batch {
-                loss_sum += self.accumulate(&self.train[i], n_targets.max(1) as f64, &mut grads)?;
-            }
+            let (loss_sum, mut grads) = self.step_grads(&batch, n_targets)?;
             let loss = loss_sum / n_targets.max(1) as f64;
-            // A module no token reached gets a zero gradient (transformers 5's fused experts
-            // do the same), so its AdamW moments keep decaying like everyone else's.
-            let mut grads: Vec<Option<Tensor>> = grads
-                .into_iter()
-                .zip(&self.vars)
-                .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()).map(Some))
-                .collect::<candle_core::Result<_>>()?;
 
             // Clip, then update, unless the step is not finite.
-            let grad_norm = clip_grad_norm(
-                &mut grads,
-                if o.max_grad_norm > 0.0 {
-                    o.max_grad_norm
-                } else {
-                    f64::INFINITY
-                },
-            )?;
+            let max_norm = if o.max_grad_norm > 0.0 {
+                o.max_grad_norm
+            } else {
+                f64::INFINITY
+            };
+            let grad_norm = match &self.parallel {
+                Some(p) => p.reduce_and_clip(&self.lora, &mut grads, max_norm)?,
+                None => clip_grad_norm(&mut grads, max_norm)?,
+            };
             let skipped = !loss.is_finite() || !grad_norm.is_finite();
             if skipped {
                 self.skipped_steps += 1;
@@ -497,8 +650,13 @@ impl<'m> Trainer<'m> {
                     step: self.step,
                 });
             }
-            // A stop request (signal) ends the run here, after a checkpoint.
-            if stop.load(Ordering::SeqCst) && !last {
+            // A stop request (signal) ends the run here, after a checkpoint; the ranks of a
+            // parallel run agree on it, so that all of them leave at the same step.
+            let stop_now = match &self.parallel {
+                Some(p) => p.any(stop.load(Ordering::SeqCst))?,
+                None => stop.load(Ordering::SeqCst),
+            };
+            if stop_now && !last {
                 if let (Some(out), false) = (out, saved) {
                     summary.last_checkpoint = Some(self.save(out, elapsed(self.elapsed_before))?);
                 }

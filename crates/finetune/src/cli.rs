@@ -512,9 +512,16 @@ pub struct RecipeArgs {
     /// Checkpoints kept (older ones are deleted).  [train.keep_checkpoints]
     #[arg(long, value_name = "N", help_heading = "Training")]
     pub keep_checkpoints: Option<u32>,
-    /// GPUs used in this process (one worker thread each).  [train.gpus]
+    /// GPUs used in this process (one worker thread each; on a CPU build, N ranks as threads
+    /// with in-process collectives).  [train.gpus]
     #[arg(long, value_name = "N", help_heading = "Training")]
     pub gpus: Option<u32>,
+    /// Tensor-parallel ranks: attention heads split over them; divides --ep.  [train.tp]
+    #[arg(long, value_name = "N", help_heading = "Training")]
+    pub tp: Option<u32>,
+    /// Expert-parallel ranks: experts split over them (0: all ranks).  [train.ep]
+    #[arg(long, value_name = "N", help_heading = "Training")]
+    pub ep: Option<u32>,
 
     /// Eval suites, comma-separated: repo-heldout, pr-replay, humaneval, or a user suite
     /// FILE.jsonl.  [eval.suites]
@@ -630,6 +637,8 @@ impl RecipeArgs {
         flag!(save_every, "--save-every", "train.save_every" => train.save_every);
         flag!(keep_checkpoints, "--keep-checkpoints", "train.keep_checkpoints" => train.keep_checkpoints);
         flag!(gpus, "--gpus", "train.gpus" => train.gpus);
+        flag!(tp, "--tp", "train.tp" => train.tp);
+        flag!(ep, "--ep", "train.ep" => train.ep);
         flag!(suites, "--suites", "eval.suites" => eval.suites);
         flag!(max_examples, "--max-examples", "eval.max_examples" => eval.max_examples);
         flag!(max_new_tokens, "--max-new-tokens", "eval.max_new_tokens" => eval.max_new_tokens);

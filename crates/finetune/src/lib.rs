@@ -15,6 +15,7 @@ pub mod run_dir;
 pub mod schedule;
 pub mod score;
 pub mod train;
+pub mod train_parallel;
 
 use anyhow::{Context, Result};
 use cli::{Cli, Command, RecipeArgs};
@@ -325,6 +326,83 @@ fn frozen_linear_checks(ordinal: usize, dev: &candle_core::Device) -> usize {
     failures
 }
 
+/// Largest |difference| allowed between a parallel step on a GPU and the single-device CPU step
+/// (f32 on both; the GPU sums in other orders).
+const PARALLEL_GPU_TOLERANCE: f32 = 1e-4;
+
+/// One training step of a tiny random model under parallel layouts (ranks as threads with the
+/// in-process collectives, tensors on `dev`) against the single-device CPU step.
+fn parallel_checks(label: &str, dev: &candle_core::Device, tolerance: f32) -> usize {
+    match finetune_train::parallel::check::layouts_on(dev, tolerance) {
+        Ok(lines) => report_lines(label, "parallel step", &lines, tolerance),
+        Err(e) => {
+            println!("{label}: parallel step: FAILED: {e}");
+            1
+        }
+    }
+}
+
+fn report_lines(
+    label: &str,
+    what: &str,
+    lines: &[finetune_train::parallel::check::CheckLine],
+    tolerance: f32,
+) -> usize {
+    let mut failures = 0;
+    for l in lines {
+        if l.ok {
+            println!(
+                "{label}: {what}, {}: ok (max abs diff {:.1e} vs single-device CPU)",
+                l.name, l.max_abs_diff
+            );
+        } else {
+            failures += 1;
+            println!(
+                "{label}: {what}, {}: FAILED: max abs diff {:.1e} > {tolerance:.0e}",
+                l.name, l.max_abs_diff
+            );
+        }
+    }
+    failures
+}
+
+/// NCCL over every GPU (one rank each: every collective against the CPU backend), and one
+/// training step through the parallel engine over an NCCL world of cuda:0.
+#[cfg(feature = "cuda")]
+fn nccl_checks() -> usize {
+    use candle_core::Device;
+    use finetune_train::parallel::check;
+    let devices: Vec<Device> = match finetune_kernels::device::cuda_devices() {
+        Ok(g) => g
+            .iter()
+            .filter_map(|g| Device::new_cuda(g.ordinal).ok())
+            .collect(),
+        Err(_) => return 1,
+    };
+    let mut failures = 0;
+    let label = format!("nccl ({} rank(s), one per GPU)", devices.len());
+    match check::nccl_ops(&devices) {
+        Ok(lines) => failures += report_lines(&label, "collective", &lines, 1e-6),
+        Err(e) => {
+            failures += 1;
+            println!("{label}: FAILED: {e}");
+        }
+    }
+    match check::nccl_step(&devices[0], PARALLEL_GPU_TOLERANCE) {
+        Ok(l) => failures += report_lines("nccl", "cuda:0", &[l], PARALLEL_GPU_TOLERANCE),
+        Err(e) => {
+            failures += 1;
+            println!("nccl: parallel step over NCCL: FAILED: {e}");
+        }
+    }
+    failures
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_checks() -> usize {
+    0
+}
+
 /// `finetune doctor`: this build, the CPU, the GPUs, and a smoke check on each device.
 fn doctor() -> Result<Outcome> {
     use candle_core::Device;
@@ -345,6 +423,7 @@ fn doctor() -> Result<Outcome> {
             println!("cpu: FAILED: {e}");
         }
     }
+    failures += parallel_checks("cpu", &Device::Cpu, 1e-5);
     if !finetune_kernels::BUILT_WITH_CUDA {
         println!("cuda: not in this build (rebuild with --features cuda, see README)");
     } else {
@@ -387,7 +466,11 @@ fn doctor() -> Result<Outcome> {
                         }
                     }
                     failures += frozen_linear_checks(gpu.ordinal, &dev);
+                    if gpu.ordinal == 0 {
+                        failures += parallel_checks("cuda:0", &dev, PARALLEL_GPU_TOLERANCE);
+                    }
                 }
+                failures += nccl_checks();
             }
         }
     }

@@ -230,6 +230,10 @@ pub struct TrainSection {
     pub save_every: u64,
     pub keep_checkpoints: u32,
     pub gpus: u32,
+    /// Tensor-parallel ranks (attention heads); divides `ep`.
+    pub tp: u32,
+    /// Expert-parallel ranks (experts sharded over them); 0: all ranks of the run.
+    pub ep: u32,
 }
 
 impl Default for TrainSection {
@@ -253,6 +257,8 @@ impl Default for TrainSection {
             save_every: 100,
             keep_checkpoints: 2,
             gpus: 1,
+            tp: 1,
+            ep: 0,
         }
     }
 }
@@ -679,6 +685,7 @@ impl ResolvedRecipe {
         at_least_one("train.save_every", r.train.save_every)?;
         at_least_one("train.keep_checkpoints", r.train.keep_checkpoints.into())?;
         at_least_one("train.gpus", r.train.gpus.into())?;
+        at_least_one("train.tp", r.train.tp.into())?;
 
         // eval
         for s in &r.eval.suites {

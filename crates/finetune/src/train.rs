@@ -40,6 +40,10 @@ const RESUMABLE_CHANGES: &[&str] = &[
     "train.save_every",
     "train.keep_checkpoints",
     "data.dir",
+    // Checkpoints hold whole adapters: a run resumes on any number of GPUs and any layout.
+    "train.gpus",
+    "train.tp",
+    "train.ep",
 ];
 
 /// What the train stage did, for the caller's summary.
@@ -114,12 +118,6 @@ fn fingerprint(resolved: &ResolvedRecipe, data: &Path) -> Result<serde_json::Val
 
 fn options(resolved: &ResolvedRecipe, sequences: usize) -> Result<TrainOptions> {
     let t = &resolved.recipe.train;
-    if t.gpus > 1 {
-        bail!(
-            "flag --gpus / train.gpus = {}: multi-GPU training is not implemented yet (issue #10)",
-            t.gpus
-        );
-    }
     let per_step = (t.micro_batch * t.grad_accum) as usize;
     let total_steps = if t.max_steps > 0 {
         t.max_steps
@@ -333,8 +331,14 @@ pub fn train_into(
     let train_seqs = pack(&train_examples, seq_len);
     let heldout_seqs = pack(&heldout_examples, seq_len);
 
-    // Model and adapter.
-    let device = device();
+    // Model and adapter. Several ranks (--gpus, a launcher): loaded on the CPU here, each GPU
+    // rank loads its own copy (train_parallel).
+    let world = crate::train_parallel::world(t.gpus, t.tp, t.ep, &config)?;
+    let device = if world.is_some() {
+        Device::Cpu
+    } else {
+        device()
+    };
     let weights = Weights::open(&base, &device)?;
     let mut model = Qwen3Moe::load(config, &weights, &device)?;
     // train.dtype: auto = bf16 on a GPU, f32 on the CPU.
@@ -396,6 +400,54 @@ pub fn train_into(
 
     let stop = stop_flag()?;
     let sequences = train_seqs.len();
+    if let Some(world) = world {
+        if t.recompute && !quiet {
+            eprintln!("train: train.recompute is not applied with several ranks yet (every layer's activations are kept)");
+        }
+        // Processes other than the first train but write nothing (rank 0 writes the run).
+        let writes = world.first_rank == 0;
+        let progress = std::sync::Mutex::new(None::<Progress>);
+        let summary = crate::train_parallel::run(
+            crate::train_parallel::ParallelRun {
+                world,
+                base: &base,
+                model,
+                lora: &lora,
+                train: train_seqs,
+                heldout: heldout_seqs,
+                options,
+                out,
+                adapter_meta: adapter_meta.clone(),
+                run_dir,
+                resume: resume_dir.clone(),
+                targets: targets.clone(),
+            },
+            &stop,
+            &|m| {
+                if let Some(p) = progress.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    p.step(m)
+                }
+            },
+            &|step| {
+                *progress.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Progress::new(total, step, quiet));
+            },
+        )?;
+        if let Some(p) = progress.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            p.finish();
+        }
+        return finish(
+            writes,
+            data,
+            run_dir,
+            train_stats,
+            heldout_stats,
+            sequences,
+            seq_len,
+            total,
+            summary,
+        );
+    }
     let summary = on_large_stack(|| -> Result<TrainSummary> {
         let mut trainer = Trainer::new(&model, lora, train_seqs, heldout_seqs, options)?;
         if let Some(dir) = &resume_dir {
@@ -416,6 +468,32 @@ pub fn train_into(
         peft::write_adapter(trainer.lora(), &adapter_meta, &run_dir.join("adapter"))?;
         Ok(summary)
     })?;
+    finish(
+        true,
+        data,
+        run_dir,
+        train_stats,
+        heldout_stats,
+        sequences,
+        seq_len,
+        total,
+        summary,
+    )
+}
+
+/// `train.json` (where `writes`), and the report.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    writes: bool,
+    data: &Path,
+    run_dir: &Path,
+    train_stats: EncodeStats,
+    heldout_stats: EncodeStats,
+    sequences: usize,
+    seq_len: usize,
+    total: u64,
+    summary: TrainSummary,
+) -> Result<TrainReport> {
     let report = serde_json::json!({
         "data": {"dir": data.display().to_string(), "train": train_stats, "heldout": heldout_stats,
                  "train_sequences": sequences, "seq_len": seq_len},
@@ -431,10 +509,12 @@ pub fn train_into(
         "elapsed_secs": summary.elapsed_secs,
         "last_checkpoint": summary.last_checkpoint.as_ref().map(|p| p.display().to_string()),
     });
-    write_atomic(
-        &run_dir.join("train.json"),
-        (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
-    )?;
+    if writes {
+        write_atomic(
+            &run_dir.join("train.json"),
+            (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+        )?;
+    }
     Ok(TrainReport {
         run_dir: run_dir.to_path_buf(),
         adapter: run_dir.join("adapter"),

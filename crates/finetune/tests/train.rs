@@ -410,3 +410,87 @@ fn a_hugging_face_model_directory_trains_with_its_own_tokenizer() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `--gpus 2 --ep 2` on a CPU build runs two ranks as threads (experts split, tokens exchanged
+/// by all-to-all): the same losses as `--gpus 1`, a whole adapter, and a checkpoint that
+/// resumes on one rank. An impossible layout is refused with its numbers.
+#[test]
+fn two_ranks_train_like_one_and_their_checkpoint_resumes_on_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mined(dir.path());
+    let steps = [
+        "--max-steps",
+        "3",
+        "--save-every",
+        "2",
+        "--lora-dropout",
+        "0",
+        "--micro-batch",
+        "2",
+    ];
+    let one = dir.path().join("one");
+    let o = train(&data, &one, &[&steps[..], &["--gpus", "1"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let two = dir.path().join("two");
+    let o = train(
+        &data,
+        &two,
+        &[&steps[..], &["--gpus", "2", "--ep", "2"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let losses = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3, "rank 0 alone writes metrics");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4, "losses {a:?} vs {b:?}");
+    }
+    let keys = |run: &Path| -> Vec<String> {
+        let t = candle_core::safetensors::load(
+            run.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut k: Vec<String> = t.into_keys().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&one), keys(&two), "the two-rank adapter is whole");
+    // The two-rank checkpoint at step 2 resumes on one rank (train.gpus/ep may change).
+    let o = resume(
+        &two.join("checkpoints/step-000002"),
+        &[&steps[..], &["--gpus", "1", "--ep", "0"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = losses(&two);
+    assert_eq!(
+        c.len(),
+        4,
+        "step 3 appended again by the resumed run: {c:?}"
+    );
+    assert!(
+        (c[3] - a[2]).abs() <= 1e-4,
+        "resumed step 3: {} vs {}",
+        c[3],
+        a[2]
+    );
+    // 8 experts do not split over 3 ranks.
+    let o = train(
+        &data,
+        &dir.path().join("bad"),
+        &[&steps[..], &["--gpus", "3", "--ep", "3"]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("8 experts") && e.contains("ep 3"), "{e}");
+}

@@ -1,0 +1,373 @@
+//! Self-checks of the parallel machinery on a device, for `finetune doctor` (the GPU machine
+//! has no cargo: what must be checked there runs from the release binary).
+//!
+//! - [`layouts_on`]: one training step's loss and LoRA gradients of a tiny random Qwen3-MoE
+//!   (the `tiny` preset's shapes, 2 layers) under several layouts, ranks as threads with the
+//!   in-process collectives and tensors on the device, against the single-device CPU run.
+//! - [`nccl_ops`] (cuda): every NCCL collective over one rank per GPU, against the CPU backend
+//!   on the same inputs; [`nccl_step`]: the same training step over an NCCL world of one GPU.
+
+use super::{simulate, Layout};
+use crate::{AdamWConfig, LrSchedule, TrainError, TrainOptions, Trainer};
+use candle_core::{Device, Tensor};
+use finetune_data::Sequence;
+use finetune_model::{Lora, Preset, Qwen3Moe, Weights};
+
+/// One compared quantity.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    pub name: String,
+    pub max_abs_diff: f32,
+    pub ok: bool,
+}
+
+/// A tiny random model (on `device` and on the CPU), an adapter with A and B non-zero, and
+/// four packed sequences.
+pub struct Fixture {
+    pub cpu: Qwen3Moe,
+    pub dev: Qwen3Moe,
+    pub lora: Lora,
+    pub sequences: Vec<Sequence>,
+}
+
+impl Fixture {
+    pub fn new(device: &Device) -> Result<Self, TrainError> {
+        let mut config = Preset::Tiny.config();
+        config.num_hidden_layers = 2;
+        config.mlp_only_layers = vec![1];
+        let dir = std::env::temp_dir().join(format!(
+            "finetune-parallel-check-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let io = |e: &dyn std::fmt::Display| TrainError::Io {
+            path: dir.clone(),
+            message: e.to_string(),
+        };
+        finetune_model::init::write_random_checkpoint(&config, 7, &dir).map_err(|e| io(&e))?;
+        let load = |d: &Device| -> Result<Qwen3Moe, TrainError> {
+            let w = Weights::open(&dir, d).map_err(|e| io(&e))?;
+            Qwen3Moe::load(config.clone(), &w, d).map_err(|e| io(&e))
+        };
+        let (cpu, dev) = (load(&Device::Cpu), load(device));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (cpu, dev) = (cpu?, dev?);
+        let modules: Vec<String> = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec();
+        let init = Lora::init(&cpu.lora_targets(), &modules, 4, 2.0, 1, &Device::Cpu)?;
+        // B ≠ 0 so that A gets a gradient too (PEFT's B = 0 would leave dA = 0).
+        let lora = Lora::from_tensors(
+            4,
+            2.0,
+            init.tensors()
+                .map(|(n, a, b)| {
+                    Ok((
+                        n.to_string(),
+                        a.clone(),
+                        Tensor::randn(0f32, 0.05, b.shape(), &Device::Cpu)?,
+                    ))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        )?;
+        let vocab = config.vocab_size as u32;
+        let sequences = [(24usize, 0usize), (17, 8), (30, 12), (11, 0)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(len, second_doc))| {
+                let ids: Vec<u32> = (0..len as u32)
+                    .map(|i| (i * 7 + k as u32 * 13 + 1) % vocab)
+                    .collect();
+                let position_ids: Vec<u32> = (0..len)
+                    .map(|i| {
+                        if second_doc > 0 && i >= second_doc {
+                            (i - second_doc) as u32
+                        } else {
+                            i as u32
+                        }
+                    })
+                    .collect();
+                let labels: Vec<i64> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| if i < 3 { -100 } else { t as i64 })
+                    .collect();
+                let doc_lens = if second_doc > 0 {
+                    vec![second_doc, len - second_doc]
+                } else {
+                    vec![len]
+                };
+                Sequence {
+                    ids,
+                    position_ids,
+                    labels,
+                    doc_lens,
+                }
+            })
+            .collect();
+        Ok(Self {
+            cpu,
+            dev,
+            lora,
+            sequences,
+        })
+    }
+
+    pub fn options() -> TrainOptions {
+        TrainOptions {
+            lr: 1e-3,
+            schedule: LrSchedule::Constant,
+            warmup: 0,
+            total_steps: 1,
+            micro_batch: 4,
+            grad_accum: 1,
+            seed: 1,
+            recompute: false,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            eval_every: 0,
+            eval_sequences: 0,
+            save_every: 1,
+            keep_checkpoints: 1,
+            max_bad_steps: 1,
+        }
+    }
+
+    /// Loss, norm and gradients of one step on the CPU, single device.
+    #[allow(clippy::type_complexity)]
+    pub fn reference(&self) -> Result<(f64, f64, Vec<(String, Tensor)>), TrainError> {
+        let t = Trainer::new(
+            &self.cpu,
+            super::copy_lora(&self.lora, &Device::Cpu)?,
+            self.sequences.clone(),
+            vec![],
+            Self::options(),
+        )?;
+        crate::on_large_stack(|| t.step_gradients(&[0, 1, 2, 3]))
+    }
+}
+
+type StepResult = (f64, f64, Vec<(String, Tensor)>);
+
+/// Compares ranks' step results with the reference; gradients move to the CPU.
+pub fn compare(
+    name: &str,
+    reference: &StepResult,
+    ranks: &[StepResult],
+    tolerance: f32,
+) -> Result<CheckLine, TrainError> {
+    let want: std::collections::HashMap<&str, &Tensor> =
+        reference.2.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut worst = 0f32;
+    let mut seen = std::collections::HashSet::new();
+    for (loss, norm, grads) in ranks {
+        worst = worst.max((loss - reference.0).abs() as f32);
+        worst = worst.max(((norm - reference.1) / reference.1.max(1.0)).abs() as f32);
+        for (n, g) in grads {
+            let w = want.get(n.as_str()).ok_or_else(|| {
+                TrainError::Options(format!("{name}: gradient {n} has no reference"))
+            })?;
+            let d = (g.to_device(&Device::Cpu)? - *w)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            worst = worst.max(d);
+            seen.insert(n.clone());
+        }
+    }
+    let complete = seen.len() == want.len();
+    Ok(CheckLine {
+        name: if complete {
+            name.to_string()
+        } else {
+            format!("{name} ({} of {} gradients)", seen.len(), want.len())
+        },
+        max_abs_diff: worst,
+        ok: complete && worst <= tolerance && worst.is_finite(),
+    })
+}
+
+/// One step under ep 2, tp 2 × ep 2 and dp 2 (2 ranks as threads on `device`, in-process
+/// collectives) against the single-device CPU step.
+pub fn layouts_on(device: &Device, tolerance: f32) -> Result<Vec<CheckLine>, TrainError> {
+    let fx = Fixture::new(device)?;
+    let reference = fx.reference()?;
+    let mut out = Vec::new();
+    for (world, tp, ep, name) in [
+        (1, 1, 1, "single rank"),
+        (2, 1, 2, "ep 2"),
+        (2, 2, 2, "tp 2 × ep 2"),
+        (2, 1, 1, "dp 2"),
+    ] {
+        let layout = Layout::new(world, tp, ep, &fx.dev.config)?;
+        let ranks = simulate(
+            layout,
+            &fx.dev,
+            &fx.lora,
+            &fx.sequences,
+            &[],
+            &Fixture::options(),
+            device,
+            |t| t.step_gradients(&[0, 1, 2, 3]),
+        )?;
+        out.push(compare(name, &reference, &ranks, tolerance)?);
+    }
+    Ok(out)
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda_checks::{nccl_ops, nccl_step};
+
+#[cfg(feature = "cuda")]
+mod cuda_checks {
+    use super::super::collective::{Collective, CpuCollective};
+    use super::super::nccl::{unique_id, NcclCollective};
+    use super::super::{nccl_setup, Layout, RankContext};
+    use super::{compare, CheckLine, Fixture};
+    use crate::{TrainError, Trainer};
+    use candle_core::{Device, Tensor};
+    use std::time::Duration;
+
+    /// What one rank computes with `c` from rank-dependent inputs, as host vectors.
+    fn exercise(
+        c: &dyn Collective,
+        dev: &Device,
+    ) -> Result<Vec<(&'static str, Vec<f32>)>, TrainError> {
+        let (r, n) = (c.rank(), c.size());
+        let x = Tensor::arange(0f32, (4 * n * 3) as f32, dev)?
+            .reshape((4 * n, 3))?
+            .affine(1.0, r as f64 * 100.0)?;
+        let flat = |t: Tensor| -> Result<Vec<f32>, TrainError> {
+            Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        };
+        // Uneven splits: rank r sends (j + r) % 3 rows to rank j, the rest to itself.
+        let mut counts: Vec<usize> = (0..n).map(|j| (j + r) % 3).collect();
+        let used: usize = counts.iter().sum();
+        counts[r] += 4 * n - used.min(4 * n);
+        let (a2a, recv) = c.all_to_all(&x, &counts)?;
+        c.barrier()?;
+        Ok(vec![
+            ("all_reduce", flat(c.all_reduce_sum(&x)?)?),
+            ("all_gather", flat(c.all_gather(&x)?)?),
+            ("reduce_scatter", flat(c.reduce_scatter_sum(&x)?)?),
+            ("all_to_all", flat(a2a)?),
+            (
+                "all_to_all counts",
+                recv.iter().map(|&v| v as f32).collect(),
+            ),
+            ("broadcast", flat(c.broadcast(&x, n - 1)?)?),
+            (
+                "all_reduce_f64",
+                c.all_reduce_f64(&[r as f64 + 0.5, 1.0])?
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect(),
+            ),
+        ])
+    }
+
+    /// Every collective over NCCL with one rank per device in `devices` (threads), against
+    /// the CPU backend on the same inputs.
+    pub fn nccl_ops(devices: &[Device]) -> Result<Vec<CheckLine>, TrainError> {
+        let n = devices.len();
+        let id = unique_id()?;
+        let cpu = CpuCollective::group(n, Duration::from_secs(120));
+        let results: Vec<Result<_, TrainError>> = std::thread::scope(|s| {
+            let joins: Vec<_> = cpu
+                .into_iter()
+                .enumerate()
+                .map(|(r, c)| {
+                    let dev = devices[r].clone();
+                    s.spawn(move || -> Result<_, TrainError> {
+                        let nccl = NcclCollective::join(&dev, r, n, id)?;
+                        let got = exercise(&nccl, &dev)?;
+                        let want = exercise(&c, &Device::Cpu)?;
+                        Ok((got, want))
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        let mut lines: Vec<CheckLine> = Vec::new();
+        for r in results {
+            let (got, want) = r?;
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                let d = if g.len() == w.len() {
+                    g.iter()
+                        .zip(w)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max)
+                } else {
+                    f32::INFINITY
+                };
+                match lines.iter_mut().find(|l| l.name == *name) {
+                    Some(l) => {
+                        l.max_abs_diff = l.max_abs_diff.max(d);
+                        l.ok &= d <= 1e-6;
+                    }
+                    None => lines.push(CheckLine {
+                        name: name.to_string(),
+                        max_abs_diff: d,
+                        ok: d <= 1e-6,
+                    }),
+                }
+            }
+        }
+        Ok(lines)
+    }
+
+    /// One training step through the parallel engine with an NCCL world of one rank on
+    /// `device`, against the single-device CPU step.
+    pub fn nccl_step(device: &Device, tolerance: f32) -> Result<CheckLine, TrainError> {
+        let fx = Fixture::new(device)?;
+        let reference = fx.reference()?;
+        let layout = Layout::new(1, 1, 1, &fx.dev.config)?;
+        let ids = nccl_setup::ids(&layout)?;
+        let result = crate::on_large_stack(|| -> Result<_, TrainError> {
+            let comms = nccl_setup::join(&layout, 0, device, &ids)?;
+            let own = super::super::copy_lora(&fx.lora, device)?;
+            let ctx = RankContext::new(layout, 0, comms, &own, fx.dev.config.num_experts)?;
+            let t = Trainer::new_parallel(
+                &fx.dev,
+                &own,
+                fx.sequences.clone(),
+                vec![],
+                Fixture::options(),
+                ctx,
+            )?;
+            t.step_gradients(&[0, 1, 2, 3])
+        })?;
+        compare(
+            "parallel step over NCCL (world 1)",
+            &reference,
+            &[result],
+            tolerance,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_doctor_layout_check_passes_on_the_cpu() {
+        let lines = layouts_on(&Device::Cpu, 1e-5).unwrap();
+        assert_eq!(lines.len(), 4);
+        for l in &lines {
+            assert!(l.ok, "{l:?}");
+        }
+    }
+}

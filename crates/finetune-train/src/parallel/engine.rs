@@ -1,0 +1,278 @@
+//! One rank's forward and backward of one packed sequence under a [`Layout`]: each layer runs
+//! as segments separated by collectives, and the backward walks the segments in reverse,
+//! calling the adjoint collective between them explicitly (so every rank makes the same
+//! collective calls in the same order, whatever its graph looks like):
+//!
+//! ```text
+//! forward                                   backward (g = ∂loss/∂ layer output)
+//! p  = attention of my heads (x)            ∂p: backprop Σ p·g_h → LoRA grads, ĝx
+//! h  = x + all_reduce_tp(p)                 g_x = g_h + all_reduce_tp(ĝx)   (Megatron's f/g)
+//! n2 = norm(h); w, routes = router(n2)      MoE:
+//! send = n2[tokens for my tp slice of       ĝ1 = ∂(Σ o·g)/∂h (router weights), ∂/∂yback
+//!        experts], grouped by owner         ∂yrecv = a2a(∂yback)            (reverse combine)
+//! recv = a2a(send)                          backprop Σ yrecv·∂yrecv → expert LoRA grads, ∂recv
+//! yrecv = my experts (recv)                 ∂send = a2a(∂recv)              (reverse dispatch)
+//! yback = a2a(yrecv)                        ĝ3 = ∂(Σ send·∂send)/∂h
+//! o = Σ w · yback (my slice of experts)     g_h = g + all_reduce_tp(ĝ1 + ĝ3)
+//! y = h + all_reduce_tp(o)                  dense MLP (replicated over tp): g_h = g + ∂(Σ o·g)/∂h
+//! ```
+//!
+//! The LoRA gradients a rank gets are its share: attention adapters from its heads and its
+//! tokens, expert adapters from its experts and the tokens of its all-to-all group, dense-MLP
+//! adapters from its tokens (identical on the ranks of a tensor-parallel group). `RankContext`
+//! sums them over the right groups.
+
+use super::layout::{Coords, Layout};
+use super::RankContext;
+use crate::TrainError;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use finetune_data::Sequence;
+use finetune_model::{Lora, Qwen3Moe};
+
+struct MoeTape {
+    send: Tensor,
+    send_counts: Vec<usize>,
+    recv: Var,
+    recv_counts: Vec<usize>,
+    yrecv: Tensor,
+    yback: Var,
+}
+
+struct LayerTape {
+    xin: Var,
+    attn: Tensor,
+    h: Var,
+    /// The MLP output: this rank's partial sum over its experts (MoE), or the whole dense MLP.
+    out: Tensor,
+    moe: Option<MoeTape>,
+}
+
+fn tensor_u32(v: &[u32], dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+    Tensor::new(v, dev)
+}
+
+/// Forward of one sequence; returns the per-layer tapes, the last hidden state (a leaf) and
+/// the summed cross-entropy (a graph from that leaf).
+fn forward(
+    model: &Qwen3Moe,
+    lora: &Lora,
+    rc: &RankContext,
+    seq: &Sequence,
+) -> Result<(Vec<LayerTape>, Var, Tensor), TrainError> {
+    let c = &model.config;
+    let (lay, k) = (rc.layout, rc.coords);
+    let ctx = model.sequence_context(&seq.position_ids, 0)?;
+    let mut x = model.embed_tokens(&seq.ids)?;
+    let dev = x.device().clone();
+    let (t_len, hidden) = x.dims2()?;
+    let heads = lay.heads(k.t, c.num_attention_heads);
+    let mut tapes = Vec::with_capacity(model.num_layers());
+    for l in 0..model.num_layers() {
+        let xin = Var::from_tensor(&x)?;
+        let attn = model.attention_heads(l, xin.as_tensor(), &ctx, Some(lora), heads.clone())?;
+        let attn_full = rc.comms.tp.all_reduce_sum(&attn.detach())?;
+        let h = Var::from_tensor(&(x.detach() + attn_full)?)?;
+        let n2 = model.post_attention_norm(l, h.as_tensor())?;
+        let (out, moe) = if model.layer_is_moe(l) {
+            let (out, tape) = moe_forward(model, lora, rc, l, &n2, t_len, hidden, &dev)?;
+            (out, Some(tape))
+        } else {
+            (model.dense_mlp(l, &n2, Some(lora))?, None)
+        };
+        let y = match moe {
+            Some(_) => (h.as_tensor().detach() + rc.comms.tp.all_reduce_sum(&out.detach())?)?,
+            None => (h.as_tensor().detach() + out.detach())?,
+        };
+        tapes.push(LayerTape {
+            xin,
+            attn,
+            h,
+            out,
+            moe,
+        });
+        x = y;
+    }
+    let top = Var::from_tensor(&x)?;
+    let loss_sum = Qwen3Moe::loss_sum_tensor(&model.head(top.as_tensor())?, &seq.labels)?;
+    Ok((tapes, top, loss_sum))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_forward(
+    model: &Qwen3Moe,
+    lora: &Lora,
+    rc: &RankContext,
+    l: usize,
+    n2: &Tensor,
+    t_len: usize,
+    hidden: usize,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, MoeTape), TrainError> {
+    let lay: Layout = rc.layout;
+    let k: Coords = rc.coords;
+    let n_exp = model.config.num_experts;
+    let per = n_exp / lay.ep;
+    let a2a = lay.a2a();
+    let (weights, routed) = model.route(l, n2)?;
+    // This tp rank's slice of the experts lives on shards a'·tp + t, a' < a2a: rows for shard
+    // a'·tp + t go to a2a rank a', grouped by expert.
+    let mut tok_idx: Vec<u32> = Vec::new();
+    let mut w_idx: Vec<u32> = Vec::new();
+    let mut send_counts = vec![0usize; a2a];
+    let mut expert_counts: Vec<f32> = Vec::with_capacity(a2a * per);
+    for (dest, count) in send_counts.iter_mut().enumerate() {
+        for e in lay.experts_of_shard(dest * lay.tp + k.t, n_exp) {
+            expert_counts.push(routed[e].len() as f32);
+            for &tok in &routed[e] {
+                tok_idx.push(tok);
+                w_idx.push(tok * n_exp as u32 + e as u32);
+            }
+            *count += routed[e].len();
+        }
+    }
+    let counts = Tensor::from_vec(expert_counts, (a2a * per, 1), dev)?;
+    let (counts, _) = rc.comms.a2a.all_to_all(&counts, &vec![per; a2a])?;
+    let counts: Vec<f32> = counts.flatten_all()?.to_vec1()?;
+    let send = if tok_idx.is_empty() {
+        Tensor::zeros((0, hidden), DType::F32, dev)?
+    } else {
+        n2.index_select(&tensor_u32(&tok_idx, dev)?, 0)?
+    };
+    let (recv, recv_counts) = rc.comms.a2a.all_to_all(&send.detach(), &send_counts)?;
+    let recv = Var::from_tensor(&recv)?;
+    // Received rows: by sender, then by my local expert.
+    let mine = lay.experts_of_shard(lay.shard(k), n_exp);
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); per];
+    let mut off = 0u32;
+    for src in 0..a2a {
+        for (j, r) in rows.iter_mut().enumerate() {
+            let n = counts[src * per + j] as u32;
+            r.extend(off..off + n);
+            off += n;
+        }
+    }
+    let mut yrecv = recv.as_tensor().zeros_like()?;
+    for (j, r) in rows.iter().enumerate() {
+        if r.is_empty() {
+            continue;
+        }
+        let idx = tensor_u32(r, dev)?;
+        let y = model.expert_forward(
+            l,
+            mine.start + j,
+            &recv.as_tensor().index_select(&idx, 0)?,
+            Some(lora),
+        )?;
+        yrecv = yrecv.index_add(&idx, &y, 0)?;
+    }
+    let (yback, _) = rc.comms.a2a.all_to_all(&yrecv.detach(), &recv_counts)?;
+    let yback = Var::from_tensor(&yback)?;
+    let out = if tok_idx.is_empty() {
+        Tensor::zeros((t_len, hidden), DType::F32, dev)?
+    } else {
+        let w = weights
+            .flatten_all()?
+            .index_select(&tensor_u32(&w_idx, dev)?, 0)?
+            .unsqueeze(1)?;
+        let contrib = yback.as_tensor().broadcast_mul(&w)?;
+        Tensor::zeros((t_len, hidden), DType::F32, dev)?.index_add(
+            &tensor_u32(&tok_idx, dev)?,
+            &contrib,
+            0,
+        )?
+    };
+    Ok((
+        out,
+        MoeTape {
+            send,
+            send_counts,
+            recv,
+            recv_counts,
+            yrecv,
+            yback,
+        },
+    ))
+}
+
+fn grad_or_zeros(store: &GradStore, v: &Var) -> candle_core::Result<Tensor> {
+    match store.get(v.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => v.as_tensor().zeros_like(),
+    }
+}
+
+/// Backprops Σ(y ⊙ g), i.e. the vector-Jacobian product of y with g.
+fn vjp(y: &Tensor, g: &Tensor) -> candle_core::Result<GradStore> {
+    (y * g)?.sum_all()?.backward()
+}
+
+/// Forward and backward of `seq` on this rank: returns the sequence's summed cross-entropy
+/// and adds `∂(loss_sum / n_step)/∂θ` (this rank's share) into `grads`, aligned with `vars`.
+pub(crate) fn accumulate(
+    model: &Qwen3Moe,
+    lora: &Lora,
+    vars: &[Var],
+    rc: &RankContext,
+    seq: &Sequence,
+    n_step: f64,
+    grads: &mut [Option<Tensor>],
+) -> Result<f64, TrainError> {
+    let mut add = |store: &GradStore| -> Result<(), TrainError> {
+        for (acc, var) in grads.iter_mut().zip(vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    };
+    let (tapes, top, loss_sum) = forward(model, lora, rc, seq)?;
+    let store = (&loss_sum / n_step)?.backward()?;
+    add(&store)?;
+    let mut g = grad_or_zeros(&store, &top)?;
+    let tp = &rc.comms.tp;
+    let a2a = &rc.comms.a2a;
+    for (l, tape) in tapes.iter().enumerate().rev() {
+        let g_h = match &tape.moe {
+            None => {
+                let s = vjp(&tape.out, &g)?;
+                add(&s)?;
+                (&g + grad_or_zeros(&s, &tape.h)?)?
+            }
+            Some(m) => {
+                let s1 = vjp(&tape.out, &g)?;
+                let g1 = grad_or_zeros(&s1, &tape.h)?;
+                let g_yback = grad_or_zeros(&s1, &m.yback)?;
+                let (g_yrecv, _) = a2a.all_to_all(&g_yback, &m.send_counts)?;
+                let s2 = vjp(&m.yrecv, &g_yrecv)?;
+                add(&s2)?;
+                let g_recv = grad_or_zeros(&s2, &m.recv)?;
+                let (g_send, _) = a2a.all_to_all(&g_recv, &m.recv_counts)?;
+                let s3 = vjp(&m.send, &g_send)?;
+                let g3 = grad_or_zeros(&s3, &tape.h)?;
+                (&g + tp.all_reduce_sum(&(g1 + g3)?)?)?
+            }
+        };
+        let s4 = vjp(&tape.attn, &g_h)?;
+        add(&s4)?;
+        if l > 0 {
+            let gx = grad_or_zeros(&s4, &tape.xin)?;
+            g = (&g_h + tp.all_reduce_sum(&gx)?)?;
+        }
+    }
+    Ok(loss_sum.to_scalar::<f32>()? as f64)
+}
+
+/// The summed cross-entropy of `seq` (no gradients).
+pub(crate) fn loss_sum(
+    model: &Qwen3Moe,
+    lora: &Lora,
+    rc: &RankContext,
+    seq: &Sequence,
+) -> Result<f64, TrainError> {
+    let (_, _, loss_sum) = forward(model, lora, rc, seq)?;
+    Ok(loss_sum.to_scalar::<f32>()? as f64)
+}
