@@ -5,11 +5,12 @@
 //! the workspace's `kernels/<op>.cu`) and `bwd` side by side. Here so far: [`frozen_linear`]
 //! (a frozen projection whose backward returns dX only; CPU reference, CUDA forward as one cuBLAS
 //! GEMM through candle, no custom kernel), [`fp8_dequant`], [`rms_norm`], [`swiglu`], [`rope`],
-//! [`cross_entropy`] (lm_head + loss chunked over tokens),
+//! [`cross_entropy`] (lm_head + loss chunked over tokens), [`adamw`] (multi-tensor step),
 //! and
 //! [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 
+pub mod adamw;
 mod common;
 pub mod cross_entropy;
 pub mod device;
@@ -25,6 +26,7 @@ pub(crate) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
 
+pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
 pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_linear::frozen_linear;
