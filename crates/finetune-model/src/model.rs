@@ -1,5 +1,6 @@
-//! The Qwen3-MoE forward pass in plain candle ops (f32), the reference implementation that the
-//! fused kernels will be tested against.
+//! The Qwen3-MoE forward pass in candle ops (f32); RMSNorm, RoPE and the head's loss
+//! ([`Qwen3Moe::head_loss_sum`]) go through finetune-kernels' fused ops, whose CPU references
+//! are tested against the plain formulas written here before.
 //!
 //! Per layer, as in transformers' `Qwen3MoeDecoderLayer`:
 //!   h = x + o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
@@ -110,10 +111,10 @@ fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Ten
     }
 }
 
+/// RMSNorm with a frozen weight: one fused op (finetune_kernels::rms_norm, dx-only backward)
+/// instead of six candle ops, each with its own backward.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(&w.to_dtype(DType::F32)?)
+    finetune_kernels::rms_norm(x, &w.to_dtype(DType::F32)?, eps)
 }
 
 fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -275,6 +276,17 @@ impl Qwen3Moe {
         linear(&x, &self.lm_head)
     }
 
+    /// [`Self::loss_sum_tensor`] of [`Self::head`]'s logits without the `[T, vocab]` logits:
+    /// the final norm, then lm_head fused with the loss, chunked over the target tokens
+    /// (finetune_kernels::linear_cross_entropy; differentiable in `x`, lm_head frozen).
+    pub fn head_loss_sum(&self, x: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        // Position t predicts labels[t + 1]; the last position predicts nothing.
+        let targets: Vec<i64> = labels[1..].iter().copied().chain([-100]).collect();
+        let w = self.lm_head.dequantize(DType::F32)?;
+        finetune_kernels::linear_cross_entropy(&x, &w, &targets, None)
+    }
+
     /// What every layer of one forward shares: the attention mask and the RoPE tables of
     /// `position_ids`, after `past` cached tokens.
     pub fn sequence_context(
@@ -349,13 +361,8 @@ impl Qwen3Moe {
         let eps = c.rms_norm_eps;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let (t, past) = (ctx.t, ctx.past);
-        let half = d / 2;
-        let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(&ctx.cos)? + rotated.broadcast_mul(&ctx.sin)?
-        };
+        // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
+        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
         // Attention.
         let n = rms_norm(x, &layer.input_norm, eps)?;
