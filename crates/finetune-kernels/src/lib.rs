@@ -6,11 +6,13 @@
 //! (a frozen projection whose backward returns dX only; CPU reference, CUDA forward as one cuBLAS
 //! GEMM through candle, no custom kernel), [`fp8_dequant`], [`rms_norm`], [`swiglu`], [`rope`],
 //! [`cross_entropy`] (lm_head + loss chunked over tokens), [`adamw`] (multi-tensor step),
+//! [`attention`] (per-document causal GQA, CPU only so far),
 //! and
 //! [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 
 pub mod adamw;
+pub mod attention;
 mod common;
 pub mod cross_entropy;
 pub mod device;
@@ -27,6 +29,7 @@ pub(crate) mod ptx {
 }
 
 pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
+pub use attention::causal_attention;
 pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_linear::frozen_linear;

@@ -78,6 +78,8 @@ impl KvCache {
 pub struct SequenceContext {
     t: usize,
     past: usize,
+    /// Index of the first token of each token's document (the fused attention's mask).
+    doc_start: Vec<u32>,
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -338,9 +340,15 @@ impl Qwen3Moe {
         }
         let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?;
         let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?;
+        let mut doc_start: Vec<u32> = Vec::with_capacity(t);
+        for i in 0..t {
+            let same = i > 0 && doc[i] == doc[i - 1];
+            doc_start.push(if same { doc_start[i - 1] } else { i as u32 });
+        }
         Ok(SequenceContext {
             t,
             past,
+            doc_start,
             mask,
             cos,
             sin,
@@ -382,21 +390,37 @@ impl Qwen3Moe {
             }
             cache.layers[index] = Some((k.clone(), v.clone()));
         }
-        let keys = past + t;
-        // [heads, T, d], key/value heads repeated for their query group.
-        let group = nh / nkv;
-        let q = q.transpose(0, 1)?.contiguous()?;
-        let k = k
-            .unsqueeze(1)?
-            .broadcast_as((nkv, group, keys, d))?
-            .reshape((nh, keys, d))?;
-        let v = v
-            .unsqueeze(1)?
-            .broadcast_as((nkv, group, keys, d))?
-            .reshape((nh, keys, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ctx.mask)?;
-        let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
-        let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
+        let attn = 'attn: {
+            if x.device().is_cpu() {
+                // One fused op (finetune_kernels::causal_attention): keys in a token's future
+                // or in another document are never visited; no scores, mask or probabilities
+                // tensors. The plain ops below remain the GPU path.
+                let scale = 1.0 / (d as f64).sqrt();
+                break 'attn finetune_kernels::causal_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &ctx.doc_start,
+                    past,
+                    scale,
+                )?;
+            }
+            let keys = past + t;
+            // [heads, T, d], key/value heads repeated for their query group.
+            let group = nh / nkv;
+            let q = q.transpose(0, 1)?.contiguous()?;
+            let k = k
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
+            let v = v
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ctx.mask)?;
+            let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
+            attn.transpose(0, 1)?.reshape((t, nh * d))?
+        };
         let x = (x + project(&attn, &a.o, lora)?)?;
 
         // MLP.
