@@ -1,5 +1,6 @@
-//! The Qwen3-MoE forward pass in plain candle ops (f32), the reference implementation that the
-//! fused kernels will be tested against.
+//! The Qwen3-MoE forward pass in candle ops (f32); RMSNorm, RoPE and the head's loss
+//! ([`Qwen3Moe::head_loss_sum`]) go through finetune-kernels' fused ops, whose CPU references
+//! are tested against the plain formulas written here before.
 //!
 //! Per layer, as in transformers' `Qwen3MoeDecoderLayer`:
 //!   h = x + o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
@@ -105,6 +106,8 @@ impl KvCache {
 pub struct SequenceContext {
     t: usize,
     past: usize,
+    /// Index of the first token of each token's document (the fused attention's mask).
+    doc_start: Vec<u32>,
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -183,20 +186,11 @@ fn batched_project(
     y + delta.to_dtype(dtype)?
 }
 
-/// x / sqrt(mean(x²) + eps) · w, the statistics in f32 and the result in x's dtype (as
-/// transformers' Qwen3MoeRMSNorm: normalise in f32, cast back, then scale).
+/// RMSNorm with a frozen weight: one fused op (finetune_kernels::rms_norm, dx-only backward)
+/// instead of six candle ops, each with its own backward; statistics in f32, the result in x's
+/// dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if x.dtype() == DType::F32 {
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        return x
-            .broadcast_div(&(var + eps)?.sqrt()?)?
-            .broadcast_mul(&w.to_dtype(DType::F32)?);
-    }
-    let x32 = x.to_dtype(DType::F32)?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    x32.broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(x.dtype())?
-        .broadcast_mul(&w.to_dtype(x.dtype())?)
+    finetune_kernels::rms_norm(x, &w.to_dtype(DType::F32)?, eps)
 }
 
 fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -407,6 +401,17 @@ impl Qwen3Moe {
         linear(&x, &self.lm_head)?.to_dtype(DType::F32)
     }
 
+    /// [`Self::loss_sum_tensor`] of [`Self::head`]'s logits without the `[T, vocab]` logits:
+    /// the final norm, then lm_head fused with the loss, chunked over the target tokens
+    /// (finetune_kernels::linear_cross_entropy; differentiable in `x`, lm_head frozen).
+    pub fn head_loss_sum(&self, x: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        // Position t predicts labels[t + 1]; the last position predicts nothing.
+        let targets: Vec<i64> = labels[1..].iter().copied().chain([-100]).collect();
+        let w = self.lm_head.dequantize(x.dtype())?;
+        finetune_kernels::linear_cross_entropy(&x, &w, &targets, None)
+    }
+
     /// What every layer of one forward shares: the attention mask and the RoPE tables of
     /// `position_ids`, after `past` cached tokens.
     pub fn sequence_context(
@@ -471,9 +476,15 @@ impl Qwen3Moe {
         // Cast to the compute dtype once, as transformers' rotary embedding does.
         let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?.to_dtype(self.dtype)?;
+        let mut doc_start: Vec<u32> = Vec::with_capacity(t);
+        for i in 0..t {
+            let same = i > 0 && doc[i] == doc[i - 1];
+            doc_start.push(if same { doc_start[i - 1] } else { i as u32 });
+        }
         Ok(SequenceContext {
             t,
             past,
+            doc_start,
             mask,
             cos,
             sin,
@@ -494,13 +505,8 @@ impl Qwen3Moe {
         let eps = c.rms_norm_eps;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let (t, past) = (ctx.t, ctx.past);
-        let half = d / 2;
-        let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(&ctx.cos)? + rotated.broadcast_mul(&ctx.sin)?
-        };
+        // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
+        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
         // Attention.
         let n = rms_norm(x, &layer.input_norm, eps)?;
@@ -520,25 +526,41 @@ impl Qwen3Moe {
             }
             cache.layers[index] = Some((k.clone(), v.clone()));
         }
-        let keys = past + t;
-        // [heads, T, d], key/value heads repeated for their query group.
-        let group = nh / nkv;
-        let q = q.transpose(0, 1)?.contiguous()?;
-        let k = k
-            .unsqueeze(1)?
-            .broadcast_as((nkv, group, keys, d))?
-            .reshape((nh, keys, d))?;
-        let v = v
-            .unsqueeze(1)?
-            .broadcast_as((nkv, group, keys, d))?
-            .reshape((nh, keys, d))?;
-        // Scores in the compute dtype, the softmax in f32, the weights back in the compute
-        // dtype for ·V (transformers' eager attention).
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
-            .to_dtype(DType::F32)?
-            .broadcast_add(&ctx.mask)?;
-        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
-        let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
+        let attn = 'attn: {
+            if x.device().is_cpu() {
+                // One fused op (finetune_kernels::causal_attention): keys in a token's future
+                // or in another document are never visited; no scores, mask or probabilities
+                // tensors. The plain ops below remain the GPU path.
+                let scale = 1.0 / (d as f64).sqrt();
+                break 'attn finetune_kernels::causal_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &ctx.doc_start,
+                    past,
+                    scale,
+                )?;
+            }
+            let keys = past + t;
+            // [heads, T, d], key/value heads repeated for their query group.
+            let group = nh / nkv;
+            let q = q.transpose(0, 1)?.contiguous()?;
+            let k = k
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
+            let v = v
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
+            // Scores in the compute dtype, the softmax in f32, the weights back in the compute
+            // dtype for ·V (transformers' eager attention).
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&ctx.mask)?;
+            let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
+            attn.transpose(0, 1)?.reshape((t, nh * d))?
+        };
         let x = (x + project(&attn, &a.o, lora)?)?;
 
         // MLP.
