@@ -21,7 +21,7 @@
 use crate::config::Qwen3MoeConfig;
 use crate::lora::Lora;
 use crate::weights::{BaseWeight, Weights, WeightsError};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
 
 type Result<T> = std::result::Result<T, WeightsError>;
@@ -128,6 +128,13 @@ pub struct Qwen3Moe {
 /// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
 /// would also compute and keep dW).
 fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
+    if let BaseWeight::Dense(t) = w {
+        // A trainable weight ([`Qwen3Moe::make_trainable`]): candle's matmul, which also
+        // gives dW.
+        if t.is_variable() {
+            return x.matmul(&t.t()?);
+        }
+    }
     finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
 }
 
@@ -190,6 +197,12 @@ fn batched_project(
 /// instead of six candle ops, each with its own backward; statistics in f32, the result in x's
 /// dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if w.is_variable() {
+        // A trainable norm (full-parameter training, [`Qwen3Moe::make_trainable`]): the fused
+        // op's backward gives dx only, so plain ops, which also give dw.
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        return x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w);
+    }
     finetune_kernels::rms_norm(x, &w.to_dtype(DType::F32)?, eps)
 }
 
@@ -405,6 +418,11 @@ impl Qwen3Moe {
     /// the final norm, then lm_head fused with the loss, chunked over the target tokens
     /// (finetune_kernels::linear_cross_entropy; differentiable in `x`, lm_head frozen).
     pub fn head_loss_sum(&self, x: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        let lm_head_trainable = matches!(&self.lm_head, BaseWeight::Dense(t) if t.is_variable());
+        if lm_head_trainable || self.norm.is_variable() {
+            // Full-parameter training: the fused loss treats lm_head as frozen.
+            return Self::loss_sum_tensor(&self.head(x)?, labels);
+        }
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
         // Position t predicts labels[t + 1]; the last position predicts nothing.
         let targets: Vec<i64> = labels[1..].iter().copied().chain([-100]).collect();
@@ -970,5 +988,77 @@ impl Qwen3Moe {
             candle_core::bail!("layer {index} has experts, not a dense MLP");
         };
         e.forward(x, lora)
+    }
+}
+
+/// Full-parameter training (`finetune pretrain`): every weight of the model as a trainable f32
+/// [`Var`].
+impl Qwen3Moe {
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Turns every weight into an f32 `Var` (its gradient flows through candle's own ops:
+    /// `linear` takes the matmul path for variables) and returns them with their checkpoint
+    /// names, in [`crate::init::tensor_shapes`] order. With tied embeddings `lm_head` is the
+    /// embedding's own variable. FP8 weights are dequantized.
+    pub fn make_trainable(&mut self) -> candle_core::Result<Vec<(String, Var)>> {
+        // The batched MoE path reads the stacked copies, which stay frozen.
+        self.moe_path = MoePath::PerExpert;
+        fn var(t: &Tensor) -> candle_core::Result<(Var, Tensor)> {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let t = v.as_tensor().clone();
+            Ok((v, t))
+        }
+        fn proj(w: &mut BaseWeight) -> candle_core::Result<Var> {
+            let (v, t) = var(&w.dequantize(DType::F32)?)?;
+            *w = BaseWeight::Dense(t);
+            Ok(v)
+        }
+        let mut out = Vec::new();
+        let (v, t) = var(&self.embed)?;
+        self.embed = t;
+        out.push(("model.embed_tokens.weight".to_string(), v));
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (v, t) = var(&layer.input_norm)?;
+            layer.input_norm = t;
+            out.push((format!("{p}.input_layernorm.weight"), v));
+            let (v, t) = var(&layer.post_norm)?;
+            layer.post_norm = t;
+            out.push((format!("{p}.post_attention_layernorm.weight"), v));
+            let a = &mut layer.attn;
+            for pr in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                out.push((format!("{}.weight", pr.name), proj(&mut pr.w)?));
+            }
+            let (v, t) = var(&a.q_norm)?;
+            a.q_norm = t;
+            out.push((format!("{p}.self_attn.q_norm.weight"), v));
+            let (v, t) = var(&a.k_norm)?;
+            a.k_norm = t;
+            out.push((format!("{p}.self_attn.k_norm.weight"), v));
+            let experts: Vec<&mut Expert> = match &mut layer.mlp {
+                Mlp::Dense(e) => vec![e],
+                Mlp::Moe { experts, .. } => experts.iter_mut().collect(),
+            };
+            for e in experts {
+                for pr in [&mut e.gate, &mut e.up, &mut e.down] {
+                    out.push((format!("{}.weight", pr.name), proj(&mut pr.w)?));
+                }
+            }
+            if let Mlp::Moe { router, .. } = &mut layer.mlp {
+                out.push((format!("{p}.mlp.gate.weight"), proj(router)?));
+            }
+        }
+        let (v, t) = var(&self.norm)?;
+        self.norm = t;
+        out.push(("model.norm.weight".to_string(), v));
+        if self.config.tie_word_embeddings {
+            self.lm_head = BaseWeight::Dense(self.embed.clone());
+        } else {
+            out.push(("lm_head.weight".to_string(), proj(&mut self.lm_head)?));
+        }
+        Ok(out)
     }
 }

@@ -1,7 +1,9 @@
 //! Checkpoints: everything a run needs to continue bit-identically.
 //!
 //! `checkpoints/step-NNNNNN/` holds
-//! - `adapter/`: the LoRA weights as a PEFT adapter (servable and usable for warm starts as is);
+//! - `adapter/`: the LoRA weights as a PEFT adapter (servable and usable for warm starts as is),
+//!   or, for a full-parameter run (`finetune pretrain`), `model.safetensors`: every weight in
+//!   f32 by its checkpoint name;
 //! - `optimizer.safetensors`: AdamW's first and second moments (`m.<i>`, `v.<i>`, in the
 //!   adapter's parameter order: A then B of each module, modules sorted by name);
 //! - `trainer_state.json`: step, the data cursor, each parameter's update count, the dropout
@@ -89,6 +91,48 @@ pub fn save(
     lora: &Lora,
     meta: &AdapterMeta,
     moments: (&[Tensor], &[Tensor]),
+    state: TrainerState,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let write = |tmp: &Path| -> Result<Vec<PathBuf>, TrainError> {
+        let adapter_dir = tmp.join("adapter");
+        peft::write_adapter(lora, meta, &adapter_dir).map_err(|e| io(&adapter_dir, e))?;
+        Ok(vec![
+            adapter_dir.join("adapter_model.safetensors"),
+            adapter_dir.join("adapter_config.json"),
+        ])
+    };
+    save_with(root, write, moments, state, keep)
+}
+
+/// [`save`] of a full-parameter run (`finetune pretrain`): `model.safetensors` holds every
+/// weight (f32 master copy) by its checkpoint name instead of `adapter/`.
+pub fn save_full(
+    root: &Path,
+    params: &[(String, Tensor)],
+    moments: (&[Tensor], &[Tensor]),
+    state: TrainerState,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let write = |tmp: &Path| -> Result<Vec<PathBuf>, TrainError> {
+        let path = tmp.join(MODEL_FILE);
+        let tensors: HashMap<String, Tensor> = params.iter().cloned().collect();
+        candle_core::safetensors::save(&tensors, &path).map_err(|e| io(&path, e))?;
+        Ok(vec![path])
+    };
+    save_with(root, write, moments, state, keep)
+}
+
+/// The weights file of a full-parameter checkpoint.
+pub const MODEL_FILE: &str = "model.safetensors";
+
+/// The checkpoint protocol: `write` puts the trained parameters into the temp directory and
+/// returns the files it wrote (the first is checksummed), then the moments and the state
+/// follow, everything is synced and the directory renamed into place.
+fn save_with(
+    root: &Path,
+    write: impl FnOnce(&Path) -> Result<Vec<PathBuf>, TrainError>,
+    moments: (&[Tensor], &[Tensor]),
     mut state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
@@ -101,8 +145,7 @@ pub fn save(
             std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        let adapter_dir = tmp.join("adapter");
-        peft::write_adapter(lora, meta, &adapter_dir).map_err(|e| io(&adapter_dir, e))?;
+        let written = write(&tmp)?;
         let opt_path = tmp.join("optimizer.safetensors");
         let (m, v) = moments;
         let mut tensors = HashMap::new();
@@ -111,12 +154,14 @@ pub fn save(
             tensors.insert(format!("v.{i}"), v.clone());
         }
         candle_core::safetensors::save(&tensors, &opt_path).map_err(|e| io(&opt_path, e))?;
-        let adapter_file = adapter_dir.join("adapter_model.safetensors");
+        let params_file = &written[0];
+        let relative = params_file
+            .strip_prefix(&tmp)
+            .unwrap_or(params_file)
+            .display()
+            .to_string();
         state.checksums = HashMap::from([
-            (
-                "adapter/adapter_model.safetensors".to_string(),
-                checksum(&adapter_file)?,
-            ),
+            (relative, checksum(params_file)?),
             ("optimizer.safetensors".to_string(), checksum(&opt_path)?),
         ]);
         let state_path = tmp.join("trainer_state.json");
@@ -126,11 +171,7 @@ pub fn save(
             .and_then(|_| f.write_all(b"\n"))
             .and_then(|_| f.sync_all())
             .map_err(|e| io(&state_path, e))?;
-        for p in [
-            &adapter_file,
-            &adapter_dir.join("adapter_config.json"),
-            &opt_path,
-        ] {
+        for p in written.iter().chain([&opt_path]) {
             sync_file(p)?;
         }
         if final_dir.exists() {
@@ -197,8 +238,8 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
     Ok(state)
 }
 
-/// Loads and verifies the checkpoint in `dir` for a model with `targets`.
-pub fn load(dir: &Path, targets: &[(String, usize, usize)]) -> Result<Checkpoint, TrainError> {
+/// Reads the state of the checkpoint in `dir` and checks every file against its checksum.
+fn verified_state(dir: &Path) -> Result<TrainerState, TrainError> {
     let state = read_state(dir)?;
     for (file, want) in &state.checksums {
         let path = dir.join(file);
@@ -216,11 +257,18 @@ pub fn load(dir: &Path, targets: &[(String, usize, usize)]) -> Result<Checkpoint
             "corrupt checkpoint: checksums missing",
         ));
     }
-    let (lora, meta) = peft::read_adapter(&dir.join("adapter"), targets).map_err(|e| io(dir, e))?;
+    Ok(state)
+}
+
+/// AdamW's moments of `n` parameters from `dir/optimizer.safetensors`.
+fn moments(
+    dir: &Path,
+    n: usize,
+    state: &TrainerState,
+) -> Result<(Vec<Tensor>, Vec<Tensor>), TrainError> {
     let opt_path = dir.join("optimizer.safetensors");
     let tensors =
         candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| io(&opt_path, e))?;
-    let n = lora.vars().count();
     let take = |prefix: &str| -> Result<Vec<Tensor>, TrainError> {
         (0..n)
             .map(|i| {
@@ -238,10 +286,56 @@ pub fn load(dir: &Path, targets: &[(String, usize, usize)]) -> Result<Checkpoint
             format!("{} update counts for {n} parameters", state.adam_t.len()),
         ));
     }
+    Ok((m, v))
+}
+
+/// Loads and verifies the checkpoint in `dir` for a model with `targets`.
+pub fn load(dir: &Path, targets: &[(String, usize, usize)]) -> Result<Checkpoint, TrainError> {
+    let state = verified_state(dir)?;
+    let (lora, meta) = peft::read_adapter(&dir.join("adapter"), targets).map_err(|e| io(dir, e))?;
+    let (m, v) = moments(dir, lora.vars().count(), &state)?;
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         lora,
         meta,
+        m,
+        v,
+        state,
+    })
+}
+
+/// A loaded full-parameter checkpoint ([`save_full`]).
+pub struct FullCheckpoint {
+    pub dir: PathBuf,
+    /// Every weight by name, in the order of `names` given to [`load_full`].
+    pub params: Vec<(String, Tensor)>,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub state: TrainerState,
+}
+
+/// Loads and verifies the full-parameter checkpoint in `dir`; it must hold exactly `names`.
+pub fn load_full(dir: &Path, names: &[String]) -> Result<FullCheckpoint, TrainError> {
+    let state = verified_state(dir)?;
+    let path = dir.join(MODEL_FILE);
+    let mut tensors =
+        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| io(&path, e))?;
+    let params = names
+        .iter()
+        .map(|n| {
+            tensors
+                .remove(n)
+                .map(|t| (n.clone(), t))
+                .ok_or_else(|| io(&path, format!("missing tensor `{n}`")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(extra) = tensors.keys().next() {
+        return Err(io(&path, format!("unexpected tensor `{extra}`")));
+    }
+    let (m, v) = moments(dir, names.len(), &state)?;
+    Ok(FullCheckpoint {
+        dir: dir.to_path_buf(),
+        params,
         m,
         v,
         state,

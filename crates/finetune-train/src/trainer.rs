@@ -122,6 +122,9 @@ pub struct Trainer<'m> {
     last_heldout: Option<f64>,
     /// This rank's place in a parallel run (`None`: single device).
     parallel: Option<crate::parallel::RankContext>,
+    /// Full-parameter training ([`Trainer::new_full`]): the checkpoint names of `vars`, which
+    /// are the model's own weights (`lora` is then empty).
+    full: Option<Vec<String>>,
 }
 
 /// Peak resident memory of this process (Linux), MiB.
@@ -169,6 +172,25 @@ impl<'m> Trainer<'m> {
                 "no LoRA target matched a projection of the model".into(),
             ));
         }
+        Self::new_with(model, lora, vars, train, heldout, options)
+    }
+
+    fn new_with(
+        model: &'m Qwen3Moe,
+        lora: Lora,
+        vars: Vec<Var>,
+        train: Vec<Sequence>,
+        heldout: Vec<Sequence>,
+        options: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        if train.is_empty() {
+            return Err(TrainError::EmptyDataset);
+        }
+        if options.micro_batch == 0 || options.grad_accum == 0 {
+            return Err(TrainError::Options(
+                "micro_batch and grad_accum must be at least 1".into(),
+            ));
+        }
         let opt = AdamW::new(vars.clone(), options.adamw)?;
         let batches = Batches::new(train.len(), options.seed, Cursor::default());
         Ok(Self {
@@ -187,6 +209,7 @@ impl<'m> Trainer<'m> {
             elapsed_before: 0.0,
             last_heldout: None,
             parallel: None,
+            full: None,
         })
     }
 
@@ -221,6 +244,61 @@ impl<'m> Trainer<'m> {
         self.parallel.as_ref()
     }
 
+    /// A fresh full-parameter run (`finetune pretrain`): `params` are the model's own weights
+    /// as variables ([`Qwen3Moe::make_trainable`]), trained with the same loop, checkpoints
+    /// ([`checkpoint::save_full`]) and metrics as an adapter.
+    pub fn new_full(
+        model: &'m Qwen3Moe,
+        params: Vec<(String, Var)>,
+        train: Vec<Sequence>,
+        heldout: Vec<Sequence>,
+        options: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        if options.recompute {
+            // The recompute path starts backward at detached layer inputs: the embedding
+            // would get no gradient.
+            return Err(TrainError::Options(
+                "activation recompute is for adapter training; full-parameter training runs without it".into(),
+            ));
+        }
+        let lora = Lora::init(&[], &[], 1, 1.0, 0, model.device())?;
+        let vars = params.iter().map(|(_, v)| v.clone()).collect();
+        let mut trainer = Self::new_with(model, lora, vars, train, heldout, options)?;
+        trainer.full = Some(params.into_iter().map(|(n, _)| n).collect());
+        Ok(trainer)
+    }
+
+    /// Continues a full-parameter run from `ckpt` bit-identically (see [`Self::resume`]).
+    pub fn resume_full(&mut self, ckpt: checkpoint::FullCheckpoint) -> Result<(), TrainError> {
+        let names = self.full.clone().unwrap_or_default();
+        let same = ckpt.params.len() == self.vars.len()
+            && ckpt
+                .params
+                .iter()
+                .zip(names.iter().zip(&self.vars))
+                .all(|((n, t), (name, var))| n == name && t.dims() == var.dims());
+        if !same {
+            return Err(TrainError::Checkpoint {
+                path: ckpt.dir.clone(),
+                message: "its weights have other names or shapes than this run's model".into(),
+            });
+        }
+        for (var, (_, t)) in self.vars.iter().zip(&ckpt.params) {
+            var.set(&t.to_device(var.device())?)?;
+        }
+        self.restore(&ckpt.dir, ckpt.m, ckpt.v, &ckpt.state)
+    }
+
+    /// The trained weights by checkpoint name (full-parameter runs; empty otherwise).
+    pub fn full_params(&self) -> Vec<(String, Tensor)> {
+        self.full
+            .iter()
+            .flatten()
+            .zip(&self.vars)
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
     /// Continues from `ckpt`: adapter, moments, update counts, data cursor, dropout position
     /// and counters, so that the rest of the run is bit-identical to an uninterrupted one.
     /// The adapter in `ckpt` must have the same modules and shapes as this trainer's.
@@ -250,14 +328,23 @@ impl<'m> Trainer<'m> {
             var[0].set(a)?;
             var[1].set(b)?;
         }
-        let s = &ckpt.state;
-        self.opt
-            .set_state(ckpt.m, ckpt.v, s.adam_t.clone(), s.step)?;
+        self.restore(&ckpt.dir, ckpt.m, ckpt.v, &ckpt.state)
+    }
+
+    /// The optimizer, data cursor, dropout position and counters of a checkpoint's state.
+    fn restore(
+        &mut self,
+        dir: &std::path::Path,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+        s: &checkpoint::TrainerState,
+    ) -> Result<(), TrainError> {
+        self.opt.set_state(m, v, s.adam_t.clone(), s.step)?;
         self.batches = Batches::new(self.train.len(), self.options.seed, s.cursor);
         self.lora
             .set_dropout_position(s.dropout_position.parse().map_err(|_| {
                 TrainError::Checkpoint {
-                    path: ckpt.dir.clone(),
+                    path: dir.to_path_buf(),
                     message: format!("bad dropout_position {:?}", s.dropout_position),
                 }
             })?);
@@ -493,6 +580,15 @@ impl<'m> Trainer<'m> {
     /// gathered, and rank 0 writes the whole checkpoint (the path is returned on every rank).
     pub fn save(&self, out: &RunOutput, elapsed: f64) -> Result<PathBuf, TrainError> {
         let (m, v, t) = self.opt.state();
+        if self.full.is_some() {
+            return checkpoint::save_full(
+                &out.dir.join("checkpoints"),
+                &self.full_params(),
+                (m, v),
+                self.state(out, elapsed),
+                self.options.keep_checkpoints,
+            );
+        }
         if let Some(p) = &self.parallel {
             let dir = out
                 .dir

@@ -78,6 +78,9 @@ pub enum Command {
     /// Benchmarks (scripts/bench-gpu.sh runs them next to the PyTorch baseline).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Full-parameter training of a small preset on a code corpus, with its own byte-level
+    /// BPE: how the embedded `tiny` base was made (scripts/rebuild-tiny-base.sh).
+    Pretrain(crate::pretrain::PretrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -416,7 +419,8 @@ pub struct RecipeArgs {
     #[arg(long, value_name = "J", help_heading = "Mining")]
     pub dedup_threshold: Option<f64>,
 
-    /// Base model: `tiny` (embedded, no download), a preset (qwen3-coder-30b-a3b,
+    /// Base model: `tiny` (embedded pretrained tiny Qwen3-MoE, no download), `tiny-random`
+    /// (the same shape, random weights), a preset (qwen3-coder-30b-a3b,
     /// qwen3-coder-480b-a35b: random weights, for planning and benchmarks) or a Hugging Face
     /// model directory (config.json, *.safetensors, tokenizer.json).  [model.base]
     #[arg(long, value_name = "PRESET|DIR", help_heading = "Model")]

@@ -9,11 +9,13 @@ pub mod eval;
 pub mod export;
 pub mod mine;
 pub mod plan;
+pub mod pretrain;
 pub mod recipe;
 pub mod registry;
 pub mod run_dir;
 pub mod schedule;
 pub mod score;
+pub mod tiny_base;
 pub mod train;
 pub mod train_parallel;
 
@@ -60,6 +62,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Some(Command::Doctor) => doctor(),
         Some(Command::Score(args)) => score::command(&args),
         Some(Command::Bench(cli::BenchCommand::Train(args))) => bench::train(&args),
+        Some(Command::Pretrain(args)) => pretrain::command(&args),
     }
 }
 

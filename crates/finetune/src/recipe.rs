@@ -141,7 +141,8 @@ impl Default for MineSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// `tiny` (embedded), another preset name, or a Hugging Face model directory.
+    /// `tiny` (embedded, pretrained), `tiny-random`, another preset name, or a Hugging Face
+    /// model directory.
     pub base: String,
 }
 
@@ -625,7 +626,7 @@ impl ResolvedRecipe {
         if r.model.base.trim().is_empty() {
             return Err(self.invalid(
                 "model.base",
-                "must be a preset name (tiny, qwen3-coder-30b-a3b, qwen3-coder-480b-a35b) or a model directory",
+                "must be a preset name (tiny, tiny-random, qwen3-coder-30b-a3b, qwen3-coder-480b-a35b) or a model directory",
             ));
         }
 
@@ -749,7 +750,11 @@ impl ResolvedRecipe {
 
     /// The base model as a preset, or `None` when `model.base` names a directory.
     pub fn model_preset(&self) -> Option<finetune_model::Preset> {
-        self.recipe.model.base.parse().ok()
+        // `tiny-random`: the tiny shape with random weights instead of the pretrained ones.
+        match self.recipe.model.base.as_str() {
+            crate::tiny_base::TINY_RANDOM => Some(finetune_model::Preset::Tiny),
+            name => name.parse().ok(),
+        }
     }
 
     /// Checks that `model.base` is a preset or a directory holding a `config.json`.
@@ -762,7 +767,7 @@ impl ResolvedRecipe {
             return Err(self.invalid(
                 "model.base",
                 format!(
-                    "`{}` is neither a preset (tiny, qwen3-coder-30b-a3b, qwen3-coder-480b-a35b) \
+                    "`{}` is neither a preset (tiny, tiny-random, qwen3-coder-30b-a3b, qwen3-coder-480b-a35b) \
                      nor an existing model directory",
                     dir.display()
                 ),

@@ -2,8 +2,10 @@
 //! packed sequences → LoRA training with metrics, checkpoints and resume → `adapter/`.
 //!
 //! Run directory layout written here:
-//! - `base/` (embedded `tiny` only): the base model as a Hugging Face checkpoint (config.json,
-//!   model.safetensors, tokenizer.json), so other tools can load base + adapter;
+//! - `base/` (embedded `tiny` and `tiny-random` only): the base model as a Hugging Face
+//!   checkpoint (config.json, model.safetensors, tokenizer.json), so other tools can load
+//!   base + adapter: `tiny` is the embedded pretrained base ([`crate::tiny_base`]) with its
+//!   own tokenizer; `tiny-random` random weights with a BPE trained on the run's pairs;
 //! - `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `adapter/` (the final PEFT adapter),
 //!   `train.json` (data statistics and the run's summary).
 
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Seed of the embedded `tiny` base's random weights: fixed, so every run shares one base.
+/// Seed of the `tiny-random` base's weights: fixed, so every run shares one base.
 const TINY_BASE_SEED: u64 = 0;
 
 /// Steps in a row with a non-finite loss or gradient norm before a run gives up.
@@ -62,6 +64,15 @@ fn prepare_base(
     train_pairs: &[PairText],
 ) -> Result<PathBuf> {
     match resolved.model_preset() {
+        Some(Preset::Tiny) if resolved.recipe.model.base != crate::tiny_base::TINY_RANDOM => {
+            // The embedded pretrained base, with its own fixed tokenizer.
+            let dir = run_dir.join("base");
+            if !dir.join("model.safetensors").is_file() || !dir.join("tokenizer.json").is_file() {
+                crate::tiny_base::write_into(&dir)
+                    .with_context(|| format!("writing the tiny base into {}", dir.display()))?;
+            }
+            Ok(dir)
+        }
         Some(Preset::Tiny) => {
             let dir = run_dir.join("base");
             let config = Preset::Tiny.config();
@@ -151,14 +162,14 @@ fn options(resolved: &ResolvedRecipe, sequences: usize) -> Result<TrainOptions> 
 }
 
 /// Progress: a bar on a terminal, a plain line every few steps otherwise.
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     quiet: bool,
     every: u64,
 }
 
 impl Progress {
-    fn new(total: u64, start: u64, quiet: bool) -> Self {
+    pub(crate) fn new(total: u64, start: u64, quiet: bool) -> Self {
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
@@ -177,7 +188,7 @@ impl Progress {
         }
     }
 
-    fn step(&self, m: &StepMetrics) {
+    pub(crate) fn step(&self, m: &StepMetrics) {
         let held = m
             .heldout_loss
             .map(|h| format!("  held-out {h:.4}"))
@@ -215,7 +226,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -223,7 +234,7 @@ impl Progress {
 }
 
 /// Raised by SIGINT/SIGTERM; a second signal exits at once.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
