@@ -1,5 +1,6 @@
-//! The Qwen3-MoE forward pass in plain candle ops (f32), the reference implementation that the
-//! fused kernels will be tested against.
+//! The Qwen3-MoE forward pass in candle ops (f32); RMSNorm, RoPE and the head's loss
+//! ([`Qwen3Moe::head_loss_sum`]) go through finetune-kernels' fused ops, whose CPU references
+//! are tested against the plain formulas written here before.
 //!
 //! Per layer, as in transformers' `Qwen3MoeDecoderLayer`:
 //!   h = x + o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
@@ -10,11 +11,18 @@
 //! that is either dense SwiGLU, down(silu(gate(x)) ⊙ up(x)), or a mixture of experts: router
 //! p = softmax(gate(x)), the top-k experts per token weighted by p (renormalised to sum to 1
 //! when `norm_topk_prob`), each expert a SwiGLU.
+//!
+//! Compute dtype ([`Qwen3Moe::set_compute_dtype`]): f32 (the default, and the only one on the
+//! CPU), or bf16 on a GPU, following transformers' bf16 path: activations, frozen projections
+//! and residuals in bf16; RMSNorm statistics, the attention softmax, the router softmax and the
+//! loss in f32; the LoRA path in f32 (as PEFT with f32 adapters: x cast to f32, s·(x·Aᵀ)·Bᵀ cast
+//! back before the add), so LoRA gradients arrive in f32 for the f32 master weights.
 
 use crate::config::Qwen3MoeConfig;
 use crate::lora::Lora;
 use crate::weights::{BaseWeight, Weights, WeightsError};
 use candle_core::{DType, Device, Tensor, D};
+use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
 
 type Result<T> = std::result::Result<T, WeightsError>;
 
@@ -45,7 +53,28 @@ enum Mlp {
     Moe {
         router: BaseWeight,
         experts: Vec<Expert>,
+        /// The same expert weights stacked `[E, out, in]` per projection (each expert's `Proj`
+        /// holds a view of its slice, so nothing is stored twice), for [`MoePath::Batched`].
+        stacked: StackedExperts,
     },
+}
+
+struct StackedExperts {
+    gate: BaseWeight,
+    up: BaseWeight,
+    down: BaseWeight,
+}
+
+/// How a MoE block runs its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoePath {
+    /// One forward per expert on its own tokens (the reference; the CPU default).
+    PerExpert,
+    /// Every expert's tokens gathered into one `[E, C, hidden]` tensor padded to the largest
+    /// group C, each projection one batched GEMM (frozen base) plus batched LoRA matmuls, and
+    /// one scatter-add back (the GPU default). Same math; LoRA dropout masks are drawn over
+    /// the padded tensor, so with dropout the random stream differs from the per-expert path.
+    Batched,
 }
 
 struct Layer {
@@ -77,6 +106,8 @@ impl KvCache {
 pub struct SequenceContext {
     t: usize,
     past: usize,
+    /// Index of the first token of each token's document (the fused attention's mask).
+    doc_start: Vec<u32>,
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -90,30 +121,76 @@ pub struct Qwen3Moe {
     norm: Tensor,
     lm_head: BaseWeight,
     device: Device,
+    dtype: DType,
+    moe_path: MoePath,
 }
 
 /// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
 /// would also compute and keep dW).
 fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
-    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(DType::F32)?)
+    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
 }
 
-/// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter.
+/// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
+/// whatever x's dtype).
 fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
     let y = linear(x, &p.w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
-            let x = l.dropout_input(x)?;
-            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+            let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
+            let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?;
+            let dtype = y.dtype();
+            y + delta.to_dtype(dtype)?
         }
         None => Ok(y),
     }
 }
 
+/// Whether the batched MoE path can run with `lora`: no adapters, or one on every expert's
+/// gate, up and down (a partial set runs per expert).
+fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
+    lora.is_none_or(|l| {
+        experts.iter().all(|e| {
+            [&e.gate, &e.up, &e.down]
+                .iter()
+                .all(|p| l.get(&p.name).is_some())
+        })
+    })
+}
+
+/// y[e] = x[e]·W[e]ᵀ + s·(x[e]·A[e]ᵀ)·B[e]ᵀ for the experts named `names` (in order), x
+/// `[E, C, in]`, W stacked `[E, out, in]`; the adapters are stacked for this use (their
+/// gradients flow back to each expert's own A and B), the LoRA path in f32.
+fn batched_project(
+    x: &Tensor,
+    w: &BaseWeight,
+    names: &[&str],
+    lora: Option<&Lora>,
+) -> candle_core::Result<Tensor> {
+    let y = finetune_kernels::frozen_batched_linear(x, &w.dequantize(x.dtype())?)?;
+    let Some(l) = lora else { return Ok(y) };
+    let mut a_parts = Vec::with_capacity(names.len());
+    let mut b_parts = Vec::with_capacity(names.len());
+    for name in names {
+        let (a, b) = l
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
+        a_parts.push(a.clone());
+        b_parts.push(b.clone());
+    }
+    let a = Tensor::stack(&a_parts, 0)?; // [E, r, in]
+    let b = Tensor::stack(&b_parts, 0)?; // [E, out, r]
+    let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
+    let delta = (x.matmul(&a.transpose(1, 2)?)?.matmul(&b.transpose(1, 2)?)? * l.scale)?;
+    let dtype = y.dtype();
+    y + delta.to_dtype(dtype)?
+}
+
+/// RMSNorm with a frozen weight: one fused op (finetune_kernels::rms_norm, dx-only backward)
+/// instead of six candle ops, each with its own backward; statistics in f32, the result in x's
+/// dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(&w.to_dtype(DType::F32)?)
+    finetune_kernels::rms_norm(x, &w.to_dtype(DType::F32)?, eps)
 }
 
 fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -168,11 +245,27 @@ impl Qwen3Moe {
                 })
             };
             let mlp = if c.is_moe_layer(i) {
+                let mut experts: Vec<Expert> = (0..c.num_experts)
+                    .map(|e| expert(&format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
+                    .collect::<Result<_>>()?;
+                let mut stack = |pick: fn(&mut Expert) -> &mut Proj| -> Result<BaseWeight> {
+                    let parts: Vec<BaseWeight> =
+                        experts.iter_mut().map(|e| pick(e).w.clone()).collect();
+                    let stacked = BaseWeight::stack(&parts).map_err(WeightsError::from)?;
+                    for (index, e) in experts.iter_mut().enumerate() {
+                        pick(e).w = stacked.get(index).map_err(WeightsError::from)?;
+                    }
+                    Ok(stacked)
+                };
+                let stacked = StackedExperts {
+                    gate: stack(|e| &mut e.gate)?,
+                    up: stack(|e| &mut e.up)?,
+                    down: stack(|e| &mut e.down)?,
+                };
                 Mlp::Moe {
                     router: weights.base_weight(&format!("{p}.mlp.gate"), c.num_experts, h)?,
-                    experts: (0..c.num_experts)
-                        .map(|e| expert(&format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
-                        .collect::<Result<_>>()?,
+                    experts,
+                    stacked,
                 }
             } else {
                 Mlp::Dense(expert(&format!("{p}.mlp"), c.intermediate_size)?)
@@ -198,6 +291,12 @@ impl Qwen3Moe {
             norm,
             lm_head,
             device: device.clone(),
+            dtype: DType::F32,
+            moe_path: if device.is_cuda() {
+                MoePath::Batched
+            } else {
+                MoePath::PerExpert
+            },
         })
     }
 
@@ -258,21 +357,59 @@ impl Qwen3Moe {
         self.head(&x)
     }
 
+    /// Computes in `dtype` from now on: f32 (the default) or bf16 (GPU only: candle's CPU
+    /// matmul has no bf16).
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> candle_core::Result<()> {
+        match (dtype, &self.device) {
+            (DType::F32, _) => {}
+            (DType::BF16, Device::Cuda(_)) => {}
+            (DType::BF16, _) => candle_core::bail!(
+                "bf16 compute needs a GPU (candle's CPU matmul has no bf16); use f32"
+            ),
+            (other, _) => candle_core::bail!("compute dtype {other:?}: expected f32 or bf16"),
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// The compute dtype (see [`Self::set_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Chooses how MoE blocks run their experts (default: batched on a GPU, per expert on
+    /// the CPU).
+    pub fn set_moe_path(&mut self, path: MoePath) {
+        self.moe_path = path;
+    }
+
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
-    /// Embeddings `[T, hidden]` (f32) of `input_ids`; the embedding is frozen.
+    /// Embeddings `[T, hidden]` (in the compute dtype) of `input_ids`; the embedding is frozen.
     pub fn embed_tokens(&self, input_ids: &[u32]) -> candle_core::Result<Tensor> {
         let ids = Tensor::new(input_ids, &self.device)?;
-        self.embed.to_dtype(DType::F32)?.index_select(&ids, 0)
+        self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)
     }
 
-    /// Final norm and lm_head: logits `[T, vocab]` of hidden states `[T, hidden]`.
+    /// Final norm and lm_head: logits `[T, vocab]` (f32 whatever the compute dtype, for the
+    /// loss) of hidden states `[T, hidden]`.
     pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
-        linear(&x, &self.lm_head)
+        linear(&x, &self.lm_head)?.to_dtype(DType::F32)
+    }
+
+    /// [`Self::loss_sum_tensor`] of [`Self::head`]'s logits without the `[T, vocab]` logits:
+    /// the final norm, then lm_head fused with the loss, chunked over the target tokens
+    /// (finetune_kernels::linear_cross_entropy; differentiable in `x`, lm_head frozen).
+    pub fn head_loss_sum(&self, x: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        // Position t predicts labels[t + 1]; the last position predicts nothing.
+        let targets: Vec<i64> = labels[1..].iter().copied().chain([-100]).collect();
+        let w = self.lm_head.dequantize(x.dtype())?;
+        finetune_kernels::linear_cross_entropy(&x, &w, &targets, None)
     }
 
     /// What every layer of one forward shares: the attention mask and the RoPE tables of
@@ -286,7 +423,7 @@ impl Qwen3Moe {
         let t = position_ids.len();
         let d = c.head_dim();
         // Document of each token, and the additive mask: 0 where attention is allowed.
-        let mut doc = Vec::with_capacity(t);
+        let mut doc: Vec<u32> = Vec::with_capacity(t);
         for (i, &p) in position_ids.iter().enumerate() {
             let prev = if i == 0 { 0 } else { doc[i - 1] };
             doc.push(if i > 0 && p <= position_ids[i - 1] && p == 0 {
@@ -296,20 +433,32 @@ impl Qwen3Moe {
             });
         }
         // Keys are the `past` cached tokens (all of the same document) followed by these.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                let doc = &doc;
-                (0..past + t).map(move |j| {
-                    let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
-                    if allowed {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
+        let mask = if past == 0 {
+            // Built on the device from the document ids (a T×T mask is 64 MB at T = 4096).
+            let doc = Tensor::new(doc.as_slice(), &self.device)?;
+            let same_doc = doc.reshape((t, 1))?.broadcast_eq(&doc.reshape((1, t))?)?;
+            let pos = Tensor::arange(0u32, t as u32, &self.device)?;
+            let causal = pos.reshape((t, 1))?.broadcast_ge(&pos.reshape((1, t))?)?;
+            let allowed = (same_doc * causal)?;
+            let zeros = Tensor::zeros((t, t), DType::F32, &self.device)?;
+            let blocked = Tensor::full(f32::NEG_INFINITY, (t, t), &self.device)?;
+            allowed.where_cond(&zeros, &blocked)?.reshape((1, t, t))?
+        } else {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    let doc = &doc;
+                    (0..past + t).map(move |j| {
+                        let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
+                        if allowed {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, t, past + t), &self.device)?;
+                .collect();
+            Tensor::from_vec(mask, (1, t, past + t), &self.device)?
+        };
 
         // RoPE tables at the given positions: angle = position · inv_freq[i], in f32 as
         // transformers computes it; cos/sin scaled by the attention factor (YaRN).
@@ -324,11 +473,18 @@ impl Qwen3Moe {
                 sin.extend(angles.iter().map(|a| a.sin() * attention_factor));
             }
         }
-        let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?;
-        let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?;
+        // Cast to the compute dtype once, as transformers' rotary embedding does.
+        let cos = Tensor::from_vec(cos, (t, 1, d), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, 1, d), &self.device)?.to_dtype(self.dtype)?;
+        let mut doc_start: Vec<u32> = Vec::with_capacity(t);
+        for i in 0..t {
+            let same = i > 0 && doc[i] == doc[i - 1];
+            doc_start.push(if same { doc_start[i - 1] } else { i as u32 });
+        }
         Ok(SequenceContext {
             t,
             past,
+            doc_start,
             mask,
             cos,
             sin,
@@ -349,13 +505,8 @@ impl Qwen3Moe {
         let eps = c.rms_norm_eps;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let (t, past) = (ctx.t, ctx.past);
-        let half = d / 2;
-        let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(&ctx.cos)? + rotated.broadcast_mul(&ctx.sin)?
-        };
+        // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
+        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
         // Attention.
         let n = rms_norm(x, &layer.input_norm, eps)?;
@@ -375,28 +526,57 @@ impl Qwen3Moe {
             }
             cache.layers[index] = Some((k.clone(), v.clone()));
         }
-        let keys = past + t;
-        // [heads, T, d], key/value heads repeated for their query group.
-        let group = nh / nkv;
-        let q = q.transpose(0, 1)?.contiguous()?;
-        let k = k
-            .unsqueeze(1)?
-            .broadcast_as((nkv, group, keys, d))?
-            .reshape((nh, keys, d))?;
-        let v = v
-            .unsqueeze(1)?
-            .broadcast_as((nkv, group, keys, d))?
-            .reshape((nh, keys, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ctx.mask)?;
-        let attn = softmax_last(&scores)?.matmul(&v)?; // [nh, T, d]
-        let attn = attn.transpose(0, 1)?.reshape((t, nh * d))?;
+        let attn = 'attn: {
+            if x.device().is_cpu() {
+                // One fused op (finetune_kernels::causal_attention): keys in a token's future
+                // or in another document are never visited; no scores, mask or probabilities
+                // tensors. The plain ops below remain the GPU path.
+                let scale = 1.0 / (d as f64).sqrt();
+                break 'attn finetune_kernels::causal_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &ctx.doc_start,
+                    past,
+                    scale,
+                )?;
+            }
+            let keys = past + t;
+            // [heads, T, d], key/value heads repeated for their query group.
+            let group = nh / nkv;
+            let q = q.transpose(0, 1)?.contiguous()?;
+            let k = k
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
+            let v = v
+                .unsqueeze(1)?
+                .broadcast_as((nkv, group, keys, d))?
+                .reshape((nh, keys, d))?;
+            // Scores in the compute dtype, the softmax in f32, the weights back in the compute
+            // dtype for ·V (transformers' eager attention).
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&ctx.mask)?;
+            let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
+            attn.transpose(0, 1)?.reshape((t, nh * d))?
+        };
         let x = (x + project(&attn, &a.o, lora)?)?;
 
         // MLP.
         let n = rms_norm(&x, &layer.post_norm, eps)?;
         let y = match &layer.mlp {
             Mlp::Dense(e) => e.forward(&n, lora)?,
-            Mlp::Moe { router, experts } => self.moe(&n, router, experts, lora)?,
+            Mlp::Moe {
+                router,
+                experts,
+                stacked,
+            } => match self.moe_path {
+                MoePath::Batched if batched_lora_covers(experts, lora) => {
+                    self.moe_batched(&n, router, experts, stacked, lora)?
+                }
+                _ => self.moe(&n, router, experts, lora)?,
+            },
         };
         x + y
     }
@@ -409,7 +589,8 @@ impl Qwen3Moe {
         lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let probs = softmax_last(&linear(x, router)?)?; // [T, E], differentiable in x
+        // Router logits in the compute dtype, softmax in f32 (transformers).
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
         let values: Vec<Vec<f32>> = probs.to_vec2()?;
         // Top-k experts of each token (the choice itself has no gradient, as in torch.topk).
         let (t, n_exp) = (values.len(), experts.len());
@@ -429,19 +610,92 @@ impl Qwen3Moe {
         if c.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
-        let mut out = x.zeros_like()?;
+        let weights = weights.to_dtype(x.dtype())?;
+        // Every expert's outputs are concatenated in expert order, weighted by one gather of
+        // the routing weights, and added into the tokens' rows by one index_add (per token in
+        // expert order, the order the per-expert loop added them in). Inputs are gathered per
+        // expert: the backward of a narrow of one big gather would zero-fill a full
+        // [T·k, hidden] gradient per expert.
+        let mut outputs = Vec::with_capacity(n_exp);
+        let (mut all_tokens, mut weight_index) = (Vec::new(), Vec::new());
         for (e, toks) in routed.iter().enumerate() {
             if toks.is_empty() {
                 continue;
             }
             let idx = Tensor::new(toks.as_slice(), &self.device)?;
-            let w = weights.index_select(&idx, 0)?.narrow(1, e, 1)?;
-            let y = experts[e]
-                .forward(&x.index_select(&idx, 0)?, lora)?
-                .broadcast_mul(&w)?;
-            out = out.index_add(&idx, &y, 0)?;
+            outputs.push(experts[e].forward(&x.index_select(&idx, 0)?, lora)?);
+            all_tokens.extend_from_slice(toks);
+            weight_index.extend(toks.iter().map(|&tok| tok * n_exp as u32 + e as u32));
         }
-        Ok(out)
+        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        let w = weights
+            .flatten_all()?
+            .index_select(&weight_index, 0)?
+            .unsqueeze(1)?;
+        let y = Tensor::cat(&outputs, 0)?.broadcast_mul(&w)?;
+        let all_tokens = Tensor::new(all_tokens.as_slice(), &self.device)?;
+        x.zeros_like()?.index_add(&all_tokens, &y, 0)
+    }
+
+    /// [`MoePath::Batched`]: the routing of [`Self::moe`], then every expert at once on its
+    /// tokens gathered into `[E, C, hidden]` (C = the largest group; pad slots are zero rows
+    /// whose routing weight is 0, so they add nothing and get no gradient) by
+    /// finetune-kernels' `gather_rows`, one batched GEMM per projection, and `sum_rows` back,
+    /// each token's experts summed in expert order (the order the per-expert path adds in).
+    fn moe_batched(
+        &self,
+        x: &Tensor,
+        router: &BaseWeight,
+        experts: &[Expert],
+        stacked: &StackedExperts,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (t, h) = x.dims2()?;
+        let n_exp = experts.len();
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
+        let values: Vec<Vec<f32>> = probs.to_vec2()?;
+        let mut chosen = vec![0f32; t * n_exp];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        for (tok, p) in values.iter().enumerate() {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for &e in &order[..c.num_experts_per_tok] {
+                chosen[tok * n_exp + e] = 1.0;
+                routed[e].push(tok as u32);
+            }
+        }
+        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
+        let mut weights = (probs * chosen)?;
+        if c.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        }
+        let weights = weights.to_dtype(x.dtype())?;
+        let cap = routed.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        // Row t of the padded input is zeros; entry t·E of the padded weights is 0.
+        let mut rows = vec![t as u32; n_exp * cap];
+        let mut weight_index = vec![(t * n_exp) as u32; n_exp * cap];
+        for (e, toks) in routed.iter().enumerate() {
+            for (j, &tok) in toks.iter().enumerate() {
+                rows[e * cap + j] = tok;
+                weight_index[e * cap + j] = tok * n_exp as u32 + e as u32;
+            }
+        }
+        let perm = std::sync::Arc::new(Permutation::new(rows, t, &self.device)?);
+        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        let xs = gather_rows(x, &perm)?.reshape((n_exp, cap, h))?;
+        let names = |pick: fn(&Expert) -> &Proj| -> Vec<&str> {
+            experts.iter().map(|e| pick(e).name.as_str()).collect()
+        };
+        let g = batched_project(&xs, &stacked.gate, &names(|e| &e.gate), lora)?;
+        let u = batched_project(&xs, &stacked.up, &names(|e| &e.up), lora)?;
+        let y = batched_project(&(silu(&g)? * u)?, &stacked.down, &names(|e| &e.down), lora)?;
+        let zero = Tensor::zeros(1, x.dtype(), &self.device)?;
+        let w = Tensor::cat(&[&weights.flatten_all()?, &zero], 0)?
+            .index_select(&weight_index, 0)?
+            .unsqueeze(1)?;
+        let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
+        sum_rows(&y, &perm)
     }
 
     /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.
@@ -644,8 +898,10 @@ impl Qwen3Moe {
             .unsqueeze(1)?
             .broadcast_as((lkv, group, t, d))?
             .reshape((lh, t, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ctx.mask)?;
-        let attn = softmax_last(&scores)?.matmul(&v)?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&ctx.mask)?;
+        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
         let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
         project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d)
     }
@@ -660,11 +916,15 @@ impl Qwen3Moe {
     /// `norm_topk_prob`) and, per expert, the tokens routed to it in token order — as the
     /// routing inside `layer_forward`.
     pub fn route(&self, index: usize, x: &Tensor) -> candle_core::Result<(Tensor, Vec<Vec<u32>>)> {
-        let Mlp::Moe { router, experts } = &self.layers[index].mlp else {
+        let Mlp::Moe {
+            router, experts, ..
+        } = &self.layers[index].mlp
+        else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
         let c = &self.config;
-        let probs = softmax_last(&linear(x, router)?)?;
+        // Router logits in the compute dtype, softmax in f32 (as `moe`).
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?;
         let values: Vec<Vec<f32>> = probs.to_vec2()?;
         let (t, n_exp) = (values.len(), experts.len());
         let mut chosen = vec![0f32; t * n_exp];
@@ -682,7 +942,7 @@ impl Qwen3Moe {
         if c.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
-        Ok((weights, routed))
+        Ok((weights.to_dtype(x.dtype())?, routed))
     }
 
     /// Expert `expert` of MoE layer `index` (a SwiGLU with its LoRA adapters) on rows `x`.

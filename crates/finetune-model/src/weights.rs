@@ -39,8 +39,7 @@ pub enum WeightsError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Side of the FP8 scale blocks.
-pub const FP8_BLOCK: usize = 128;
+pub use finetune_kernels::fp8_dequant::FP8_BLOCK;
 
 /// A frozen projection weight `[out, in]` in its stored precision.
 #[derive(Debug, Clone)]
@@ -58,26 +57,7 @@ pub enum BaseWeight {
     Fp8 { q: Tensor, scale_inv: Tensor },
 }
 
-/// The value of every FP8 E4M3 bit pattern (OCP FP8 E4M3, "fn" variant as in PyTorch's
-/// `float8_e4m3fn`): sign s = bit 7, exponent e = bits 6..3 (bias 7), mantissa m = bits 2..0;
-/// e = 0: (−1)^s · m/8 · 2^−6 (subnormal); otherwise (−1)^s · (1 + m/8) · 2^(e−7); e = 15 and
-/// m = 7 is NaN (no infinities). Every value is exact in f32.
-pub fn e4m3_table() -> [f32; 256] {
-    let mut table = [0f32; 256];
-    for (bits, v) in table.iter_mut().enumerate() {
-        let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
-        let e = ((bits >> 3) & 0xF) as i32;
-        let m = (bits & 0x7) as f32;
-        *v = if e == 15 && m == 7.0 {
-            f32::NAN
-        } else if e == 0 {
-            sign * m / 8.0 * 2f32.powi(-6)
-        } else {
-            sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
-        };
-    }
-    table
-}
+pub use finetune_kernels::fp8_dequant::e4m3_table;
 
 impl BaseWeight {
     pub fn shape(&self) -> &[usize] {
@@ -87,35 +67,108 @@ impl BaseWeight {
         }
     }
 
-    /// The weight in `dtype`, dequantized for this use only.
-    pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
-        match self {
-            BaseWeight::Dense(t) => t.to_dtype(dtype),
-            BaseWeight::Fp8 { q, scale_inv } => {
-                let (out, inp) = q.dims2()?;
-                let values = match q.dtype() {
-                    // CPU: candle's cast.
-                    DType::F8E4M3 => q.to_dtype(DType::F32)?,
-                    // CUDA (bit patterns as U8): a gather from the 256-entry table, on the
-                    // device; like the CPU cast, it materializes this projection's f32 weight
-                    // for this use only (no fused FP8 kernel yet).
-                    DType::U8 => Tensor::from_slice(&e4m3_table(), 256, q.device())?
-                        .index_select(&q.flatten_all()?, 0)?
-                        .reshape((out, inp))?,
-                    other => candle_core::bail!("FP8 weight stored as {other:?}"),
-                };
-                let (r, c) = scale_inv.dims2()?;
-                let scale = scale_inv
-                    .to_dtype(DType::F32)?
-                    .reshape((r, 1, c, 1))?
-                    .broadcast_as((r, FP8_BLOCK, c, FP8_BLOCK))?
-                    .reshape((r * FP8_BLOCK, c * FP8_BLOCK))?
-                    .narrow(0, 0, out)?
-                    .narrow(1, 0, inp)?;
-                (values * scale)?.to_dtype(dtype)
+    /// The weights of `parts` (same shape and storage kind) stacked along a new first
+    /// dimension: `[E, out, in]` values (and `[E, ⌈out/128⌉, ⌈in/128⌉]` FP8 scales).
+    pub fn stack(parts: &[BaseWeight]) -> candle_core::Result<BaseWeight> {
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                BaseWeight::Dense(t) => Some(t),
+                BaseWeight::Fp8 { .. } => None,
+            })
+            .collect();
+        if let Some(dense) = dense {
+            return Ok(BaseWeight::Dense(Tensor::stack(&dense, 0)?));
+        }
+        let mut qs = Vec::with_capacity(parts.len());
+        let mut scales = Vec::with_capacity(parts.len());
+        for p in parts {
+            match p {
+                BaseWeight::Fp8 { q, scale_inv } => {
+                    qs.push(q);
+                    scales.push(scale_inv);
+                }
+                BaseWeight::Dense(_) => candle_core::bail!("cannot stack FP8 and dense weights"),
             }
         }
+        // candle has no copy kernels for F8E4M3 on every path: stack the bit patterns.
+        let q = if qs[0].dtype() == DType::F8E4M3 {
+            let bytes: Vec<Tensor> = qs
+                .iter()
+                .map(|q| f8_bits(q))
+                .collect::<candle_core::Result<_>>()?;
+            let stacked = Tensor::stack(&bytes, 0)?;
+            from_f8_bits(&stacked)?
+        } else {
+            Tensor::stack(&qs, 0)?
+        };
+        Ok(BaseWeight::Fp8 {
+            q,
+            scale_inv: Tensor::stack(&scales, 0)?,
+        })
     }
+
+    /// Entry `index` of a stacked weight (a view, no copy).
+    pub fn get(&self, index: usize) -> candle_core::Result<BaseWeight> {
+        Ok(match self {
+            BaseWeight::Dense(t) => BaseWeight::Dense(t.get(index)?),
+            BaseWeight::Fp8 { q, scale_inv } => BaseWeight::Fp8 {
+                q: q.get(index)?,
+                scale_inv: scale_inv.get(index)?,
+            },
+        })
+    }
+
+    /// The weight in `dtype`, dequantized for this use only; a stacked weight `[E, out, in]`
+    /// comes back stacked.
+    pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        if let (BaseWeight::Fp8 { q, scale_inv }, 3) = (self, self.shape().len()) {
+            let (e, out, inp) = q.dims3()?;
+            let (_, sr, sc) = scale_inv.dims3()?;
+            if out % FP8_BLOCK == 0 {
+                // Blocks never straddle two experts: one launch over [E·out, in].
+                let flat = BaseWeight::Fp8 {
+                    q: q.reshape((e * out, inp))?,
+                    scale_inv: scale_inv.reshape((e * sr, sc))?,
+                };
+                return flat.dequantize(dtype)?.reshape((e, out, inp));
+            }
+            let parts: Vec<Tensor> = (0..e)
+                .map(|i| self.get(i)?.dequantize(dtype))
+                .collect::<candle_core::Result<_>>()?;
+            return Tensor::stack(&parts, 0);
+        }
+        match self {
+            BaseWeight::Dense(t) => t.to_dtype(dtype),
+            // One projection at a time, by finetune-kernels' op (CPU table, CUDA kernel).
+            BaseWeight::Fp8 { q, scale_inv } => match dtype {
+                DType::F32 | DType::BF16 => finetune_kernels::fp8_dequant(q, scale_inv, dtype),
+                _ => finetune_kernels::fp8_dequant(q, scale_inv, DType::F32)?.to_dtype(dtype),
+            },
+        }
+    }
+}
+
+/// F8E4M3 values as their bit patterns (U8), on the CPU.
+fn f8_bits(q: &Tensor) -> candle_core::Result<Tensor> {
+    let bits: Vec<u8> = q
+        .flatten_all()?
+        .to_vec1::<float8::F8E4M3>()?
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect();
+    Tensor::from_vec(bits, q.shape(), q.device())
+}
+
+/// The inverse of [`f8_bits`].
+fn from_f8_bits(bits: &Tensor) -> candle_core::Result<Tensor> {
+    let values: Vec<float8::F8E4M3> = bits
+        .flatten_all()?
+        .to_vec1::<u8>()?
+        .into_iter()
+        .map(float8::F8E4M3::from_bits)
+        .collect();
+    Tensor::from_vec(values, bits.shape(), bits.device())
 }
 
 /// The safetensors of one model directory.
@@ -352,5 +405,48 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert_eq!(diff, 0.0);
+    }
+
+    /// Stacked FP8 weights whose blocks align with the experts (out a multiple of 128)
+    /// dequantize in one launch to exactly the per-expert values; a view of one entry is that
+    /// expert's weight.
+    #[test]
+    fn stacked_fp8_dequantizes_like_each_part() {
+        let part = |salt: usize| {
+            let bits: Vec<u8> = (0..128 * 200)
+                .map(|i| ((i * 13 + salt * 7) % 255) as u8)
+                .collect();
+            let q = Tensor::from_vec(bits, (128, 200), &Device::Cpu).unwrap();
+            let scale =
+                Tensor::from_vec(vec![0.5 + salt as f32, 2.0], (1, 2), &Device::Cpu).unwrap();
+            BaseWeight::Fp8 {
+                q,
+                scale_inv: scale,
+            }
+        };
+        let parts = [part(0), part(1), part(2)];
+        let stacked = BaseWeight::stack(&parts).unwrap();
+        assert_eq!(stacked.shape(), &[3, 128, 200]);
+        let all = stacked.dequantize(DType::F32).unwrap();
+        for (i, p) in parts.iter().enumerate() {
+            let want = p.dequantize(DType::F32).unwrap();
+            let got = all.get(i).unwrap();
+            let view = stacked.get(i).unwrap().dequantize(DType::F32).unwrap();
+            let a = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let c = view.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                a.iter()
+                    .zip(&b)
+                    .all(|(x, y)| x == y || (x.is_nan() && y.is_nan())),
+                "part {i}"
+            );
+            assert!(
+                c.iter()
+                    .zip(&b)
+                    .all(|(x, y)| x == y || (x.is_nan() && y.is_nan())),
+                "view {i}"
+            );
+        }
     }
 }

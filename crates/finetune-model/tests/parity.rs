@@ -304,3 +304,65 @@ fn ten_lora_training_steps_follow_pytorch() {
         eprintln!("step {step}: loss {got:.6} (PyTorch {want:.6})");
     }
 }
+
+/// bf16 compute is a GPU feature (candle's CPU matmul has no bf16): asking for it on the CPU is
+/// refused with the reason, and f32 stays the default.
+#[test]
+fn bf16_compute_is_refused_on_the_cpu() {
+    let mut model = load(&fixtures().join("bf16")).unwrap();
+    assert_eq!(model.compute_dtype(), candle_core::DType::F32);
+    let err = model
+        .set_compute_dtype(candle_core::DType::BF16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a GPU"), "{err}");
+    assert_eq!(model.compute_dtype(), candle_core::DType::F32);
+}
+
+/// The batched MoE path (stacked experts, one padded `[E, C, hidden]` GEMM per projection)
+/// computes what the per-expert reference computes: logits, loss and every LoRA gradient, on
+/// the bf16 and the FP8 checkpoints (moe_intermediate_size 136: FP8 blocks straddle experts
+/// there, so the stacked dequantization takes its per-expert route).
+#[test]
+fn batched_moe_equals_the_per_expert_reference() {
+    let r = reference();
+    for kind in ["bf16", "fp8"] {
+        let mut model = load(&fixtures().join(kind)).unwrap();
+        let targets = model.lora_targets();
+        let run = |model: &Qwen3Moe| {
+            let lora = reference_lora(&r, &targets);
+            let logits = model
+                .forward_with(&ids(&r["input_ids"]), &ids(&r["position_ids"]), Some(&lora))
+                .unwrap();
+            let labels = r["labels"].to_vec1::<i64>().unwrap();
+            let loss = Qwen3Moe::loss_tensor(&logits, &labels).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Tensor> = targets
+                .iter()
+                .flat_map(|(name, _, _)| {
+                    let (a, b) = lora.get(name).unwrap();
+                    [grads.get(a).unwrap().clone(), grads.get(b).unwrap().clone()]
+                })
+                .collect();
+            (logits, loss.to_scalar::<f32>().unwrap(), g)
+        };
+        model.set_moe_path(finetune_model::model::MoePath::PerExpert);
+        let (logits_ref, loss_ref, grads_ref) = run(&model);
+        model.set_moe_path(finetune_model::model::MoePath::Batched);
+        let (logits, loss, grads) = run(&model);
+        let diff = max_abs_diff(&logits, &logits_ref);
+        assert!(diff <= 1e-5, "{kind}: logits differ by {diff}");
+        assert!(
+            (loss - loss_ref).abs() <= 1e-6,
+            "{kind}: loss {loss} vs {loss_ref}"
+        );
+        for (i, (g, want)) in grads.iter().zip(&grads_ref).enumerate() {
+            let scale = max_abs_diff(want, &want.zeros_like().unwrap());
+            let d = max_abs_diff(g, want);
+            assert!(
+                d <= 1e-5 * scale.max(1e-12) + 1e-9,
+                "{kind}: gradient {i} differs by {d} (scale {scale})"
+            );
+        }
+    }
+}

@@ -149,14 +149,22 @@ impl AdamW {
 /// Scales the present `grads` in place so that their global 2-norm is at most `max_norm`;
 /// returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut sum = 0f64;
-    for g in grads.iter().flatten() {
-        sum += g
-            .sqr()?
-            .sum_all()?
+    // Per-tensor sums of squares on the device, read back together (one transfer, not one
+    // device sync per tensor: a MoE adapter has thousands), then added in f64 in order.
+    let sums: Vec<Tensor> = grads
+        .iter()
+        .flatten()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<Result<_>>()?;
+    let sum: f64 = if sums.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&sums, 0)?
             .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
+            .to_vec1::<f64>()?
+            .iter()
+            .sum()
+    };
     let norm = sum.sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {

@@ -366,14 +366,18 @@ impl<'m> Trainer<'m> {
             );
         }
         let lora = Some(&self.lora);
+        let ctx = self.model.sequence_context(&seq.position_ids, 0)?;
         if !self.options.recompute {
-            let logits = self.model.forward_with(&seq.ids, &seq.position_ids, lora)?;
-            let loss_sum = Qwen3Moe::loss_sum_tensor(&logits, &seq.labels)?;
+            // The head's loss fused with lm_head: the [T, vocab] logits are never built.
+            let mut x = self.model.embed_tokens(&seq.ids)?;
+            for layer in 0..self.model.num_layers() {
+                x = self.model.layer_forward(layer, &x, &ctx, lora, None)?;
+            }
+            let loss_sum = self.model.head_loss_sum(&x, &seq.labels)?;
             add(&(&loss_sum / n_step)?.backward()?)?;
             return Ok(loss_sum.to_scalar::<f32>()? as f64);
         }
         // Forward keeping only each layer's input (and where the dropout stream stood).
-        let ctx = self.model.sequence_context(&seq.position_ids, 0)?;
         let mut inputs = Vec::with_capacity(self.model.num_layers());
         let mut x = self.model.embed_tokens(&seq.ids)?;
         for layer in 0..self.model.num_layers() {
@@ -388,7 +392,7 @@ impl<'m> Trainer<'m> {
         // flowing into layer i's output is g, so backpropagating Σ(yᵢ ⊙ g) gives that layer's
         // LoRA gradients and the gradient of its input.
         let top = Var::from_tensor(&x)?;
-        let loss_sum = Qwen3Moe::loss_sum_tensor(&self.model.head(top.as_tensor())?, &seq.labels)?;
+        let loss_sum = self.model.head_loss_sum(top.as_tensor(), &seq.labels)?;
         let store = (&loss_sum / n_step)?.backward()?;
         let mut g = store
             .get(top.as_tensor())

@@ -1,5 +1,5 @@
 //! Command-line interface: `finetune [run] …`, `mine`, `train`, `eval`, `export`, `plan`,
-//! `schedule`, `doctor`.
+//! `schedule`, `doctor`, `score`, `bench`.
 //!
 //! Every stage takes the same recipe flags ([`RecipeArgs`]); each flag sets one recipe key and
 //! wins over the `--recipe` file. `finetune --repo ./ --rank 16` is `finetune run --repo ./
@@ -75,6 +75,69 @@ pub enum Command {
     Doctor,
     /// Per-token log-probabilities of given token ids or texts under a model (and adapter).
     Score(ScoreArgs),
+    /// Benchmarks (scripts/bench-gpu.sh runs them next to the PyTorch baseline).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Tokens/s of the LoRA training loop (forward, backward, clipping, AdamW: the loop of
+    /// `finetune train`) on synthetic token ids; prints one JSON line with the step times.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Hugging Face model directory (config.json, *.safetensors; bf16 or FP8 block-128), e.g.
+    /// one written by `scripts/bench_gpu_train.py make-base`.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Tokens per sequence (one sequence, one document, per step).
+    #[arg(long, default_value_t = 4096)]
+    pub seq: usize,
+    /// Steps measured (the median step time is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: u64,
+    /// Steps run first and not measured (allocator and kernel-loading warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// lora_alpha (default 2·r, as scripts/bench_gpu_train.py).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Projections with adapters, comma-separated (q_proj, …, down_proj), or `all`
+    /// (attention and experts).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub targets: Vec<String>,
+    /// Seed of the adapter's initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Recompute each layer's activations in backward.
+    #[arg(long)]
+    pub recompute: bool,
+    /// Let cuBLAS run f32 GEMMs on TF32 tensor cores (10-bit mantissa inputs, f32 accumulation).
+    #[arg(long)]
+    pub tf32: bool,
+    /// Compute in bf16 (GPU only; LoRA path, softmaxes, norms' statistics and the loss in f32).
+    #[arg(long)]
+    pub bf16: bool,
+    /// How MoE blocks run their experts: `batched` (stacked experts, one padded GEMM per
+    /// projection; the GPU default) or `per-expert` (the reference loop; the CPU default).
+    #[arg(long, value_name = "PATH", value_parser = ["batched", "per-expert"])]
+    pub moe: Option<String>,
+    /// After the measured steps, time the forward + loss and the backward of one more step
+    /// separately (the device synchronized around each), and report the rest of the step.
+    #[arg(long)]
+    pub profile: bool,
+    /// Benchmark the CPU even in a CUDA build.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Also write the result JSON to this file (atomically).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 //!
 //! This is the only crate where `anyhow` is used; the libraries return typed errors.
 
+pub mod bench;
 pub mod cli;
 pub mod eval;
 pub mod export;
@@ -58,6 +59,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         }
         Some(Command::Doctor) => doctor(),
         Some(Command::Score(args)) => score::command(&args),
+        Some(Command::Bench(cli::BenchCommand::Train(args))) => bench::train(&args),
     }
 }
 

@@ -340,7 +340,17 @@ pub fn train_into(
         device()
     };
     let weights = Weights::open(&base, &device)?;
-    let model = Qwen3Moe::load(config, &weights, &device)?;
+    let mut model = Qwen3Moe::load(config, &weights, &device)?;
+    // train.dtype: auto = bf16 on a GPU, f32 on the CPU.
+    let compute = match t.dtype {
+        ComputeDtype::F32 => candle_core::DType::F32,
+        ComputeDtype::Bf16 => candle_core::DType::BF16,
+        ComputeDtype::Auto if device.is_cuda() => candle_core::DType::BF16,
+        ComputeDtype::Auto => candle_core::DType::F32,
+    };
+    model
+        .set_compute_dtype(compute)
+        .context("flag --dtype / train.dtype")?;
     let targets = model.lora_targets();
     let rank = r.lora.r as usize;
     let scale = lora_scale(rank, r.lora.lora_alpha, r.lora.use_rslora);

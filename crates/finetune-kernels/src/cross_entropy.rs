@@ -1,0 +1,447 @@
+//! `cross_entropy`: the summed cross-entropy of a frozen final projection (lm_head) without the
+//! `[T, V]` logits ever existing at once, and its gradient for the hidden states only:
+//!   z = h·Wᵀ (h `[T, H]`, W `[V, H]` frozen),
+//!   L = Σ_{t: target_t ≥ 0} (logsumexp(z_t) − z_t[target_t]),
+//!   dL/dh = ((softmax(z) − onehot(target)) ⊙ keep)·W,   no dL/dW.
+//!
+//! How ([`linear_cross_entropy`]): rows whose target is ignored (< 0, transformers' −100) are
+//! dropped first (they cost nothing); the kept rows go in chunks of about `chunk_elems / V`
+//! rows; per chunk, z = h_c·Wᵀ is one GEMM (candle: gemm on CPU, cuBLAS on CUDA), the row op
+//! [`CeRows`] turns z into each row's loss and softmax − onehot, and dh_c = (softmax −
+//! onehot)·W is a second GEMM, done in the forward (as Liger's fused linear cross-entropy does)
+//! so that the backward is a scale of a stored `[T, H]` tensor: no logits are kept or recomputed,
+//! and at most one chunk's `[rows, V]` exists at a time. The gradient is only computed when `h`
+//! is part of a graph (`Tensor::track_op`).
+//!
+//! - [`CeRows`]: the row-wise logsumexp / gradient. CPU (the reference, rayon over rows)
+//!   and CUDA (`cuda` feature, kernels/cross_entropy.cu: one block per row), f32 or bf16
+//!   logits, f32 results.
+//! - [`Precomputed`]: the op that puts the loss into the graph with its stored gradient.
+
+use crate::common::{cpu_f32, float_dtype};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// A target that is ignored (no loss, no gradient), as `CeRows` sees it.
+pub const IGNORE: u32 = u32::MAX;
+
+/// Summed cross-entropy of z = h·Wᵀ against `targets` (one per row of `h`; negative = ignored),
+/// chunked over rows so that at most about `chunk_elems` logits exist at once (`None`: a
+/// default for the device, [`default_chunk_elems`]). `h` `[T, H]` and `w` `[V, H]` are f32 or
+/// bf16 (w is cast to h's dtype); the result is an f32 scalar, differentiable in `h` only.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[i64],
+    chunk_elems: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let (t, hidden) = h.dims2()?;
+    let (v, w_hidden) = w.dims2()?;
+    if w_hidden != hidden {
+        candle_core::bail!(
+            "linear-cross-entropy: h is [{t}, {hidden}], weight is [{v}, {w_hidden}]"
+        );
+    }
+    if targets.len() != t {
+        candle_core::bail!(
+            "linear-cross-entropy: {} targets for {t} rows of h",
+            targets.len()
+        );
+    }
+    if let Some(bad) = targets.iter().find(|&&x| x >= v as i64) {
+        candle_core::bail!("linear-cross-entropy: target {bad} is outside the vocabulary of {v}");
+    }
+    float_dtype(h.dtype(), "linear-cross-entropy", "h")?;
+    let dev = h.device();
+    // Frozen: no graph through W, whatever the caller passes.
+    let w = w.to_dtype(h.dtype())?.detach();
+    let keep: Vec<u32> = (0..t as u32)
+        .filter(|&i| targets[i as usize] >= 0)
+        .collect();
+    let kept_targets: Vec<u32> = keep.iter().map(|&i| targets[i as usize] as u32).collect();
+    let keep_idx = Tensor::new(keep.as_slice(), dev)?;
+    let hd = h.detach();
+    let hk = if keep.len() == t {
+        hd
+    } else {
+        hd.index_select(&keep_idx, 0)?
+    };
+    let want_grad = h.track_op();
+    let rows = (chunk_elems.unwrap_or_else(|| default_chunk_elems(dev)) / v).max(1);
+    let wt = w.t()?;
+    let mut loss = Tensor::zeros((), DType::F32, dev)?;
+    let mut dh_parts = Vec::new();
+    for start in (0..keep.len()).step_by(rows) {
+        let n = rows.min(keep.len() - start);
+        let z = hk.narrow(0, start, n)?.matmul(&wt)?;
+        let tg = Tensor::new(&kept_targets[start..start + n], dev)?;
+        let packed = z.apply_op2_no_bwd(&tg, &CeRows)?;
+        loss = (loss + packed.narrow(0, n * v, n)?.sum_all()?)?;
+        if want_grad {
+            let dz = packed
+                .narrow(0, 0, n * v)?
+                .reshape((n, v))?
+                .to_dtype(w.dtype())?;
+            dh_parts.push(dz.matmul(&w)?);
+        }
+    }
+    if !want_grad {
+        return Ok(loss);
+    }
+    let dh = match dh_parts.len() {
+        0 => h.zeros_like()?,
+        _ if keep.len() == t => Tensor::cat(&dh_parts, 0)?,
+        _ => h
+            .zeros_like()?
+            .index_add(&keep_idx, &Tensor::cat(&dh_parts, 0)?, 0)?,
+    };
+    h.apply_op1(Precomputed {
+        value: loss,
+        grad: dh,
+    })
+}
+
+/// Logits per chunk: 4 Mi on CPU (16 MiB in f32: the chunk stays in cache-friendly sizes and
+/// the GEMMs stay large), 64 Mi on CUDA (256 MiB in f32, a fraction of an 80 GB GPU).
+pub fn default_chunk_elems(device: &Device) -> usize {
+    if device.is_cpu() {
+        1 << 22
+    } else {
+        1 << 26
+    }
+}
+
+/// The row op: (logits z `[N, V]` f32/bf16, targets `[N]` u32, [`IGNORE`] = ignored) → f32
+/// `[N·V + N]`: softmax(z_r) − onehot(t_r) for each row (zeros if ignored), then each row's
+/// logsumexp(z_r) − z_r[t_r] (0 if ignored).
+pub struct CeRows;
+
+fn ce_dims(zl: &Layout, tl: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (n, v) = zl.shape().dims2()?;
+    if tl.dims() != [n] {
+        candle_core::bail!("ce-rows: logits are [{n}, {v}], targets {:?}", tl.dims());
+    }
+    Ok((n, v))
+}
+
+impl CustomOp2 for CeRows {
+    fn name(&self) -> &'static str {
+        "ce-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = ce_dims(zl, tl)?;
+        let z = cpu_f32(zs, zl, self.name(), "logits")?;
+        let (a, b) = tl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("ce-rows: targets not contiguous".into()))?;
+        let targets = &ts.as_slice::<u32>()?[a..b];
+        let mut out = vec![0f32; n * v + n];
+        let (grad, losses) = out.split_at_mut(n * v);
+        grad.par_chunks_mut(v)
+            .zip(losses.par_iter_mut())
+            .zip(z.par_chunks(v).zip(targets.par_iter()))
+            .for_each(|((g, loss), (z, &t))| {
+                if t == IGNORE {
+                    return; // already zeros
+                }
+                let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let s: f32 = z.iter().map(|x| (x - m).exp()).sum();
+                let lse = s.ln(); // of the shifted row
+                for (g, x) in g.iter_mut().zip(z) {
+                    *g = (x - m - lse).exp();
+                }
+                g[t as usize] -= 1.0;
+                *loss = lse - (z[t as usize] - m);
+            });
+        Ok((CpuStorage::F32(out), Shape::from(n * v + n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        zs: &candle_core::CudaStorage,
+        zl: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::common::cuda::{suffix, view};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (n, v) = ce_dims(zl, tl)?;
+        float_dtype(zs.dtype(), self.name(), "logits")?;
+        let dev = zs.device.clone();
+        let targets = view::<u32>(ts, tl, self.name(), "targets")?;
+        // SAFETY: the kernel writes every element (zeros for ignored rows).
+        let out = unsafe { dev.alloc::<f32>(n * v + n) }?;
+        let f = dev.get_or_load_custom_func(
+            &format!("ce_rows_{}", suffix(zs.dtype())),
+            "cross_entropy",
+            crate::ptx::CROSS_ENTROPY,
+        )?;
+        let (n_i, v_i) = (n as i32, v as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.max(1) as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match zs.dtype() {
+            DType::BF16 => {
+                let z = view::<half::bf16>(zs, zl, self.name(), "logits")?;
+                let mut b = f.builder();
+                b.arg(&z).arg(&targets).arg(&out).arg(&n_i).arg(&v_i);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            _ => {
+                let z = view::<f32>(zs, zl, self.name(), "logits")?;
+                let mut b = f.builder();
+                b.arg(&z).arg(&targets).arg(&out).arg(&n_i).arg(&v_i);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(n * v + n),
+        ))
+    }
+}
+
+/// Puts a value computed outside the graph into it as a function of its input x, with a
+/// gradient computed alongside: forward returns `value`, backward `grad`·dy (dy the scalar
+/// upstream gradient).
+pub struct Precomputed {
+    pub value: Tensor,
+    pub grad: Tensor,
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        "precomputed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = self.value.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(v), self.value.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let value = self.value.contiguous()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+            _ => candle_core::bail!("precomputed: the value is not on the CUDA device"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            self.grad.broadcast_mul(&dy.to_dtype(self.grad.dtype())?)?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::test::{rel_diff, tensor};
+    use candle_core::{Var, D};
+
+    /// The doc comment's loss in plain candle ops on the full logits (as finetune-model's
+    /// `loss_sum_tensor` writes it).
+    fn plain(h: &Tensor, w: &Tensor, targets: &[i64]) -> Tensor {
+        let z = h.matmul(&w.t().unwrap()).unwrap();
+        let t = z.dim(0).unwrap();
+        let tg: Vec<u32> = targets.iter().map(|&x| x.max(0) as u32).collect();
+        let keep: Vec<f32> = targets
+            .iter()
+            .map(|&x| f32::from(u8::from(x >= 0)))
+            .collect();
+        let tg = Tensor::from_vec(tg, (t, 1), &Device::Cpu).unwrap();
+        let keep = Tensor::from_vec(keep, (t, 1), &Device::Cpu).unwrap();
+        let max = z.max_keepdim(D::Minus1).unwrap().detach();
+        let zm = z.broadcast_sub(&max).unwrap();
+        let lse = zm
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap();
+        let picked = zm.gather(&tg, 1).unwrap();
+        ((lse - picked).unwrap() * keep).unwrap().sum_all().unwrap()
+    }
+
+    /// 37 rows (some ignored, including the last, as the shifted labels of a sequence end),
+    /// hidden 24, vocabulary 101.
+    fn sample() -> (Tensor, Tensor, Vec<i64>) {
+        let targets = (0..37)
+            .map(|i| {
+                if i % 5 == 2 || i == 36 {
+                    -100
+                } else {
+                    (i * 13 % 101) as i64
+                }
+            })
+            .collect();
+        (tensor(&[37, 24], 31), tensor(&[101, 24], 32), targets)
+    }
+
+    #[test]
+    fn loss_equals_the_plain_formula_for_any_chunking() {
+        let (h, w, t) = sample();
+        let want = plain(&h, &w, &t).to_scalar::<f32>().unwrap();
+        // 1 row per chunk, 3 rows (a remainder), and everything at once.
+        for elems in [1, 303, 1 << 20] {
+            let got = linear_cross_entropy(&h, &w, &t, Some(elems))
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{elems}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn hidden_gradient_equals_autograd_of_the_plain_formula() {
+        let (h, w, t) = sample();
+        let hv = Var::from_tensor(&h).unwrap();
+        let wv = Var::from_tensor(&w).unwrap();
+        let theirs = (plain(hv.as_tensor(), &w, &t) * 0.5)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = theirs.get(hv.as_tensor()).unwrap();
+        for elems in [1, 303, 1 << 20] {
+            let loss =
+                linear_cross_entropy(hv.as_tensor(), wv.as_tensor(), &t, Some(elems)).unwrap();
+            // An upstream scale (the trainer divides by the step's target tokens).
+            let ours = (loss * 0.5).unwrap().backward().unwrap();
+            let d = rel_diff(ours.get(hv.as_tensor()).unwrap(), want);
+            assert!(d < 1e-5, "{elems}: {d}");
+            assert!(ours.get(wv.as_tensor()).is_none(), "the weight is frozen");
+        }
+    }
+
+    #[test]
+    fn all_ignored_gives_zero_loss_and_zero_gradient() {
+        let (h, w, _) = sample();
+        let hv = Var::from_tensor(&h).unwrap();
+        let loss = linear_cross_entropy(hv.as_tensor(), &w, &[-100; 37], None).unwrap();
+        assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.0);
+        let g = loss.backward().unwrap();
+        let g = g
+            .get(hv.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(g.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn bad_targets_and_shapes_are_refused() {
+        let (h, w, mut t) = sample();
+        t[3] = 101;
+        let err = linear_cross_entropy(&h, &w, &t, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("101") && err.contains("vocabulary"), "{err}");
+        let err = linear_cross_entropy(&h, &w, &t[..5], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("5 targets") && err.contains("37 rows"),
+            "{err}"
+        );
+        let err = linear_cross_entropy(&h, &tensor(&[101, 23], 1), &t, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[37, 24]") && err.contains("[101, 23]"),
+            "{err}"
+        );
+    }
+
+    /// Without a graph (evaluation), no gradient is computed and the loss is the same.
+    #[test]
+    fn detached_input_gives_the_loss_alone() {
+        let (h, w, t) = sample();
+        let a = linear_cross_entropy(&h, &w, &t, None).unwrap();
+        assert!(!a.track_op());
+        let want = plain(&h, &w, &t).to_scalar::<f32>().unwrap();
+        assert!((a.to_scalar::<f32>().unwrap() - want).abs() <= 1e-5 * want.abs());
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_loss_and_gradient_equal_the_cpu_reference() {
+        let Some(gpu) = crate::common::test::gpu() else {
+            return;
+        };
+        let (h, w, t) = sample();
+        let hv = Var::from_tensor(&h).unwrap();
+        let want_loss = linear_cross_entropy(hv.as_tensor(), &w, &t, None).unwrap();
+        let want_dh = want_loss
+            .backward()
+            .unwrap()
+            .get(hv.as_tensor())
+            .unwrap()
+            .clone();
+        let want_loss = want_loss.to_scalar::<f32>().unwrap();
+        // Also the raw row op on every row, ignored ones included.
+        let z = h.matmul(&w.t().unwrap()).unwrap();
+        let tg: Vec<u32> = t
+            .iter()
+            .map(|&x| if x < 0 { IGNORE } else { x as u32 })
+            .collect();
+        let tg = Tensor::new(tg.as_slice(), &Device::Cpu).unwrap();
+        let want_rows = z.apply_op2_no_bwd(&tg, &CeRows).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let on = |x: &Tensor| x.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+            let rows = on(&z)
+                .apply_op2_no_bwd(&tg.to_device(&gpu).unwrap(), &CeRows)
+                .unwrap();
+            let er = rel_diff(&rows, &want_rows);
+            for elems in [303, 1 << 20] {
+                let hg = Var::from_tensor(&on(&h)).unwrap();
+                let loss = linear_cross_entropy(hg.as_tensor(), &on(&w), &t, Some(elems)).unwrap();
+                let dh = loss
+                    .backward()
+                    .unwrap()
+                    .get(hg.as_tensor())
+                    .unwrap()
+                    .clone();
+                let loss = loss
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let el = (loss - want_loss).abs() / want_loss.abs();
+                let ed = rel_diff(&dh, &want_dh);
+                eprintln!(
+                    "cross_entropy cuda {dtype:?} chunk {elems}: rows {er:e}, loss {el:e}, dh {ed:e}"
+                );
+                assert!(
+                    er < tol && el < tol && ed < tol,
+                    "{dtype:?}: {er} {el} {ed}"
+                );
+            }
+        }
+    }
+}

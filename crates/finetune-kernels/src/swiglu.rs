@@ -1,0 +1,293 @@
+//! `swiglu`: y = silu(g) ⊙ u, silu(g) = g·σ(g) = g / (1 + e^(−g)), the gated activation of a
+//! SwiGLU MLP (g = gate_proj(x), u = up_proj(x)), with both input gradients from one pass:
+//!   dg = dy·u·σ(g)·(1 + g·(1 − σ(g))),   du = dy·silu(g).
+//!
+//! The plain candle version is four ops (neg, exp, add, div) plus the product, each with its own
+//! backward; this is one pass forward and one backward that returns dg and du together (one
+//! `[2, …]` tensor, so candle adds no zero-filled gradient per edge), computed in f32 for f32 and
+//! bf16 storage.
+//!
+//! - CPU (the reference, rayon over chunks): [`Swiglu::cpu_fwd`], [`SwigluBwd::cpu_fwd`].
+//! - CUDA (`cuda` feature, kernels/swiglu.cu): element-wise, grid-stride.
+//! - Backward: [`SwigluBwd`], (g, u, dy) → `[2, …shape]` = (dg, du), on both devices.
+
+use crate::common::{cpu_f32, cpu_out, same_dtype, PAR_GRAIN};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// y = silu(g) ⊙ u (same shape and dtype, f32 or bf16), differentiable in both.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    g.contiguous()?.apply_op2(&u.contiguous()?, Swiglu)
+}
+
+/// The forward op (g, u) → y.
+pub struct Swiglu;
+
+/// The backward op (g, u, dy) → `[2, …shape]`: dg at index 0, du at index 1.
+pub struct SwigluBwd;
+
+fn check_shapes(op: &str, a: &Layout, b: &Layout, names: (&str, &str)) -> candle_core::Result<()> {
+    if a.dims() != b.dims() {
+        candle_core::bail!(
+            "{op}: {} is {:?}, {} is {:?} (they must match)",
+            names.0,
+            a.dims(),
+            names.1,
+            b.dims()
+        );
+    }
+    Ok(())
+}
+
+fn sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + (-g).exp())
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        check_shapes(self.name(), gl, ul, ("g", "u"))?;
+        same_dtype(self.name(), &[("g", gs.dtype()), ("u", us.dtype())])?;
+        let g = cpu_f32(gs, gl, self.name(), "g")?;
+        let u = cpu_f32(us, ul, self.name(), "u")?;
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(PAR_GRAIN)
+            .zip(g.par_chunks(PAR_GRAIN).zip(u.par_chunks(PAR_GRAIN)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((cpu_out(y, gs.dtype()), gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        check_shapes(self.name(), gl, ul, ("g", "u"))?;
+        same_dtype(self.name(), &[("g", gs.dtype()), ("u", us.dtype())])?;
+        crate::common::float_dtype(gs.dtype(), self.name(), "g")?;
+        let n = gl.shape().elem_count();
+        let args = [(gs, gl), (us, ul)];
+        let y = match gs.dtype() {
+            candle_core::DType::BF16 => cuda::launch::<half::bf16>("swiglu_fwd", &args, n, n),
+            _ => cuda::launch::<f32>("swiglu_fwd", &args, n, n),
+        }?;
+        Ok((y, gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwigluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+impl CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        check_shapes(self.name(), gl, ul, ("g", "u"))?;
+        check_shapes(self.name(), gl, dl, ("g", "dy"))?;
+        same_dtype(
+            self.name(),
+            &[("g", gs.dtype()), ("u", us.dtype()), ("dy", ds.dtype())],
+        )?;
+        let g = cpu_f32(gs, gl, self.name(), "g")?;
+        let u = cpu_f32(us, ul, self.name(), "u")?;
+        let dy = cpu_f32(ds, dl, self.name(), "dy")?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(PAR_GRAIN)
+            .zip(du.par_chunks_mut(PAR_GRAIN))
+            .zip(g.par_chunks(PAR_GRAIN))
+            .zip(u.par_chunks(PAR_GRAIN).zip(dy.par_chunks(PAR_GRAIN)))
+            .for_each(|(((dg, du), g), (u, dy))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = dy[i] * g[i] * s;
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
+        Ok((cpu_out(out, gs.dtype()), Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        check_shapes(self.name(), gl, ul, ("g", "u"))?;
+        check_shapes(self.name(), gl, dl, ("g", "dy"))?;
+        same_dtype(
+            self.name(),
+            &[("g", gs.dtype()), ("u", us.dtype()), ("dy", ds.dtype())],
+        )?;
+        crate::common::float_dtype(gs.dtype(), self.name(), "g")?;
+        let n = gl.shape().elem_count();
+        let args = [(gs, gl), (us, ul), (ds, dl)];
+        let out = match gs.dtype() {
+            candle_core::DType::BF16 => cuda::launch::<half::bf16>("swiglu_bwd", &args, n, 2 * n),
+            _ => cuda::launch::<f32>("swiglu_bwd", &args, n, 2 * n),
+        }?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::common::cuda::{grid, suffix, view};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, Layout, WithDType};
+
+    /// Launches `<name>_<dtype>` over `n` elements with the views of `inputs` and a fresh
+    /// output of `out_len` elements.
+    pub(super) fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        n: usize,
+        out_len: usize,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = inputs[0].0.device.clone();
+        let views = inputs
+            .iter()
+            .map(|(s, l)| view::<T>(s, l, name, "input"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // SAFETY: every element is written by the kernel before it is read.
+        let out = unsafe { dev.alloc::<T>(out_len) }?;
+        let f = dev.get_or_load_custom_func(
+            &format!("{name}_{}", suffix(T::DTYPE)),
+            "swiglu",
+            crate::ptx::SWIGLU,
+        )?;
+        let n_arg = n;
+        let mut b = f.builder();
+        for v in &views {
+            b.arg(v);
+        }
+        b.arg(&out).arg(&n_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (grid(n, 256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::test::{rel_diff, tensor};
+    use candle_core::Var;
+
+    /// The doc comment's formula in plain candle ops.
+    fn plain(g: &Tensor, u: &Tensor) -> Tensor {
+        let silu = (g / (g.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap();
+        (silu * u).unwrap()
+    }
+
+    fn sample() -> (Tensor, Tensor, Tensor) {
+        // Scaled so that σ saturates on some elements (|g| up to 16).
+        let g = (tensor(&[7, 3, 50], 11) * 8.0).unwrap();
+        (g, tensor(&[7, 3, 50], 12), tensor(&[7, 3, 50], 13))
+    }
+
+    #[test]
+    fn forward_equals_the_plain_formula() {
+        let (g, u, _) = sample();
+        let d = rel_diff(&swiglu(&g, &u).unwrap(), &plain(&g, &u));
+        assert!(d < 1e-6, "{d}");
+    }
+
+    /// L = Σ y ⊙ G: both gradients vs candle autograd of the plain formula.
+    #[test]
+    fn gradients_equal_autograd_of_the_plain_formula() {
+        let (g, u, dy) = sample();
+        let (g, u) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
+        let loss = |y: Tensor| (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let ours = loss(swiglu(g.as_tensor(), u.as_tensor()).unwrap());
+        let theirs = loss(plain(g.as_tensor(), u.as_tensor()));
+        for (what, v) in [("dg", &g), ("du", &u)] {
+            let d = rel_diff(
+                ours.get(v.as_tensor()).unwrap(),
+                theirs.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-5, "{what}: {d}");
+        }
+    }
+
+    #[test]
+    fn shapes_that_differ_are_refused() {
+        let err = swiglu(&tensor(&[2, 3], 1), &tensor(&[3, 2], 2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_forward_and_backward_equal_the_cpu_reference() {
+        use candle_core::DType;
+        let Some(gpu) = crate::common::test::gpu() else {
+            return;
+        };
+        let (g, u, dy) = sample();
+        let want_y = swiglu(&g, &u).unwrap();
+        let want_b = g.apply_op3_no_bwd(&u, &dy, &SwigluBwd).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+            let y = swiglu(&on(&g), &on(&u)).unwrap();
+            let b = on(&g)
+                .apply_op3_no_bwd(&on(&u), &on(&dy), &SwigluBwd)
+                .unwrap();
+            let (dy_err, db_err) = (rel_diff(&y, &want_y), rel_diff(&b, &want_b));
+            eprintln!("swiglu cuda {dtype:?}: forward {dy_err:e}, backward {db_err:e}");
+            assert!(dy_err < tol && db_err < tol, "{dtype:?}: {dy_err} {db_err}");
+        }
+    }
+}
