@@ -120,7 +120,7 @@ unpack() {
 check_needed() {
   local needed; needed=$(readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
   log "$1 needs: $(echo $needed)"
-  for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10; do
+  for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10 libnccl.so.2; do
     grep -qx "$so" <<<"$needed" || { log "$1 does not need $so"; exit 1; }
   done
   if grep -E '^lib(cuda|cudart|cublas|cublasLt|curand|nvrtc|nccl)\.so$' <<<"$needed"; then
@@ -139,6 +139,8 @@ stub_check() {
   local cuda=$prefix/cuda tmp
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' RETURN
   ln -s "$cuda/lib/stubs/libcuda.so" "$tmp/libcuda.so.1"
+  # NCCL (the parallel trainer's collectives) comes by its soname from the toolchain's own copy.
+  ln -s "$(readlink -f "$cuda/lib/libnccl.so")" "$tmp/libnccl.so.2"
   local run=(env LD_LIBRARY_PATH="$tmp:$cuda/lib" "$DIST/finetune")
   local version; version=$("${run[@]}" --version); log "$version"
   grep -q 'cuda: yes' <<<"$version" || { log "--version does not say cuda: yes"; exit 1; }

@@ -19,7 +19,7 @@
 //!
 //! A parallel run ([`Trainer::new_parallel`], one `Trainer` per rank) goes through the same
 //! loop: each rank takes its slice of the step's sequences, runs them with the layout's
-//! forward/backward (`parallel::engine`, which keeps every layer: no recompute yet), and the
+//! forward/backward (`parallel::engine`, with per-layer recompute too), and the
 //! loss, gradients and clipping norm are reduced over the ranks before the identical AdamW
 //! update (`parallel` module doc). Rank 0 writes metrics and checkpoints (whole adapters).
 
@@ -442,7 +442,14 @@ impl<'m> Trainer<'m> {
         };
         if let Some(p) = &self.parallel {
             return crate::parallel::engine::accumulate(
-                self.model, &self.lora, &self.vars, p, seq, n_step, grads,
+                self.model,
+                &self.lora,
+                &self.vars,
+                p,
+                seq,
+                n_step,
+                self.options.recompute,
+                grads,
             );
         }
         let lora = Some(&self.lora);

@@ -186,8 +186,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// The acceptance check: ep 2, ep 4, tp 2, dp 2, ep 2 × dp 2 (and tp 2 with ep 4, tp 2 × dp 2,
-/// and a step of 3 sequences over 2 data ranks, which needs padding) give the single-device
-/// loss, norm and every LoRA gradient within 1e-5.
+/// per-layer recompute, and a step of 3 sequences over 2 data ranks, which needs padding) give
+/// the single-device loss, norm and every LoRA gradient within 1e-5.
 #[test]
 fn every_layout_gives_the_single_device_loss_and_gradients() {
     let r = reference();
@@ -218,16 +218,22 @@ fn every_layout_gives_the_single_device_loss_and_gradients() {
                 .unwrap();
             assert!(n > 0.0, "single-device gradient of {name} is zero");
         }
-        // (world, tp, ep): ep2, ep4, tp2, dp2, ep2×dp2, tp2×ep4, tp2×dp2.
-        for (world, tp, ep) in [
-            (2, 1, 2),
-            (4, 1, 4),
-            (2, 2, 2),
-            (2, 1, 1),
-            (4, 1, 2),
-            (4, 2, 4),
-            (4, 2, 2),
+        // (world, tp, ep, recompute): ep2, ep4, tp2, dp2, ep2×dp2, tp2×ep4, tp2×dp2, and three
+        // of them with per-layer recompute (layers replayed, collectives included).
+        for (world, tp, ep, recompute) in [
+            (2, 1, 2, false),
+            (4, 1, 4, false),
+            (2, 2, 2, false),
+            (2, 1, 1, false),
+            (4, 1, 2, false),
+            (4, 2, 4, false),
+            (4, 2, 2, false),
+            (4, 1, 2, true),
+            (2, 2, 2, true),
+            (4, 2, 4, true),
         ] {
+            let mut opts = opts.clone();
+            opts.recompute = recompute;
             let layout = Layout::new(world, tp, ep, &model.config).unwrap();
             let ranks = on_world(layout, &model, &full, &train, &[], &opts, |t| {
                 t.step_gradients(&batch).unwrap()
@@ -261,7 +267,7 @@ fn every_layout_gives_the_single_device_loss_and_gradients() {
                 assert_eq!(*count, want_count, "{layout:?}: {name}");
             }
             eprintln!(
-                "batch {batch:?} world {world} tp {tp} ep {ep}: loss {loss:.6}, max |Δgrad| {worst:.2e}"
+                "batch {batch:?} world {world} tp {tp} ep {ep} recompute {recompute}: loss {loss:.6}, max |Δgrad| {worst:.2e}"
             );
         }
     }

@@ -412,9 +412,6 @@ pub fn train_into(
     let stop = stop_flag()?;
     let sequences = train_seqs.len();
     if let Some(world) = world {
-        if t.recompute && !quiet {
-            eprintln!("train: train.recompute is not applied with several ranks yet (every layer's activations are kept)");
-        }
         // Processes other than the first train but write nothing (rank 0 writes the run).
         let writes = world.first_rank == 0;
         let progress = std::sync::Mutex::new(None::<Progress>);

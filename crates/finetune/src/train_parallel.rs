@@ -198,6 +198,12 @@ pub fn run(
                     Ok(summary)
                 })();
                 if let Err(e) = &result {
+                    if on_gpu {
+                        // NCCL calls cannot be interrupted: the other ranks would wait forever
+                        // for this one, so a failed rank ends the process.
+                        eprintln!("finetune: error: rank {rank}: {e:#}");
+                        std::process::exit(1);
+                    }
                     if let Some(ctx) = trainer.rank_context() {
                         ctx.abort(&format!("rank {rank}: {e:#}"));
                     }

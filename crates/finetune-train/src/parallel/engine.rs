@@ -28,7 +28,7 @@ use crate::TrainError;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use finetune_data::Sequence;
-use finetune_model::{Lora, Qwen3Moe};
+use finetune_model::{Lora, Qwen3Moe, SequenceContext};
 
 struct MoeTape {
     send: Tensor,
@@ -52,50 +52,87 @@ fn tensor_u32(v: &[u32], dev: &candle_core::Device) -> candle_core::Result<Tenso
     Tensor::new(v, dev)
 }
 
-/// Forward of one sequence; returns the per-layer tapes, the last hidden state (a leaf) and
-/// the summed cross-entropy (a graph from that leaf).
-fn forward(
+/// Forward of layer `l` on input `x` (a plain tensor): its tape and its output.
+fn layer(
     model: &Qwen3Moe,
     lora: &Lora,
     rc: &RankContext,
-    seq: &Sequence,
-) -> Result<(Vec<LayerTape>, Var, Tensor), TrainError> {
-    let c = &model.config;
+    ctx: &SequenceContext,
+    l: usize,
+    x: &Tensor,
+) -> Result<(LayerTape, Tensor), TrainError> {
     let (lay, k) = (rc.layout, rc.coords);
-    let ctx = model.sequence_context(&seq.position_ids, 0)?;
-    let mut x = model.embed_tokens(&seq.ids)?;
     let dev = x.device().clone();
     let (t_len, hidden) = x.dims2()?;
-    let heads = lay.heads(k.t, c.num_attention_heads);
-    let mut tapes = Vec::with_capacity(model.num_layers());
-    for l in 0..model.num_layers() {
-        let xin = Var::from_tensor(&x)?;
-        let attn = model.attention_heads(l, xin.as_tensor(), &ctx, Some(lora), heads.clone())?;
-        let attn_full = rc.comms.tp.all_reduce_sum(&attn.detach())?;
-        let h = Var::from_tensor(&(x.detach() + attn_full)?)?;
-        let n2 = model.post_attention_norm(l, h.as_tensor())?;
-        let (out, moe) = if model.layer_is_moe(l) {
-            let (out, tape) = moe_forward(model, lora, rc, l, &n2, t_len, hidden, &dev)?;
-            (out, Some(tape))
-        } else {
-            (model.dense_mlp(l, &n2, Some(lora))?, None)
-        };
-        let y = match moe {
-            Some(_) => (h.as_tensor().detach() + rc.comms.tp.all_reduce_sum(&out.detach())?)?,
-            None => (h.as_tensor().detach() + out.detach())?,
-        };
-        tapes.push(LayerTape {
+    let heads = lay.heads(k.t, model.config.num_attention_heads);
+    let xin = Var::from_tensor(x)?;
+    let attn = model.attention_heads(l, xin.as_tensor(), ctx, Some(lora), heads)?;
+    let attn_full = rc.comms.tp.all_reduce_sum(&attn.detach())?;
+    let h = Var::from_tensor(&(x.detach() + attn_full)?)?;
+    let n2 = model.post_attention_norm(l, h.as_tensor())?;
+    let (out, moe) = if model.layer_is_moe(l) {
+        let (out, tape) = moe_forward(model, lora, rc, l, &n2, t_len, hidden, &dev)?;
+        (out, Some(tape))
+    } else {
+        (model.dense_mlp(l, &n2, Some(lora))?, None)
+    };
+    let y = match moe {
+        Some(_) => (h.as_tensor().detach() + rc.comms.tp.all_reduce_sum(&out.detach())?)?,
+        None => (h.as_tensor().detach() + out.detach())?,
+    };
+    Ok((
+        LayerTape {
             xin,
             attn,
             h,
             out,
             moe,
-        });
+        },
+        y,
+    ))
+}
+
+/// A forward: each layer's tape (or, with `recompute`, only its input, the layer being
+/// replayed in the backward — collectives included, in the same order on every rank), the
+/// last hidden state (a leaf) and the summed cross-entropy (a graph from that leaf).
+struct Forward {
+    ctx: SequenceContext,
+    tapes: Vec<Option<LayerTape>>,
+    inputs: Vec<Tensor>,
+    top: Var,
+    loss_sum: Tensor,
+}
+
+fn forward(
+    model: &Qwen3Moe,
+    lora: &Lora,
+    rc: &RankContext,
+    seq: &Sequence,
+    recompute: bool,
+) -> Result<Forward, TrainError> {
+    let ctx = model.sequence_context(&seq.position_ids, 0)?;
+    let mut x = model.embed_tokens(&seq.ids)?;
+    let mut tapes = Vec::with_capacity(model.num_layers());
+    let mut inputs = Vec::with_capacity(model.num_layers());
+    for l in 0..model.num_layers() {
+        let (tape, y) = layer(model, lora, rc, &ctx, l, &x)?;
+        if recompute {
+            inputs.push(x);
+            tapes.push(None);
+        } else {
+            tapes.push(Some(tape));
+        }
         x = y;
     }
     let top = Var::from_tensor(&x)?;
     let loss_sum = Qwen3Moe::loss_sum_tensor(&model.head(top.as_tensor())?, &seq.labels)?;
-    Ok((tapes, top, loss_sum))
+    Ok(Forward {
+        ctx,
+        tapes,
+        inputs,
+        top,
+        loss_sum,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -209,6 +246,9 @@ fn vjp(y: &Tensor, g: &Tensor) -> candle_core::Result<GradStore> {
 
 /// Forward and backward of `seq` on this rank: returns the sequence's summed cross-entropy
 /// and adds `∂(loss_sum / n_step)/∂θ` (this rank's share) into `grads`, aligned with `vars`.
+/// With `recompute` only each layer's input is kept through the forward and the layer is
+/// replayed in the backward (activation checkpointing per layer, as the single-device path).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate(
     model: &Qwen3Moe,
     lora: &Lora,
@@ -216,6 +256,7 @@ pub(crate) fn accumulate(
     rc: &RankContext,
     seq: &Sequence,
     n_step: f64,
+    recompute: bool,
     grads: &mut [Option<Tensor>],
 ) -> Result<f64, TrainError> {
     let mut add = |store: &GradStore| -> Result<(), TrainError> {
@@ -229,13 +270,17 @@ pub(crate) fn accumulate(
         }
         Ok(())
     };
-    let (tapes, top, loss_sum) = forward(model, lora, rc, seq)?;
-    let store = (&loss_sum / n_step)?.backward()?;
+    let mut f = forward(model, lora, rc, seq, recompute)?;
+    let store = (&f.loss_sum / n_step)?.backward()?;
     add(&store)?;
-    let mut g = grad_or_zeros(&store, &top)?;
+    let mut g = grad_or_zeros(&store, &f.top)?;
     let tp = &rc.comms.tp;
     let a2a = &rc.comms.a2a;
-    for (l, tape) in tapes.iter().enumerate().rev() {
+    for l in (0..f.tapes.len()).rev() {
+        let tape = match f.tapes[l].take() {
+            Some(t) => t,
+            None => layer(model, lora, rc, &f.ctx, l, &f.inputs[l])?.0,
+        };
         let g_h = match &tape.moe {
             None => {
                 let s = vjp(&tape.out, &g)?;
@@ -263,7 +308,7 @@ pub(crate) fn accumulate(
             g = (&g_h + tp.all_reduce_sum(&gx)?)?;
         }
     }
-    Ok(loss_sum.to_scalar::<f32>()? as f64)
+    Ok(f.loss_sum.to_scalar::<f32>()? as f64)
 }
 
 /// The summed cross-entropy of `seq` (no gradients).
@@ -273,6 +318,6 @@ pub(crate) fn loss_sum(
     rc: &RankContext,
     seq: &Sequence,
 ) -> Result<f64, TrainError> {
-    let (_, _, loss_sum) = forward(model, lora, rc, seq)?;
-    Ok(loss_sum.to_scalar::<f32>()? as f64)
+    let f = forward(model, lora, rc, seq, true)?;
+    Ok(f.loss_sum.to_scalar::<f32>()? as f64)
 }
