@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-12}; SEQ=${2:-1024}; R=${3:-16}
 PY=${PYTHON:-$HOME/.venv-ref/bin/python}
-BIN=target/release/finetune
+BIN=${BIN:-target/release/finetune}   # another build to compare: BIN=path scripts/bench-cpu-train.sh
 THREADS=$(nproc)
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $THREADS cores; $(date -u +%FT%TZ)"

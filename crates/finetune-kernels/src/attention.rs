@@ -192,8 +192,23 @@ impl Attention {
     }
 }
 
+/// Σ aᵢ·bᵢ with 8 independent partial sums: a sequential f32 sum cannot be vectorized (the
+/// compiler may not reorder it), this one becomes SIMD multiply-adds.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// y += a·x
