@@ -22,13 +22,15 @@
 #   bash scripts/device-run.sh exec dist/cuda-tests/finetune_kernels-* --nocapture   (after build-tests finetune-kernels, carry: ["dist/cuda-tests"])
 #
 # Env: FINETUNE_CUDA_PREFIX (toolchain location, default ~/.cache/finetune-cuda),
-#      CUDA_COMPUTE_CAP (default 90 = H100/H200), DIST (default dist/cuda).
+#      CUDA_COMPUTE_CAP (default 90 = H100/H200), DIST (default dist/cuda),
+#      FINETUNE_BINARY_LIMIT_MIB (default 60: the release binary's budget).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIST=${DIST:-dist/cuda}
 LIMIT_BYTES=$((64 * 1024 * 1024))
-# The `cuda` release binary, with the embedded tiny base (about 3 MB), stays within this.
-BINARY_LIMIT_BYTES=$((60 * 1024 * 1024))
+# The `cuda` release binary, with the embedded tiny base (2.4 MB deflated), must stay within
+# this (FINETUNE_BINARY_LIMIT_MIB overrides it, e.g. for a GPU test run of a larger build).
+BINARY_LIMIT_BYTES=$((${FINETUNE_BINARY_LIMIT_MIB:-60} * 1024 * 1024))
 
 log() { echo "[device-run] $*" >&2; }
 
@@ -66,7 +68,7 @@ build() {
   local size
   size=$(stat -c %s "$DIST.tmp/finetune")
   if [ "$size" -gt "$BINARY_LIMIT_BYTES" ]; then
-    log "$DIST/finetune is $size bytes, over the 60 MiB ($BINARY_LIMIT_BYTES bytes) release budget"; exit 1
+    log "$DIST/finetune is $size bytes, over the release budget of $BINARY_LIMIT_BYTES bytes (FINETUNE_BINARY_LIMIT_MIB=${FINETUNE_BINARY_LIMIT_MIB:-60})"; exit 1
   fi
   log "$DIST/finetune: $size bytes (budget $BINARY_LIMIT_BYTES)"
   publish "$DIST"

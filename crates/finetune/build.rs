@@ -1,5 +1,19 @@
-//! Embeds the git commit and the CUDA feature into `finetune --version`.
+//! Embeds the git commit and the CUDA feature into `finetune --version`, and deflates the
+//! embedded tiny base (`datasets/tiny-base/`: FP8 weights and tokenizer) into OUT_DIR for
+//! `src/tiny_base.rs` (3.1 MB → 2.4 MB inside the binary).
+use std::io::Write;
+use std::path::Path;
 use std::process::Command;
+
+/// Raw deflate at the best level: the same input gives the same bytes.
+fn deflate(from: &Path, to: &Path) {
+    let bytes = std::fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&bytes).expect("deflate in memory");
+    let out = enc.finish().expect("deflate in memory");
+    std::fs::write(to, out).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
+    println!("cargo:rerun-if-changed={}", from.display());
+}
 
 fn git(args: &[&str]) -> Option<String> {
     let out = Command::new("git").args(args).output().ok()?;
@@ -27,4 +41,17 @@ fn main() {
         println!("cargo:rerun-if-changed={git_dir}/packed-refs");
     }
     println!("cargo:rerun-if-changed=build.rs");
+
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo");
+    let base = Path::new(&manifest).join("../../datasets/tiny-base");
+    let out = std::env::var("OUT_DIR").expect("set by cargo");
+    let out = Path::new(&out);
+    deflate(
+        &base.join("model.fp8.safetensors"),
+        &out.join("model.fp8.safetensors.deflate"),
+    );
+    deflate(
+        &base.join("tokenizer.json"),
+        &out.join("tokenizer.json.deflate"),
+    );
 }

@@ -54,6 +54,7 @@ pub struct PretrainArgs {
     /// Tokenizer vocabulary (special tokens included); also the model's vocab_size.
     #[arg(long, default_value_t = 8192)]
     pub vocab: usize,
+    /// Tokens per packed training sequence (files are cut into pieces of this length).
     #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
     /// Sequences per optimizer step.
@@ -62,8 +63,10 @@ pub struct PretrainArgs {
     /// Peak learning rate (linear warmup, then cosine decay to 0).
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// Linear warmup steps.
     #[arg(long, default_value_t = 60)]
     pub warmup: u64,
+    /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Seed of the initial weights, the corpus order, the held-out split and the data order.
@@ -85,13 +88,16 @@ pub struct PretrainArgs {
     /// Bytes of training text the tokenizer is trained on.
     #[arg(long, default_value_t = 24_000_000)]
     pub tokenizer_bytes: u64,
+    /// Files larger than this many bytes are skipped.
     #[arg(long, default_value_t = 200_000)]
     pub max_file_bytes: u64,
     /// Held-out sequences scored during training (the final losses use up to 48).
     #[arg(long, default_value_t = 24)]
     pub eval_sequences: usize,
+    /// Held-out loss every this many steps.
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
+    /// Checkpoint every this many steps (the last two are kept).
     #[arg(long, default_value_t = 50)]
     pub save_every: u64,
     /// Continue from the newest checkpoint under <out>/checkpoints (same flags and corpus).

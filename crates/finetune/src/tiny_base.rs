@@ -3,8 +3,9 @@
 //! the binary, so a run needs no file outside it.
 //!
 //! The weights travel as FP8 E4M3 with power-of-two block scales (2.9 MB instead of 5.7 MB of
-//! bf16: the CUDA binary must stay within 60 MiB) and are expanded to the bf16 checkpoint
-//! `datasets/tiny-base/model.safetensors`, byte for byte (`finetune_model::fp8`). Its
+//! bf16; deflated with the tokenizer by build.rs, 2.4 MB in all: the CUDA binary must stay
+//! within 60 MiB) and are expanded to the bf16 checkpoint `datasets/tiny-base/model.safetensors`,
+//! byte for byte (`finetune_model::fp8`). Its
 //! tokenizer is fixed: it was trained on the pretraining corpus. `tiny-random` is the earlier
 //! randomly initialised base with a BPE trained on each run's pairs (tests, fixtures).
 
@@ -17,19 +18,31 @@ pub const TINY_RANDOM: &str = "tiny-random";
 
 /// `config.json` of the embedded base.
 pub const CONFIG: &[u8] = include_bytes!("../../../datasets/tiny-base/config.json");
-/// Its weights: FP8 E4M3 + power-of-two block scales (`finetune_model::fp8`).
-pub const WEIGHTS_FP8: &[u8] = include_bytes!("../../../datasets/tiny-base/model.fp8.safetensors");
-/// Its tokenizer (byte-level BPE trained on the pretraining corpus).
-pub const TOKENIZER: &[u8] = include_bytes!("../../../datasets/tiny-base/tokenizer.json");
+/// Its weights, `datasets/tiny-base/model.fp8.safetensors` (FP8 E4M3 + power-of-two block
+/// scales, `finetune_model::fp8`), raw-deflated by build.rs.
+const WEIGHTS_FP8_DEFLATED: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/model.fp8.safetensors.deflate"));
+/// Its tokenizer (byte-level BPE trained on the pretraining corpus), raw-deflated by build.rs.
+const TOKENIZER_DEFLATED: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tokenizer.json.deflate"));
+
+fn inflate(bytes: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .context("inflating the embedded tiny base")?;
+    Ok(out)
+}
 
 /// Writes the embedded base into `dir` as a Hugging Face checkpoint: `config.json`,
 /// `model.safetensors` (bf16), `tokenizer.json`, each atomically.
 pub fn write_into(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let weights = finetune_model::fp8::expand_to_bf16(WEIGHTS_FP8)
+    let weights = finetune_model::fp8::expand_to_bf16(&inflate(WEIGHTS_FP8_DEFLATED)?)
         .context("expanding the embedded tiny base")?;
     write_atomic(&dir.join("model.safetensors"), &weights)?;
-    write_atomic(&dir.join("tokenizer.json"), TOKENIZER)?;
+    write_atomic(&dir.join("tokenizer.json"), &inflate(TOKENIZER_DEFLATED)?)?;
     write_atomic(&dir.join("config.json"), CONFIG)?;
     Ok(())
 }
