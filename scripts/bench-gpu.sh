@@ -60,11 +60,19 @@ run_ours() {  # NAME MODEL FLAGS...
 peak_mem peft-bf16 timeout 240 $PY scripts/bench_gpu_train.py peft "$WORK/base/bf16" "$SEQ" "$STEPS" "$WARMUP" 16 \
   > "$OUT_DIR/peft-bf16.json" 2> "$OUT_DIR/peft-bf16.log"
 tail -3 "$OUT_DIR/peft-bf16.log" >&2
-run_ours ours-bf16 "$WORK/base/bf16" --bf16
-run_ours ours-fp8 "$WORK/base/fp8" --bf16
-run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32
-run_ours ours-bf16-per-expert "$WORK/base/bf16" --bf16 --moe per-expert
-run_ours ours-bf16-recompute "$WORK/base/bf16" --bf16 --recompute
+# RUNS picks our runs (default: all, in this order).
+export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute}
+for run in $RUNS; do
+  case $run in
+    ours-bf16) run_ours ours-bf16 "$WORK/base/bf16" --bf16 ;;
+    ours-bf16-plain-attention) run_ours "$run" "$WORK/base/bf16" --bf16 --attention plain ;;
+    ours-fp8) run_ours ours-fp8 "$WORK/base/fp8" --bf16 ;;
+    ours-bf16-tf32) run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32 ;;
+    ours-bf16-per-expert) run_ours ours-bf16-per-expert "$WORK/base/bf16" --bf16 --moe per-expert ;;
+    ours-bf16-recompute) run_ours ours-bf16-recompute "$WORK/base/bf16" --bf16 --recompute ;;
+    *) log "unknown run $run"; exit 2 ;;
+  esac
+done
 
 $PY - "$OUT_DIR" "$SEQ" "$LAYERS" <<'PYEOF' | tee "$OUT_DIR/summary.md"
 import json, os, sys
@@ -85,8 +93,9 @@ def load(name):
     except Exception:
         r["peak_mib"] = None
     return r
-rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-fp8", "ours-bf16-tf32", "ours-bf16-per-expert",
-                                "ours-bf16-recompute"]]
+rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-fp8", "ours-bf16-tf32",
+                                "ours-bf16-per-expert", "ours-bf16-recompute"]]
+rows = [(n, r) for n, r in rows if n == "peft-bf16" or n in os.environ["RUNS"].split()]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")
 print("| run | tokens/s | × PEFT | MFU | peak memory.used (MiB) | × PEFT | first loss |")
@@ -102,5 +111,11 @@ for name, r in rows:
     if r and r.get("profile"):
         p = r["profile"]
         print(f"\n{name}: forward + loss {p['forward_and_loss_secs']:.3f} s, backward {p['backward_secs']:.3f} s, "
-              f"rest of the step {p['rest_of_step_secs']:.3f} s (median step {r['median_step_secs']:.3f} s)")
+              f"rest of the step {p['rest_of_step_secs']:.3f} s (median step {r['median_step_secs']:.3f} s); "
+              f"GPU MiB before / after forward / after backward: {p.get('gpu_mib_before')} / "
+              f"{p.get('gpu_mib_after_forward')} / {p.get('gpu_mib_after_backward')}")
+        phases = p.get("forward_phases") or {}
+        if phases:
+            print("  forward phases (each synchronized): " + ", ".join(
+                f"{k} {v:.4f}" + ("" if k.endswith("_rows") else " s") for k, v in phases.items()))
 PYEOF

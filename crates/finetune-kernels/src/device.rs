@@ -32,6 +32,18 @@ pub fn cuda_devices() -> Result<Vec<GpuInfo>> {
     }
 }
 
+/// Bytes of GPU memory in use on `device`'s GPU (total − free, as the driver reports it: every
+/// process, candle's cached blocks included, as nvidia-smi shows); `None` on the CPU.
+pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::GpuInfo;

@@ -108,9 +108,50 @@ pub struct SequenceContext {
     past: usize,
     /// Index of the first token of each token's document (the fused attention's mask).
     doc_start: Vec<u32>,
-    mask: Tensor,
+    /// The additive `[1, T, past + T]` mask of the plain attention path, built on first use
+    /// (the fused path never needs it: at T = 4,096 it is 64 MB and a dozen launches).
+    mask: std::sync::OnceLock<Tensor>,
+    device: Device,
     cos: Tensor,
     sin: Tensor,
+}
+
+impl SequenceContext {
+    /// The additive mask: 0 where token i may attend to key j (a cached key, or one of its own
+    /// document's keys up to itself), −∞ elsewhere.
+    fn mask(&self) -> candle_core::Result<&Tensor> {
+        if let Some(m) = self.mask.get() {
+            return Ok(m);
+        }
+        let (t, past) = (self.t, self.past);
+        let mask = if past == 0 {
+            // Built on the device from the document starts.
+            let doc = Tensor::new(self.doc_start.as_slice(), &self.device)?;
+            let same_doc = doc.reshape((t, 1))?.broadcast_eq(&doc.reshape((1, t))?)?;
+            let pos = Tensor::arange(0u32, t as u32, &self.device)?;
+            let causal = pos.reshape((t, 1))?.broadcast_ge(&pos.reshape((1, t))?)?;
+            let allowed = (same_doc * causal)?;
+            let zeros = Tensor::zeros((t, t), DType::F32, &self.device)?;
+            let blocked = Tensor::full(f32::NEG_INFINITY, (t, t), &self.device)?;
+            allowed.where_cond(&zeros, &blocked)?.reshape((1, t, t))?
+        } else {
+            let doc = &self.doc_start;
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..past + t).map(move |j| {
+                        let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
+                        if allowed {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Tensor::from_vec(mask, (1, t, past + t), &self.device)?
+        };
+        Ok(self.mask.get_or_init(|| mask))
+    }
 }
 
 /// A loaded Qwen3-MoE model (base weights only).
@@ -123,6 +164,12 @@ pub struct Qwen3Moe {
     device: Device,
     dtype: DType,
     moe_path: MoePath,
+    /// Whether attention may use the fused op on the GPU (`false`: the plain path, for
+    /// comparisons; the CPU always uses the fused op).
+    fused_attention: bool,
+    /// Seconds per forward phase while profiling ([`Qwen3Moe::set_phase_timing`]); `None` (the
+    /// default) costs nothing: no device synchronization.
+    phase_times: std::sync::Mutex<Option<std::collections::BTreeMap<&'static str, f64>>>,
 }
 
 /// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
@@ -167,9 +214,12 @@ fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
 
 /// y[e] = x[e]·W[e]ᵀ + s·(x[e]·A[e]ᵀ)·B[e]ᵀ for the experts named `names` (in order), x
 /// `[E, C, in]`, W stacked `[E, out, in]`; the adapters are stacked for this use (their
-/// gradients flow back to each expert's own A and B), the LoRA path in f32.
+/// gradients flow back to each expert's own A and B), the LoRA path in f32 on `x32` (x in f32,
+/// shared by the projections that read the same input). s multiplies the small stacked B rather
+/// than the `[E, C, out]` product: one full-size f32 tensor less per projection.
 fn batched_project(
     x: &Tensor,
+    x32: Option<&Tensor>,
     w: &BaseWeight,
     names: &[&str],
     lora: Option<&Lora>,
@@ -186,9 +236,12 @@ fn batched_project(
         b_parts.push(b.clone());
     }
     let a = Tensor::stack(&a_parts, 0)?; // [E, r, in]
-    let b = Tensor::stack(&b_parts, 0)?; // [E, out, r]
-    let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
-    let delta = (x.matmul(&a.transpose(1, 2)?)?.matmul(&b.transpose(1, 2)?)? * l.scale)?;
+    let b = (Tensor::stack(&b_parts, 0)? * l.scale)?; // [E, out, r]
+    let x = match x32 {
+        Some(x32) => l.dropout_input(x32)?,
+        None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
+    };
+    let delta = x.matmul(&a.transpose(1, 2)?)?.matmul(&b.transpose(1, 2)?)?;
     let dtype = y.dtype();
     y + delta.to_dtype(dtype)?
 }
@@ -310,7 +363,67 @@ impl Qwen3Moe {
             } else {
                 MoePath::PerExpert
             },
+            fused_attention: true,
+            phase_times: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Lets GPU attention use the fused flash-attention op (`true`, the default) or the plain
+    /// candle ops (`false`: scores, mask and probabilities materialized; for comparisons).
+    pub fn set_fused_attention(&mut self, fused: bool) {
+        self.fused_attention = fused;
+    }
+
+    /// Starts (`true`, clearing earlier figures) or stops timing the forward's phases: each
+    /// phase is then bracketed by device synchronizations (slower; for `finetune bench train
+    /// --profile`).
+    pub fn set_phase_timing(&self, on: bool) {
+        if let Ok(mut p) = self.phase_times.lock() {
+            *p = on.then(Default::default);
+        }
+    }
+
+    /// The figures gathered since [`Self::set_phase_timing`]`(true)`: seconds per phase, summed
+    /// over layers and calls, and counters (`moe.*_rows`).
+    pub fn phase_times(&self) -> Vec<(&'static str, f64)> {
+        self.phase_times
+            .lock()
+            .ok()
+            .and_then(|p| {
+                p.as_ref()
+                    .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            })
+            .unwrap_or_default()
+    }
+
+    fn timing(&self) -> bool {
+        self.phase_times.lock().is_ok_and(|p| p.is_some())
+    }
+
+    /// Adds `value` to the figure `what` while timing.
+    fn record(&self, what: &'static str, value: f64) {
+        if let Ok(mut p) = self.phase_times.lock() {
+            if let Some(m) = p.as_mut() {
+                *m.entry(what).or_default() += value;
+            }
+        }
+    }
+
+    /// Runs `f`, timed as `phase` between two device synchronizations while timing.
+    fn timed<R>(
+        &self,
+        phase: &'static str,
+        f: impl FnOnce() -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        if !self.timing() {
+            return f();
+        }
+        self.device.synchronize()?;
+        let started = std::time::Instant::now();
+        let r = f()?;
+        self.device.synchronize()?;
+        self.record(phase, started.elapsed().as_secs_f64());
+        Ok(r)
     }
 
     /// Logits `[T, vocab]` (f32) of one packed sequence: `position_ids` restart at 0 where a
@@ -440,7 +553,7 @@ impl Qwen3Moe {
         let c = &self.config;
         let t = position_ids.len();
         let d = c.head_dim();
-        // Document of each token, and the additive mask: 0 where attention is allowed.
+        // Document of each token.
         let mut doc: Vec<u32> = Vec::with_capacity(t);
         for (i, &p) in position_ids.iter().enumerate() {
             let prev = if i == 0 { 0 } else { doc[i - 1] };
@@ -450,34 +563,6 @@ impl Qwen3Moe {
                 prev
             });
         }
-        // Keys are the `past` cached tokens (all of the same document) followed by these.
-        let mask = if past == 0 {
-            // Built on the device from the document ids (a T×T mask is 64 MB at T = 4096).
-            let doc = Tensor::new(doc.as_slice(), &self.device)?;
-            let same_doc = doc.reshape((t, 1))?.broadcast_eq(&doc.reshape((1, t))?)?;
-            let pos = Tensor::arange(0u32, t as u32, &self.device)?;
-            let causal = pos.reshape((t, 1))?.broadcast_ge(&pos.reshape((1, t))?)?;
-            let allowed = (same_doc * causal)?;
-            let zeros = Tensor::zeros((t, t), DType::F32, &self.device)?;
-            let blocked = Tensor::full(f32::NEG_INFINITY, (t, t), &self.device)?;
-            allowed.where_cond(&zeros, &blocked)?.reshape((1, t, t))?
-        } else {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    let doc = &doc;
-                    (0..past + t).map(move |j| {
-                        let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
-                        if allowed {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            Tensor::from_vec(mask, (1, t, past + t), &self.device)?
-        };
-
         // RoPE tables at the given positions: angle = position · inv_freq[i], in f32 as
         // transformers computes it; cos/sin scaled by the attention factor (YaRN).
         let (inv_freq, attention_factor) = c.rope_frequencies();
@@ -503,7 +588,8 @@ impl Qwen3Moe {
             t,
             past,
             doc_start,
-            mask,
+            mask: std::sync::OnceLock::new(),
+            device: self.device.clone(),
             cos,
             sin,
         })
@@ -527,16 +613,21 @@ impl Qwen3Moe {
         let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
         // Attention.
-        let n = rms_norm(x, &layer.input_norm, eps)?;
         let a = &layer.attn;
-        let q = project(&n, &a.q, lora)?.reshape((t, nh, d))?;
-        let k = project(&n, &a.k, lora)?.reshape((t, nkv, d))?;
-        let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
-        let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
-        let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
-        // [kv heads, T, d], after the cached keys/values of this layer.
-        let mut k = k.transpose(0, 1)?.contiguous()?;
-        let mut v = v.transpose(0, 1)?.contiguous()?;
+        let (q, mut k, mut v) = self.timed("attn.qkv", || {
+            let n = rms_norm(x, &layer.input_norm, eps)?;
+            let q = project(&n, &a.q, lora)?.reshape((t, nh, d))?;
+            let k = project(&n, &a.k, lora)?.reshape((t, nkv, d))?;
+            let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
+            let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
+            let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+            // [kv heads, T, d], after the cached keys/values of this layer.
+            Ok((
+                q,
+                k.transpose(0, 1)?.contiguous()?,
+                v.transpose(0, 1)?.contiguous()?,
+            ))
+        })?;
         if let Some(cache) = cache {
             if let Some((pk, pv)) = &cache.layers[index] {
                 k = Tensor::cat(&[pk, &k], 1)?;
@@ -544,45 +635,51 @@ impl Qwen3Moe {
             }
             cache.layers[index] = Some((k.clone(), v.clone()));
         }
-        let attn = 'attn: {
-            if x.device().is_cpu() {
-                // One fused op (finetune_kernels::causal_attention): keys in a token's future
-                // or in another document are never visited; no scores, mask or probabilities
-                // tensors. The plain ops below remain the GPU path.
-                let scale = 1.0 / (d as f64).sqrt();
-                break 'attn finetune_kernels::causal_attention(
-                    &q,
-                    &k,
-                    &v,
-                    &ctx.doc_start,
-                    past,
-                    scale,
-                )?;
-            }
-            let keys = past + t;
-            // [heads, T, d], key/value heads repeated for their query group.
-            let group = nh / nkv;
-            let q = q.transpose(0, 1)?.contiguous()?;
-            let k = k
-                .unsqueeze(1)?
-                .broadcast_as((nkv, group, keys, d))?
-                .reshape((nh, keys, d))?;
-            let v = v
-                .unsqueeze(1)?
-                .broadcast_as((nkv, group, keys, d))?
-                .reshape((nh, keys, d))?;
-            // Scores in the compute dtype, the softmax in f32, the weights back in the compute
-            // dtype for ·V (transformers' eager attention).
-            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
-                .to_dtype(DType::F32)?
-                .broadcast_add(&ctx.mask)?;
-            let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
-            attn.transpose(0, 1)?.reshape((t, nh * d))?
-        };
-        let x = (x + project(&attn, &a.o, lora)?)?;
+        let attn = self.timed("attn.core", || {
+            Ok('attn: {
+                if x.device().is_cpu()
+                    || (self.fused_attention
+                        && finetune_kernels::attention::cuda_supported(d, q.dtype()))
+                {
+                    // One fused op (finetune_kernels::causal_attention, a flash-attention kernel on
+                    // the GPU): keys in a token's future or in another document are never visited;
+                    // no scores, mask or probabilities tensors. The plain ops below remain for head
+                    // dims the CUDA kernels do not cover.
+                    let scale = 1.0 / (d as f64).sqrt();
+                    break 'attn finetune_kernels::causal_attention(
+                        &q,
+                        &k,
+                        &v,
+                        &ctx.doc_start,
+                        past,
+                        scale,
+                    )?;
+                }
+                let keys = past + t;
+                // [heads, T, d], key/value heads repeated for their query group.
+                let group = nh / nkv;
+                let q = q.transpose(0, 1)?.contiguous()?;
+                let k = k
+                    .unsqueeze(1)?
+                    .broadcast_as((nkv, group, keys, d))?
+                    .reshape((nh, keys, d))?;
+                let v = v
+                    .unsqueeze(1)?
+                    .broadcast_as((nkv, group, keys, d))?
+                    .reshape((nh, keys, d))?;
+                // Scores in the compute dtype, the softmax in f32, the weights back in the compute
+                // dtype for ·V (transformers' eager attention).
+                let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+                    .to_dtype(DType::F32)?
+                    .broadcast_add(ctx.mask()?)?;
+                let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
+                attn.transpose(0, 1)?.reshape((t, nh * d))?
+            })
+        })?;
+        let x = self.timed("attn.o_proj", || x + project(&attn, &a.o, lora)?)?;
 
         // MLP.
-        let n = rms_norm(&x, &layer.post_norm, eps)?;
+        let n = self.timed("mlp.norm", || rms_norm(&x, &layer.post_norm, eps))?;
         let y = match &layer.mlp {
             Mlp::Dense(e) => e.forward(&n, lora)?,
             Mlp::Moe {
@@ -593,7 +690,7 @@ impl Qwen3Moe {
                 MoePath::Batched if batched_lora_covers(experts, lora) => {
                     self.moe_batched(&n, router, experts, stacked, lora)?
                 }
-                _ => self.moe(&n, router, experts, lora)?,
+                _ => self.timed("moe.per_expert", || self.moe(&n, router, experts, lora))?,
             },
         };
         x + y
@@ -671,6 +768,10 @@ impl Qwen3Moe {
         let c = &self.config;
         let (t, h) = x.dims2()?;
         let n_exp = experts.len();
+        let started = self.timing().then(|| {
+            let _ = self.device.synchronize();
+            std::time::Instant::now()
+        });
         let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
         let values: Vec<Vec<f32>> = probs.to_vec2()?;
         let mut chosen = vec![0f32; t * n_exp];
@@ -701,19 +802,35 @@ impl Qwen3Moe {
         }
         let perm = std::sync::Arc::new(Permutation::new(rows, t, &self.device)?);
         let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
-        let xs = gather_rows(x, &perm)?.reshape((n_exp, cap, h))?;
+        if let Some(started) = started {
+            self.device.synchronize()?;
+            self.record("moe.route", started.elapsed().as_secs_f64());
+            self.record("moe.padded_rows", (n_exp * cap) as f64);
+            self.record("moe.routed_rows", (t * c.num_experts_per_tok) as f64);
+        }
         let names = |pick: fn(&Expert) -> &Proj| -> Vec<&str> {
             experts.iter().map(|e| pick(e).name.as_str()).collect()
         };
-        let g = batched_project(&xs, &stacked.gate, &names(|e| &e.gate), lora)?;
-        let u = batched_project(&xs, &stacked.up, &names(|e| &e.up), lora)?;
-        let y = batched_project(&(silu(&g)? * u)?, &stacked.down, &names(|e| &e.down), lora)?;
-        let zero = Tensor::zeros(1, x.dtype(), &self.device)?;
-        let w = Tensor::cat(&[&weights.flatten_all()?, &zero], 0)?
-            .index_select(&weight_index, 0)?
-            .unsqueeze(1)?;
-        let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
-        sum_rows(&y, &perm)
+        let y = self.timed("moe.experts", || {
+            let xs = gather_rows(x, &perm)?.reshape((n_exp, cap, h))?;
+            // The adapters' f32 input, once for gate and up.
+            let xs32 = match lora {
+                Some(_) => Some(xs.to_dtype(DType::F32)?),
+                None => None,
+            };
+            let g = batched_project(&xs, xs32.as_ref(), &stacked.gate, &names(|e| &e.gate), lora)?;
+            let u = batched_project(&xs, xs32.as_ref(), &stacked.up, &names(|e| &e.up), lora)?;
+            let h = (silu(&g)? * u)?;
+            batched_project(&h, None, &stacked.down, &names(|e| &e.down), lora)
+        })?;
+        self.timed("moe.combine", || {
+            let zero = Tensor::zeros(1, x.dtype(), &self.device)?;
+            let w = Tensor::cat(&[&weights.flatten_all()?, &zero], 0)?
+                .index_select(&weight_index, 0)?
+                .unsqueeze(1)?;
+            let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
+            sum_rows(&y, &perm)
+        })
     }
 
     /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.
@@ -918,7 +1035,7 @@ impl Qwen3Moe {
             .reshape((lh, t, d))?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
             .to_dtype(DType::F32)?
-            .broadcast_add(&ctx.mask)?;
+            .broadcast_add(ctx.mask()?)?;
         let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
         let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
         project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d)

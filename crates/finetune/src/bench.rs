@@ -59,6 +59,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         candle_core::DType::F32
     };
     model.set_compute_dtype(dtype)?;
+    model.set_fused_attention(args.attention.as_deref() != Some("plain"));
     match args.moe.as_deref() {
         Some("batched") => model.set_moe_path(MoePath::Batched),
         Some("per-expert") => model.set_moe_path(MoePath::PerExpert),
@@ -185,16 +186,21 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "lora_params": lora_params,
         "recompute": args.recompute,
         "moe": args.moe.as_deref().unwrap_or(if device.is_cuda() { "batched" } else { "per-expert" }),
+        "attention": args.attention.as_deref().unwrap_or("fused"),
         "warmup_steps": args.warmup,
         "step_secs": measured,
         "median_step_secs": median,
         "tokens_per_sec": tokens_per_sec,
         "losses": steps.iter().map(|s| s.2).collect::<Vec<_>>(),
         "load_secs": load_secs,
-        "profile": profile.map(|(f, b)| serde_json::json!({
-            "forward_and_loss_secs": f,
-            "backward_secs": b,
-            "rest_of_step_secs": median - f - b,
+        "profile": profile.map(|p: Profile| serde_json::json!({
+            "forward_and_loss_secs": p.forward,
+            "backward_secs": p.backward,
+            "rest_of_step_secs": median - p.forward - p.backward,
+            "forward_phases": p.phases.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "gpu_mib_before": p.memory[0],
+            "gpu_mib_after_forward": p.memory[1],
+            "gpu_mib_after_backward": p.memory[2],
         })),
     });
     println!("{}", serde_json::to_string(&result)?);
@@ -218,27 +224,54 @@ pub fn bench_ids(seq: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Seconds of the forward + loss and of the backward of one step on `sequence` (the second of
-/// two tries, the device synchronized around each phase).
+/// What `--profile` measures on one more step.
+struct Profile {
+    /// Seconds of the forward + loss and of the backward (the second of two tries, the device
+    /// synchronized around each phase).
+    forward: f64,
+    backward: f64,
+    /// A third forward with its phases timed one by one (each between synchronizations, so
+    /// their sum exceeds `forward`), and the MoE row counters.
+    phases: Vec<(&'static str, f64)>,
+    /// GPU memory in use (MiB) before the step, after the forward + loss, after the backward.
+    memory: [Option<f64>; 3],
+}
+
 fn forward_backward_secs(
     model: &Qwen3Moe,
     lora: &Lora,
     sequence: &Sequence,
     device: &Device,
-) -> Result<(f64, f64)> {
-    let mut times = (0.0, 0.0);
-    for _ in 0..2 {
+) -> Result<Profile> {
+    let mib = || finetune_kernels::device::gpu_memory_used(device).map(|b| b as f64 / 1048576.0);
+    let mut p = Profile {
+        forward: 0.0,
+        backward: 0.0,
+        phases: Vec::new(),
+        memory: [None; 3],
+    };
+    for attempt in 0..3 {
+        let timed_phases = attempt == 2;
+        model.set_phase_timing(timed_phases);
         device.synchronize()?;
+        let before = mib();
         let started = std::time::Instant::now();
         let logits = model.forward_with(&sequence.ids, &sequence.position_ids, Some(lora))?;
         let loss = Qwen3Moe::loss_sum_tensor(&logits, &sequence.labels)?;
         device.synchronize()?;
         let forward = started.elapsed().as_secs_f64();
+        let after_forward = mib();
+        if timed_phases {
+            p.phases = model.phase_times();
+            model.set_phase_timing(false);
+            break;
+        }
         let started = std::time::Instant::now();
         let grads = loss.backward()?;
         device.synchronize()?;
-        times = (forward, started.elapsed().as_secs_f64());
+        (p.forward, p.backward) = (forward, started.elapsed().as_secs_f64());
+        p.memory = [before, after_forward, mib()];
         drop(grads);
     }
-    Ok(times)
+    Ok(p)
 }

@@ -131,8 +131,15 @@ pub struct BenchTrainArgs {
     /// projection; the GPU default) or `per-expert` (the reference loop; the CPU default).
     #[arg(long, value_name = "PATH", value_parser = ["batched", "per-expert"])]
     pub moe: Option<String>,
+    /// How attention runs: `fused` (finetune-kernels' causal_attention, flash-attention style on
+    /// the GPU; the default where it covers the head dim) or `plain` (candle ops with a T×T
+    /// mask and materialized scores: the comparison).
+    #[arg(long, value_name = "PATH", value_parser = ["fused", "plain"])]
+    pub attention: Option<String>,
     /// After the measured steps, time the forward + loss and the backward of one more step
-    /// separately (the device synchronized around each), and report the rest of the step.
+    /// separately (the device synchronized around each), the forward's phases per kind (each
+    /// bracketed by synchronizations), and the GPU memory in use before, after the forward and
+    /// after the backward.
     #[arg(long)]
     pub profile: bool,
     /// Benchmark the CPU even in a CUDA build.
