@@ -6,8 +6,10 @@
 //! (a frozen projection whose backward returns dX only; CPU reference, CUDA forward as one cuBLAS
 //! GEMM through candle, no custom kernel), [`fp8_dequant`], [`rms_norm`], [`swiglu`], [`rope`],
 //! [`cross_entropy`] (lm_head + loss chunked over tokens), [`adamw`] (multi-tensor step),
-//! [`attention`] (per-document causal GQA, CPU only so far), [`frozen_batched_linear`]
-//! (one strided-batched GEMM over stacked expert weights, dX only), [`moe_permute`] (the MoE
+//! [`attention`] (per-document causal GQA; flash-attention style CUDA kernels),
+//! [`frozen_batched_linear`] (one strided-batched GEMM over stacked expert weights, dX only),
+//! [`grouped_linear`] (one GEMM per expert over its own rows, no padding; dX and optionally
+//! dW), [`moe_permute`] (the MoE
 //! token permutation and its inverse as two adjoint gathers), and
 //! [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
@@ -20,6 +22,7 @@ pub mod device;
 pub mod fp8_dequant;
 pub mod frozen_batched_linear;
 pub mod frozen_linear;
+pub mod grouped_linear;
 pub mod moe_permute;
 pub mod rms_norm;
 pub mod rope;
@@ -37,6 +40,7 @@ pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_batched_linear::frozen_batched_linear;
 pub use frozen_linear::frozen_linear;
+pub use grouped_linear::grouped_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -75,6 +75,12 @@ pub enum MoePath {
     /// one scatter-add back (the GPU default). Same math; LoRA dropout masks are drawn over
     /// the padded tensor, so with dropout the random stream differs from the per-expert path.
     Batched,
+    /// Every expert's tokens gathered into one `[T·k, hidden]` tensor sorted by expert, no
+    /// padding, each projection one GEMM per expert on exactly its rows
+    /// (finetune_kernels::grouped_linear, for the frozen base and for the stacked LoRA A and B),
+    /// and one scatter-add back (the GPU default). Same math as the per-expert path; dropout
+    /// masks are drawn over the sorted rows, so the random stream differs from it.
+    Grouped,
 }
 
 struct Layer {
@@ -246,6 +252,41 @@ fn batched_project(
     y + delta.to_dtype(dtype)?
 }
 
+/// [`MoePath::Grouped`]'s projection: y[n] = x[n]·W[e]ᵀ + s·(x[n]·A[e]ᵀ)·B[e]ᵀ for the rows
+/// `offsets[e]..offsets[e + 1]` of x `[N, in]` (expert e of `names`), W stacked `[E, out, in]`;
+/// the LoRA path in f32 on `x32` (shared by projections reading the same input), the adapters
+/// stacked for this use (gradients flow back to each expert's own A and B), s on the small B.
+fn grouped_project(
+    x: &Tensor,
+    x32: Option<&Tensor>,
+    w: &BaseWeight,
+    names: &[&str],
+    lora: Option<&Lora>,
+    offsets: &std::sync::Arc<Vec<usize>>,
+) -> candle_core::Result<Tensor> {
+    let y = finetune_kernels::grouped_linear(x, &w.dequantize(x.dtype())?, offsets, false)?;
+    let Some(l) = lora else { return Ok(y) };
+    let mut a_parts = Vec::with_capacity(names.len());
+    let mut b_parts = Vec::with_capacity(names.len());
+    for name in names {
+        let (a, b) = l
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
+        a_parts.push(a.clone());
+        b_parts.push(b.clone());
+    }
+    let a = Tensor::stack(&a_parts, 0)?; // [E, r, in]
+    let b = (Tensor::stack(&b_parts, 0)? * l.scale)?; // [E, out, r]
+    let x = match x32 {
+        Some(x32) => l.dropout_input(x32)?,
+        None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
+    };
+    let h = finetune_kernels::grouped_linear(&x, &a, offsets, true)?; // [N, r]
+    let delta = finetune_kernels::grouped_linear(&h, &b, offsets, true)?; // [N, out]
+    let dtype = y.dtype();
+    y + delta.to_dtype(dtype)?
+}
+
 /// RMSNorm with a frozen weight: one fused op (finetune_kernels::rms_norm, dx-only backward)
 /// instead of six candle ops, each with its own backward; statistics in f32, the result in x's
 /// dtype.
@@ -359,7 +400,7 @@ impl Qwen3Moe {
             device: device.clone(),
             dtype: DType::F32,
             moe_path: if device.is_cuda() {
-                MoePath::Batched
+                MoePath::Grouped
             } else {
                 MoePath::PerExpert
             },
@@ -690,6 +731,9 @@ impl Qwen3Moe {
                 MoePath::Batched if batched_lora_covers(experts, lora) => {
                     self.moe_batched(&n, router, experts, stacked, lora)?
                 }
+                MoePath::Grouped if batched_lora_covers(experts, lora) => {
+                    self.moe_grouped(&n, router, experts, stacked, lora)?
+                }
                 _ => self.timed("moe.per_expert", || self.moe(&n, router, experts, lora))?,
             },
         };
@@ -830,6 +874,96 @@ impl Qwen3Moe {
                 .unsqueeze(1)?;
             let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
             sum_rows(&y, &perm)
+        })
+    }
+
+    /// [`MoePath::Grouped`]: the routing of [`Self::moe`], then every expert at once on its
+    /// tokens gathered into `[T·k, hidden]` sorted by expert (finetune-kernels' `gather_rows`,
+    /// no padding), one GEMM per expert and projection on exactly its rows, and `sum_rows` back
+    /// (each token's experts summed in expert order, the order the per-expert path adds in).
+    fn moe_grouped(
+        &self,
+        x: &Tensor,
+        router: &BaseWeight,
+        experts: &[Expert],
+        stacked: &StackedExperts,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let t = x.dims2()?.0;
+        let n_exp = experts.len();
+        let started = self.timing().then(|| {
+            let _ = self.device.synchronize();
+            std::time::Instant::now()
+        });
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
+        let values: Vec<Vec<f32>> = probs.to_vec2()?;
+        let mut chosen = vec![0f32; t * n_exp];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        for (tok, p) in values.iter().enumerate() {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for &e in &order[..c.num_experts_per_tok] {
+                chosen[tok * n_exp + e] = 1.0;
+                routed[e].push(tok as u32);
+            }
+        }
+        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
+        let mut weights = (probs * chosen)?;
+        if c.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        }
+        let weights = weights.to_dtype(x.dtype())?;
+        let mut offsets = Vec::with_capacity(n_exp + 1);
+        offsets.push(0);
+        let (mut rows, mut weight_index) = (Vec::new(), Vec::new());
+        for (e, toks) in routed.iter().enumerate() {
+            rows.extend_from_slice(toks);
+            weight_index.extend(toks.iter().map(|&tok| tok * n_exp as u32 + e as u32));
+            offsets.push(rows.len());
+        }
+        let offsets = std::sync::Arc::new(offsets);
+        let perm = std::sync::Arc::new(Permutation::new(rows, t, &self.device)?);
+        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        if let Some(started) = started {
+            self.device.synchronize()?;
+            self.record("moe.route", started.elapsed().as_secs_f64());
+            self.record("moe.routed_rows", (t * c.num_experts_per_tok) as f64);
+        }
+        let names = |pick: fn(&Expert) -> &Proj| -> Vec<&str> {
+            experts.iter().map(|e| pick(e).name.as_str()).collect()
+        };
+        let y = self.timed("moe.experts", || {
+            let xs = gather_rows(x, &perm)?;
+            let xs32 = match lora {
+                Some(_) => Some(xs.to_dtype(DType::F32)?),
+                None => None,
+            };
+            let g = grouped_project(
+                &xs,
+                xs32.as_ref(),
+                &stacked.gate,
+                &names(|e| &e.gate),
+                lora,
+                &offsets,
+            )?;
+            let u = grouped_project(
+                &xs,
+                xs32.as_ref(),
+                &stacked.up,
+                &names(|e| &e.up),
+                lora,
+                &offsets,
+            )?;
+            let h = (silu(&g)? * u)?;
+            grouped_project(&h, None, &stacked.down, &names(|e| &e.down), lora, &offsets)
+        })?;
+        self.timed("moe.combine", || {
+            let w = weights
+                .flatten_all()?
+                .index_select(&weight_index, 0)?
+                .unsqueeze(1)?;
+            sum_rows(&y.broadcast_mul(&w)?, &perm)
         })
     }
 

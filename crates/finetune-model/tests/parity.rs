@@ -319,8 +319,9 @@ fn bf16_compute_is_refused_on_the_cpu() {
     assert_eq!(model.compute_dtype(), candle_core::DType::F32);
 }
 
-/// The batched MoE path (stacked experts, one padded `[E, C, hidden]` GEMM per projection)
-/// computes what the per-expert reference computes: logits, loss and every LoRA gradient, on
+/// The batched MoE path (stacked experts, one padded `[E, C, hidden]` GEMM per projection) and
+/// the grouped one (rows sorted by expert, one GEMM per expert, no padding) compute what the
+/// per-expert reference computes: logits, loss and every LoRA gradient, on
 /// the bf16 and the FP8 checkpoints (moe_intermediate_size 136: FP8 blocks straddle experts
 /// there, so the stacked dequantization takes its per-expert route).
 #[test]
@@ -348,21 +349,26 @@ fn batched_moe_equals_the_per_expert_reference() {
         };
         model.set_moe_path(finetune_model::model::MoePath::PerExpert);
         let (logits_ref, loss_ref, grads_ref) = run(&model);
-        model.set_moe_path(finetune_model::model::MoePath::Batched);
-        let (logits, loss, grads) = run(&model);
-        let diff = max_abs_diff(&logits, &logits_ref);
-        assert!(diff <= 1e-5, "{kind}: logits differ by {diff}");
-        assert!(
-            (loss - loss_ref).abs() <= 1e-6,
-            "{kind}: loss {loss} vs {loss_ref}"
-        );
-        for (i, (g, want)) in grads.iter().zip(&grads_ref).enumerate() {
-            let scale = max_abs_diff(want, &want.zeros_like().unwrap());
-            let d = max_abs_diff(g, want);
+        for path in [
+            finetune_model::model::MoePath::Batched,
+            finetune_model::model::MoePath::Grouped,
+        ] {
+            model.set_moe_path(path);
+            let (logits, loss, grads) = run(&model);
+            let diff = max_abs_diff(&logits, &logits_ref);
+            assert!(diff <= 1e-5, "{kind} {path:?}: logits differ by {diff}");
             assert!(
-                d <= 1e-5 * scale.max(1e-12) + 1e-9,
-                "{kind}: gradient {i} differs by {d} (scale {scale})"
+                (loss - loss_ref).abs() <= 1e-6,
+                "{kind} {path:?}: loss {loss} vs {loss_ref}"
             );
+            for (i, (g, want)) in grads.iter().zip(&grads_ref).enumerate() {
+                let scale = max_abs_diff(want, &want.zeros_like().unwrap());
+                let d = max_abs_diff(g, want);
+                assert!(
+                    d <= 1e-5 * scale.max(1e-12) + 1e-9,
+                    "{kind} {path:?}: gradient {i} differs by {d} (scale {scale})"
+                );
+            }
         }
     }
 }

@@ -62,6 +62,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     model.set_fused_attention(args.attention.as_deref() != Some("plain"));
     match args.moe.as_deref() {
         Some("batched") => model.set_moe_path(MoePath::Batched),
+        Some("grouped") => model.set_moe_path(MoePath::Grouped),
         Some("per-expert") => model.set_moe_path(MoePath::PerExpert),
         _ => {}
     }
@@ -185,7 +186,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "targets": targets,
         "lora_params": lora_params,
         "recompute": args.recompute,
-        "moe": args.moe.as_deref().unwrap_or(if device.is_cuda() { "batched" } else { "per-expert" }),
+        "moe": args.moe.as_deref().unwrap_or(if device.is_cuda() { "grouped" } else { "per-expert" }),
         "attention": args.attention.as_deref().unwrap_or("fused"),
         "warmup_steps": args.warmup,
         "step_secs": measured,

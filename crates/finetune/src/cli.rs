@@ -127,9 +127,10 @@ pub struct BenchTrainArgs {
     /// Compute in bf16 (GPU only; LoRA path, softmaxes, norms' statistics and the loss in f32).
     #[arg(long)]
     pub bf16: bool,
-    /// How MoE blocks run their experts: `batched` (stacked experts, one padded GEMM per
-    /// projection; the GPU default) or `per-expert` (the reference loop; the CPU default).
-    #[arg(long, value_name = "PATH", value_parser = ["batched", "per-expert"])]
+    /// How MoE blocks run their experts: `grouped` (tokens sorted by expert, one GEMM per expert
+    /// on exactly its rows; the GPU default), `batched` (one strided-batched GEMM over groups
+    /// padded to the largest) or `per-expert` (the reference loop; the CPU default).
+    #[arg(long, value_name = "PATH", value_parser = ["grouped", "batched", "per-expert"])]
     pub moe: Option<String>,
     /// How attention runs: `fused` (finetune-kernels' causal_attention, flash-attention style on
     /// the GPU; the default where it covers the head dim) or `plain` (candle ops with a T×T

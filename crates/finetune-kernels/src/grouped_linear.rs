@@ -1,0 +1,433 @@
+//! `grouped_linear`: one linear map per group of consecutive rows, the MoE expert GEMM without
+//! padding. Rows `offsets[e]..offsets[e + 1]` of x `[N, in]` belong to expert e of
+//! w `[E, out, in]` (E = offsets.len() − 1, offsets non-decreasing from 0 to N):
+//!   y[n] = x[n]·w[e(n)]ᵀ                                   y `[N, out]`
+//! Backward: dx[n] = dy[n]·w[e(n)], and with a trainable w, dw[e] = Σ_{n in group e} dy[n]ᵀ·x[n]
+//! (zero for an expert with no rows).
+//!
+//! Why: the padded batched path ([`crate::frozen_batched_linear`]) multiplies E × C rows with
+//! C = the largest group, so an unbalanced router (every randomly initialised one, and real
+//! ones early in training) multiplies padding; here every GEMM has exactly its expert's rows,
+//! as transformers' grouped_mm does. Used for the frozen base experts (`weight_grad = false`:
+//! dx only) and for the stacked LoRA A and B of the experts (dx and dw).
+//!
+//! - CPU (the reference): f32 loops per row, rayon over rows (dw over experts).
+//! - CUDA: one cuBLAS GEMM per non-empty expert on views of one output buffer (f32 or bf16 with
+//!   f32 accumulation); no custom kernel.
+
+use crate::common::{cpu_f32, cpu_out, same_dtype};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// y = x·w[e]ᵀ per row group; differentiable in x, and in w when `weight_grad`.
+pub fn grouped_linear(
+    x: &Tensor,
+    w: &Tensor,
+    offsets: &Arc<Vec<usize>>,
+    weight_grad: bool,
+) -> candle_core::Result<Tensor> {
+    let (n, inp) = x.dims2()?;
+    let (e, _, w_in) = w.dims3()?;
+    if w_in != inp || offsets.len() != e + 1 || offsets[0] != 0 || offsets[e] != n {
+        candle_core::bail!(
+            "grouped-linear: x {:?}, w {:?}, {} offsets ending at {:?}: expected x [N, in], w [E, out, in], E + 1 offsets from 0 to N",
+            x.dims(),
+            w.dims(),
+            offsets.len(),
+            offsets.last()
+        );
+    }
+    if offsets.windows(2).any(|p| p[0] > p[1]) {
+        candle_core::bail!("grouped-linear: offsets must not decrease");
+    }
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        GroupedLinear {
+            offsets: offsets.clone(),
+            kind: Kind::Forward,
+            weight_grad,
+        },
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    /// (x, w) → x·wᵀ per group.
+    Forward,
+    /// (dy, w) → dy·w per group.
+    InputGrad,
+    /// (dy, x) → Σ dyᵀ·x per group, `[E, out, in]`.
+    WeightGrad,
+}
+
+pub struct GroupedLinear {
+    offsets: Arc<Vec<usize>>,
+    kind: Kind,
+    weight_grad: bool,
+}
+
+impl GroupedLinear {
+    fn with(&self, kind: Kind) -> Self {
+        Self {
+            offsets: self.offsets.clone(),
+            kind,
+            weight_grad: false,
+        }
+    }
+
+    /// (rows, cols) of the output and the inner dimension, from the two operands' shapes.
+    /// Forward: a = x [N, in], b = w [E, out, in] → [N, out], k = in. InputGrad: a = dy [N, out],
+    /// b = w → [N, in], k = out. WeightGrad: a = dy [N, out], b = x [N, in] → [E, out, in], k = rows.
+    fn out_shape(&self, a: &Layout, b: &Layout) -> candle_core::Result<Shape> {
+        let (n, _) = a.shape().dims2()?;
+        let e = self.offsets.len() - 1;
+        Ok(match self.kind {
+            Kind::Forward => Shape::from((n, b.shape().dims3()?.1)),
+            Kind::InputGrad => Shape::from((n, b.shape().dims3()?.2)),
+            Kind::WeightGrad => Shape::from((e, a.shape().dims2()?.1, b.shape().dims2()?.1)),
+        })
+    }
+
+    fn cpu(&self, a: &[f32], b: &[f32], a_cols: usize, out: &Shape) -> Vec<f32> {
+        let group_of = |row: usize| self.offsets.partition_point(|&o| o <= row) - 1;
+        match self.kind {
+            Kind::Forward | Kind::InputGrad => {
+                let (_, cols) = out.dims2().expect("2-d");
+                let mut y = vec![0f32; out.elem_count()];
+                y.par_chunks_mut(cols.max(1))
+                    .enumerate()
+                    .for_each(|(row, yr)| {
+                        let e = group_of(row);
+                        let ar = &a[row * a_cols..][..a_cols];
+                        // w[e] is [out, in]: Forward reads rows of w (cols = out, k = in),
+                        // InputGrad columns (cols = in, k = out).
+                        let (w_out, w_in) = if self.kind == Kind::Forward {
+                            (cols, a_cols)
+                        } else {
+                            (a_cols, cols)
+                        };
+                        let we = &b[e * w_out * w_in..][..w_out * w_in];
+                        for (c, yc) in yr.iter_mut().enumerate() {
+                            *yc = (0..a_cols)
+                                .map(|k| {
+                                    let wv = if self.kind == Kind::Forward {
+                                        we[c * w_in + k]
+                                    } else {
+                                        we[k * w_in + c]
+                                    };
+                                    ar[k] * wv
+                                })
+                                .sum();
+                        }
+                    });
+                y
+            }
+            Kind::WeightGrad => {
+                let (_, o, i) = out.dims3().expect("3-d");
+                let mut dw = vec![0f32; out.elem_count()];
+                dw.par_chunks_mut((o * i).max(1))
+                    .enumerate()
+                    .for_each(|(e, dwe)| {
+                        for row in self.offsets[e]..self.offsets[e + 1] {
+                            let (dy, x) = (&a[row * o..][..o], &b[row * i..][..i]);
+                            for (r, dyr) in dy.iter().enumerate() {
+                                for (c, xc) in x.iter().enumerate() {
+                                    dwe[r * i + c] += dyr * xc;
+                                }
+                            }
+                        }
+                    });
+                dw
+            }
+        }
+    }
+}
+
+impl CustomOp2 for GroupedLinear {
+    fn name(&self) -> &'static str {
+        "grouped-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        same_dtype(self.name(), &[("a", s1.dtype()), ("b", s2.dtype())])?;
+        let out = self.out_shape(l1, l2)?;
+        let a = cpu_f32(s1, l1, self.name(), "a")?;
+        let b = cpu_f32(s2, l2, self.name(), "b")?;
+        let a_cols = l1.shape().dims2()?.1;
+        let y = self.cpu(&a, &b, a_cols, &out);
+        Ok((cpu_out(y, s1.dtype()), out))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        same_dtype(self.name(), &[("a", s1.dtype()), ("b", s2.dtype())])?;
+        let out = self.out_shape(l1, l2)?;
+        let y = match s1.dtype() {
+            candle_core::DType::BF16 => cuda::run::<half::bf16>(self, (s1, l1), (s2, l2), &out),
+            candle_core::DType::F32 => cuda::run::<f32>(self, (s1, l1), (s2, l2), &out),
+            other => candle_core::bail!("grouped-linear (cuda): {other:?}, expected f32 or bf16"),
+        }?;
+        Ok((y, out))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(w, &self.with(Kind::InputGrad))?;
+        let dw = if self.weight_grad {
+            Some(dy.apply_op2_no_bwd(x, &self.with(Kind::WeightGrad))?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{GroupedLinear, Kind};
+    use crate::common::cuda::view;
+    use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::{
+        CUBLAS_OP_N, CUBLAS_OP_T,
+    };
+    use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, Layout, Shape, WithDType};
+
+    /// One cuBLAS GEMM per non-empty group, column-major views of the row-major operands:
+    /// Forward   yᵀ[out, n] = w[e] (col-major [in, out], op T) · xᵀ[in, n]
+    /// InputGrad dxᵀ[in, n] = w[e] (col-major [in, out], op N) · dyᵀ[out, n]
+    /// WeightGrad dw[e]ᵀ[in, out] = xᵀ[in, n] · dy (col-major [out, n], op T)
+    pub(super) fn run<T>(
+        op: &GroupedLinear,
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        out: &Shape,
+    ) -> candle_core::Result<CudaStorage>
+    where
+        T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType,
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas: Gemm<T>,
+    {
+        let dev = a.0.device.clone();
+        let av = view::<T>(a.0, a.1, "grouped-linear", "a")?;
+        let bv = view::<T>(b.0, b.1, "grouped-linear", "b")?;
+        // Zeros: the weight gradient of an expert without rows is 0 (and empty groups write
+        // nothing).
+        let mut y = dev.alloc_zeros::<T>(out.elem_count())?;
+        let blas = dev.cublas_handle();
+        let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
+        let a_cols = a.1.shape().dims2()?.1;
+        for e in 0..op.offsets.len() - 1 {
+            let (start, end) = (op.offsets[e], op.offsets[e + 1]);
+            let rows = end - start;
+            if rows == 0 {
+                continue;
+            }
+            let (cfg, a_part, b_part, y_part) = match op.kind {
+                Kind::Forward | Kind::InputGrad => {
+                    let cols = out.dims2()?.1;
+                    // w[e]: [out, in] row-major.
+                    let (w_out, w_in) = if op.kind == Kind::Forward {
+                        (cols, a_cols)
+                    } else {
+                        (a_cols, cols)
+                    };
+                    let cfg = GemmConfig {
+                        transa: if op.kind == Kind::Forward {
+                            CUBLAS_OP_T
+                        } else {
+                            CUBLAS_OP_N
+                        },
+                        transb: CUBLAS_OP_N,
+                        m: cols as i32,
+                        n: rows as i32,
+                        k: a_cols as i32,
+                        alpha: one,
+                        lda: w_in as i32,
+                        ldb: a_cols as i32,
+                        beta: zero,
+                        ldc: cols as i32,
+                    };
+                    (
+                        cfg,
+                        bv.slice(e * w_out * w_in..(e + 1) * w_out * w_in),
+                        av.slice(start * a_cols..end * a_cols),
+                        (start * cols, end * cols),
+                    )
+                }
+                Kind::WeightGrad => {
+                    let (_, o, i) = out.dims3()?;
+                    let cfg = GemmConfig {
+                        transa: CUBLAS_OP_N,
+                        transb: CUBLAS_OP_T,
+                        m: i as i32,
+                        n: o as i32,
+                        k: rows as i32,
+                        alpha: one,
+                        lda: i as i32,
+                        ldb: o as i32,
+                        beta: zero,
+                        ldc: i as i32,
+                    };
+                    // A = x rows (b operand), B = dy rows (a operand).
+                    (
+                        cfg,
+                        bv.slice(start * i..end * i),
+                        av.slice(start * o..end * o),
+                        (e * o * i, (e + 1) * o * i),
+                    )
+                }
+            };
+            let mut y_view = y.slice_mut(y_part.0..y_part.1);
+            // SAFETY: the views hold the m×k, k×n and m×n column-major operands the config
+            // describes (checked shapes above), all on candle's stream.
+            unsafe { blas.gemm(cfg, &a_part, &b_part, &mut y_view) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::test::{rel_diff, tensor};
+    use candle_core::{Device, Var};
+
+    /// 4 experts with 3, 0, 5 and 1 rows (one empty), in 6 → out 5.
+    fn sample() -> (Tensor, Tensor, Arc<Vec<usize>>, Tensor) {
+        let offsets = Arc::new(vec![0, 3, 3, 8, 9]);
+        (
+            tensor(&[9, 6], 61),
+            tensor(&[4, 5, 6], 62),
+            offsets,
+            tensor(&[9, 5], 63),
+        )
+    }
+
+    /// The same map with candle's matmul, expert by expert.
+    fn plain(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Tensor {
+        let parts: Vec<Tensor> = (0..offsets.len() - 1)
+            .filter(|&e| offsets[e + 1] > offsets[e])
+            .map(|e| {
+                x.narrow(0, offsets[e], offsets[e + 1] - offsets[e])
+                    .unwrap()
+                    .matmul(&w.get(e).unwrap().t().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        Tensor::cat(&parts, 0).unwrap()
+    }
+
+    #[test]
+    fn forward_and_gradients_equal_per_expert_matmuls() {
+        let (x, w, offsets, g) = sample();
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let ours = grouped_linear(xv.as_tensor(), wv.as_tensor(), &offsets, true).unwrap();
+        let theirs = plain(xv.as_tensor(), wv.as_tensor(), &offsets);
+        assert!(rel_diff(&ours, &theirs) < 1e-6);
+        let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (what, v) in [("dx", xv.as_tensor()), ("dw", wv.as_tensor())] {
+            let d = rel_diff(go.get(v).unwrap(), gt.get(v).unwrap());
+            assert!(d < 1e-6, "{what}: {d}");
+        }
+        // The empty expert's weight gradient is exactly zero.
+        let dw1 = go.get(wv.as_tensor()).unwrap().get(1).unwrap();
+        assert_eq!(
+            dw1.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn frozen_weights_get_no_gradient() {
+        let (x, w, offsets, g) = sample();
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let y = grouped_linear(xv.as_tensor(), wv.as_tensor(), &offsets, false).unwrap();
+        let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(xv.as_tensor()).is_some());
+        assert!(grads.get(wv.as_tensor()).is_none());
+    }
+
+    #[test]
+    fn bad_offsets_are_refused() {
+        let (x, w, _, _) = sample();
+        let err = grouped_linear(&x, &w, &Arc::new(vec![0, 3, 2, 8, 9]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must not decrease"), "{err}");
+        let err = grouped_linear(&x, &w, &Arc::new(vec![0, 9]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("offsets"), "{err}");
+        let _ = Device::Cpu;
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_equals_the_cpu_reference() {
+        use candle_core::DType;
+        let Some(gpu) = crate::common::test::gpu() else {
+            return;
+        };
+        let (x, w, offsets, g) = sample();
+        let run = |x: &Tensor, w: &Tensor, g: &Tensor| {
+            let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+            let y = grouped_linear(xv.as_tensor(), wv.as_tensor(), &offsets, true).unwrap();
+            let grads = (y.to_dtype(DType::F32).unwrap() * g.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = grads.get(xv.as_tensor()).unwrap().clone();
+            let dw = grads.get(wv.as_tensor()).unwrap().clone();
+            (y, dx, dw)
+        };
+        let want = run(&x, &w, &g);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+            let got = run(&on(&x), &on(&w), &on(&g));
+            let d = [
+                rel_diff(&got.0, &want.0),
+                rel_diff(&got.1, &want.1),
+                rel_diff(&got.2, &want.2),
+            ];
+            eprintln!(
+                "grouped-linear cuda {dtype:?}: y {:e}, dx {:e}, dw {:e}",
+                d[0], d[1], d[2]
+            );
+            assert!(d.iter().all(|&e| e < tol), "{dtype:?}: {d:?}");
+        }
+    }
+}
