@@ -103,12 +103,12 @@ __device__ void attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const
         float psum = 0.f;
 #pragma unroll
         for (int c4 = 0; c4 < BC / QUAD; ++c4) {
-            float p = sc[c4] == -CUDART_INF_F ? 0.f : __expf(sc[c4] - m_new);
+            float p = sc[c4] == -CUDART_INF_F ? 0.f : expf(sc[c4] - m_new);
             ps[r * (BC + PAD) + sub + QUAD * c4] = p;
             psum += p;
         }
         psum = quad_sum(psum);
-        const float corr = m == -CUDART_INF_F ? 0.f : __expf(m - m_new);
+        const float corr = m == -CUDART_INF_F ? 0.f : expf(m - m_new);
         l = l * corr + psum;
         m = m_new;
         __syncwarp();
@@ -184,7 +184,7 @@ __device__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k,
             float ds = 0.f;
             if (row_ok && j < j_end && visible(i, j, past, doc_start)) {
                 float s = dot_smem<D>(qs + r * (D + PAD), ks + c * (D + PAD)) * scale;
-                float p = __expf(s - lse_i);
+                float p = expf(s - lse_i);
                 float dp = dot_smem<D>(dos + r * (D + PAD), vs + c * (D + PAD));
                 ds = p * (dp - d_i);
             }
@@ -237,7 +237,8 @@ __device__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k,
     for (int u = 0; u < D / QUAD; ++u) acc_k[u] = acc_v[u] = 0.f;
     const int j_last = j0 + n_keys - 1;
     const int i_begin = j0 < past ? 0 : j0 - past;
-    const int i_end = j_last < past ? t : (int)doc_end[j_last - past] + 1;  // exclusive
+    // Cached keys (j < past) are seen by every query.
+    const int i_end = j0 < past ? t : (int)doc_end[j_last - past] + 1;  // exclusive
     for (int head = kvh * group; head < (kvh + 1) * group; ++head) {
         for (int i0 = i_begin; i0 < i_end; i0 += BR) {
             const int rows = min(BR, t - i0);
@@ -256,7 +257,7 @@ __device__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k,
                 float p = 0.f, ds = 0.f;
                 if (key_ok && r < rows && visible(i, j, past, doc_start)) {
                     float s = dot_smem<D>(qs + r * (D + PAD), ks + c * (D + PAD)) * scale;
-                    p = __expf(s - lses[r]);
+                    p = expf(s - lses[r]);
                     float dp = dot_smem<D>(dos + r * (D + PAD), vs + c * (D + PAD));
                     ds = p * (dp - ds_rows[r]);
                 }

@@ -12,9 +12,10 @@
 #      151,936) with LAYERS layers (default 2), in bf16 and in FP8 block-128.
 #   2. cuBLAS references: bf16 and FP8 GEMM TFLOPS at one expert's and a dense shape.
 #   3. `finetune bench train`, r = 16 on q/k/v/o and every expert's gate/up/down, SEQ tokens
-#      (default 4096): bf16 base with bf16 compute, FP8 base with bf16 compute, bf16 base with
-#      f32 compute on TF32 tensor cores, bf16 with the per-expert MoE loop instead of the
-#      batched path, and bf16 with per-layer recompute.
+#      (default 4096): bf16 base with bf16 compute, the same with the plain (materialized)
+#      attention and with the padded batched MoE path instead of the grouped one, FP8 base with
+#      bf16 compute, bf16 base with f32 compute on TF32 tensor cores, bf16 with the per-expert
+#      MoE loop, and bf16 with per-layer recompute. RUNS="ours-bf16 ours-fp8 …" picks a subset.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
 # Peak memory: nvidia-smi's memory.used sampled every 50 ms during each side's run (the
 # whole process: weights, activations, allocator caches, CUDA context), the same measure for
@@ -61,11 +62,12 @@ peak_mem peft-bf16 timeout 240 $PY scripts/bench_gpu_train.py peft "$WORK/base/b
   > "$OUT_DIR/peft-bf16.json" 2> "$OUT_DIR/peft-bf16.log"
 tail -3 "$OUT_DIR/peft-bf16.log" >&2
 # RUNS picks our runs (default: all, in this order).
-export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute}
+export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute}
 for run in $RUNS; do
   case $run in
     ours-bf16) run_ours ours-bf16 "$WORK/base/bf16" --bf16 ;;
     ours-bf16-plain-attention) run_ours "$run" "$WORK/base/bf16" --bf16 --attention plain ;;
+    ours-bf16-padded-moe) run_ours "$run" "$WORK/base/bf16" --bf16 --moe batched ;;
     ours-fp8) run_ours ours-fp8 "$WORK/base/fp8" --bf16 ;;
     ours-bf16-tf32) run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32 ;;
     ours-bf16-per-expert) run_ours ours-bf16-per-expert "$WORK/base/bf16" --bf16 --moe per-expert ;;
@@ -93,7 +95,7 @@ def load(name):
     except Exception:
         r["peak_mib"] = None
     return r
-rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-fp8", "ours-bf16-tf32",
+rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-bf16-padded-moe", "ours-fp8", "ours-bf16-tf32",
                                 "ours-bf16-per-expert", "ours-bf16-recompute"]]
 rows = [(n, r) for n, r in rows if n == "peft-bf16" or n in os.environ["RUNS"].split()]
 base = rows[0][1]
