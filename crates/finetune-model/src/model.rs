@@ -747,29 +747,8 @@ impl Qwen3Moe {
         experts: &[Expert],
         lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
-        // Router logits in the compute dtype, softmax in f32 (transformers).
-        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
-        let values: Vec<Vec<f32>> = probs.to_vec2()?;
-        // Top-k experts of each token (the choice itself has no gradient, as in torch.topk).
-        let (t, n_exp) = (values.len(), experts.len());
-        let mut chosen = vec![0f32; t * n_exp];
-        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
-        for (tok, p) in values.iter().enumerate() {
-            let mut order: Vec<usize> = (0..p.len()).collect();
-            // Ties broken by the lower index, as torch.topk does on CPU.
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            for &e in &order[..c.num_experts_per_tok] {
-                chosen[tok * n_exp + e] = 1.0;
-                routed[e].push(tok as u32);
-            }
-        }
-        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
-        let mut weights = (probs * chosen)?;
-        if c.norm_topk_prob {
-            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
-        }
-        let weights = weights.to_dtype(x.dtype())?;
+        let n_exp = experts.len();
+        let (weights, routed) = self.route_tokens(x, router, n_exp)?;
         // Every expert's outputs are concatenated in expert order, weighted by one gather of
         // the routing weights, and added into the tokens' rows by one index_add (per token in
         // expert order, the order the per-expert loop added them in). Inputs are gathered per
@@ -816,24 +795,7 @@ impl Qwen3Moe {
             let _ = self.device.synchronize();
             std::time::Instant::now()
         });
-        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
-        let values: Vec<Vec<f32>> = probs.to_vec2()?;
-        let mut chosen = vec![0f32; t * n_exp];
-        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
-        for (tok, p) in values.iter().enumerate() {
-            let mut order: Vec<usize> = (0..p.len()).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            for &e in &order[..c.num_experts_per_tok] {
-                chosen[tok * n_exp + e] = 1.0;
-                routed[e].push(tok as u32);
-            }
-        }
-        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
-        let mut weights = (probs * chosen)?;
-        if c.norm_topk_prob {
-            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
-        }
-        let weights = weights.to_dtype(x.dtype())?;
+        let (weights, routed) = self.route_tokens(x, router, n_exp)?;
         let cap = routed.iter().map(Vec::len).max().unwrap_or(0).max(1);
         // Row t of the padded input is zeros; entry t·E of the padded weights is 0.
         let mut rows = vec![t as u32; n_exp * cap];
@@ -896,24 +858,7 @@ impl Qwen3Moe {
             let _ = self.device.synchronize();
             std::time::Instant::now()
         });
-        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
-        let values: Vec<Vec<f32>> = probs.to_vec2()?;
-        let mut chosen = vec![0f32; t * n_exp];
-        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
-        for (tok, p) in values.iter().enumerate() {
-            let mut order: Vec<usize> = (0..p.len()).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            for &e in &order[..c.num_experts_per_tok] {
-                chosen[tok * n_exp + e] = 1.0;
-                routed[e].push(tok as u32);
-            }
-        }
-        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
-        let mut weights = (probs * chosen)?;
-        if c.norm_topk_prob {
-            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
-        }
-        let weights = weights.to_dtype(x.dtype())?;
+        let (weights, routed) = self.route_tokens(x, router, n_exp)?;
         let mut offsets = Vec::with_capacity(n_exp + 1);
         offsets.push(0);
         let (mut rows, mut weight_index) = (Vec::new(), Vec::new());
@@ -955,7 +900,9 @@ impl Qwen3Moe {
                 lora,
                 &offsets,
             )?;
-            let h = (silu(&g)? * u)?;
+            // One fused op (finetune_kernels::swiglu, f32 arithmetic, both gradients in one
+            // pass) instead of five element-wise ops and their backward edges.
+            let h = finetune_kernels::swiglu(&g, &u)?;
             grouped_project(&h, None, &stacked.down, &names(|e| &e.down), lora, &offsets)
         })?;
         self.timed("moe.combine", || {
@@ -1180,6 +1127,50 @@ impl Qwen3Moe {
         rms_norm(h, &self.layers[index].post_norm, self.config.rms_norm_eps)
     }
 
+    /// The router on MLP inputs `x` `[T, hidden]`: logits in the compute dtype, softmax in f32
+    /// (transformers), each token's top-k experts (the choice itself has no gradient, as in
+    /// torch.topk; ties to the lower index, as torch.topk on CPU), their probabilities
+    /// renormalised when `norm_topk_prob`: the combine weights `[T, experts]` in x's dtype (zero
+    /// off the top-k) and, per expert, its tokens in token order.
+    fn route_tokens(
+        &self,
+        x: &Tensor,
+        router: &BaseWeight,
+        n_exp: usize,
+    ) -> candle_core::Result<(Tensor, Vec<Vec<u32>>)> {
+        let c = &self.config;
+        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
+        let values = probs.flatten_all()?.to_vec1::<f32>()?;
+        let k = c.num_experts_per_tok;
+        let mut chosen = vec![0f32; values.len()];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        let mut top: Vec<usize> = Vec::with_capacity(k + 1);
+        for (tok, p) in values.chunks_exact(n_exp.max(1)).enumerate() {
+            // Partial selection: insert each expert into the sorted top-k if strictly larger
+            // than its last entry (so an equal value never displaces a lower index).
+            top.clear();
+            for e in 0..p.len() {
+                if top.len() == k && p[e] <= p[top[k - 1]] {
+                    continue;
+                }
+                let at = top.partition_point(|&o| p[o] >= p[e]);
+                top.insert(at, e);
+                top.truncate(k);
+            }
+            for &e in &top {
+                chosen[tok * n_exp + e] = 1.0;
+                routed[e].push(tok as u32);
+            }
+        }
+        let t = values.len() / n_exp.max(1);
+        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
+        let mut weights = (probs * chosen)?;
+        if c.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        }
+        Ok((weights.to_dtype(x.dtype())?, routed))
+    }
+
     /// The router of MoE layer `index` on MLP inputs `x` `[T, hidden]`: the combine weights
     /// `[T, experts]` (differentiable in `x`, zero off each token's top-k, renormalised when
     /// `norm_topk_prob`) and, per expert, the tokens routed to it in token order — as the
@@ -1191,27 +1182,7 @@ impl Qwen3Moe {
         else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
-        let c = &self.config;
-        // Router logits in the compute dtype, softmax in f32 (as `moe`).
-        let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?;
-        let values: Vec<Vec<f32>> = probs.to_vec2()?;
-        let (t, n_exp) = (values.len(), experts.len());
-        let mut chosen = vec![0f32; t * n_exp];
-        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
-        for (tok, p) in values.iter().enumerate() {
-            let mut order: Vec<usize> = (0..p.len()).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            for &e in &order[..c.num_experts_per_tok] {
-                chosen[tok * n_exp + e] = 1.0;
-                routed[e].push(tok as u32);
-            }
-        }
-        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
-        let mut weights = (probs * chosen)?;
-        if c.norm_topk_prob {
-            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
-        }
-        Ok((weights.to_dtype(x.dtype())?, routed))
+        self.route_tokens(x, router, experts.len())
     }
 
     /// Expert `expert` of MoE layer `index` (a SwiGLU with its LoRA adapters) on rows `x`.

@@ -128,6 +128,9 @@ impl AdamW {
         }
         self.step += 1;
         let c = self.config;
+        if self.params.first().is_some_and(|p| p.device().is_cuda()) {
+            return self.fused_step(grads, lr);
+        }
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             self.t[i] += 1;
@@ -143,6 +146,49 @@ impl AdamW {
             p.set(&(decayed - update)?)?;
         }
         Ok(())
+    }
+}
+
+impl AdamW {
+    /// [`Self::step`] on the GPU: finetune-kernels' multi-tensor `adamw_step`, one launch for
+    /// every parameter instead of ~10 element-wise ops each (a MoE adapter has thousands of
+    /// tensors); bit for bit the same update (crates/finetune-train/tests/adamw_multi.rs, and
+    /// the kernel's own GPU test). The moments become variables once so that the kernel
+    /// updates them in place.
+    fn fused_step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        let c = self.config;
+        let mut moments = Vec::new();
+        for (i, g) in grads.iter().enumerate() {
+            if g.is_none() {
+                continue;
+            }
+            self.t[i] += 1;
+            // A no-op when the moment is already a variable (every step after the first).
+            let (m, v) = (Var::from_tensor(&self.m[i])?, Var::from_tensor(&self.v[i])?);
+            self.m[i] = m.as_tensor().clone();
+            self.v[i] = v.as_tensor().clone();
+            moments.push((i, m, v));
+        }
+        let batch: Vec<finetune_kernels::AdamWTensor> = moments
+            .iter()
+            .map(|(i, m, v)| finetune_kernels::AdamWTensor {
+                param: &self.params[*i],
+                m,
+                v,
+                grad: grads[*i].as_ref().expect("only parameters with a gradient"),
+                t: self.t[*i],
+            })
+            .collect();
+        finetune_kernels::adamw_step(
+            &batch,
+            &finetune_kernels::AdamWHyper {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+            },
+        )
     }
 }
 
