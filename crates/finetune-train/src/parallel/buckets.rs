@@ -226,9 +226,11 @@ impl<'a> Reducer<'a> {
         }
         let flat = Tensor::cat(&flat, 0)?;
         match &self.thread {
-            Some((tx, _)) => tx.send((i, b.over, flat)).map_err(|_| {
-                TrainError::Options("the gradient all-reduce thread stopped".into())
-            })?,
+            Some((tx, rx)) => {
+                if tx.send((i, b.over, flat)).is_err() {
+                    return Err(stopped(rx));
+                }
+            }
             None => self.reduced[i] = Some(reduce(self.comm(b.over), &flat)?),
         }
         self.next += 1;
@@ -252,9 +254,7 @@ impl<'a> Reducer<'a> {
         if let Some((tx, rx)) = self.thread.take() {
             drop(tx);
             for _ in 0..self.plan.buckets.len() {
-                let (i, r) = rx.recv().map_err(|_| {
-                    TrainError::Options("the gradient all-reduce thread stopped".into())
-                })?;
+                let (i, r) = rx.recv().map_err(|_| stopped(&rx))?;
                 self.reduced[i] = Some(r?);
             }
         }
@@ -276,6 +276,14 @@ impl<'a> Reducer<'a> {
             }
         }
         Ok(self.early)
+    }
+}
+
+/// Why the communication thread stopped: the error it reported, if any.
+fn stopped(rx: &mpsc::Receiver<Done>) -> TrainError {
+    match rx.try_iter().find_map(|(_, r)| r.err()) {
+        Some(e) => e.into(),
+        None => TrainError::Options("the gradient all-reduce thread stopped".into()),
     }
 }
 
