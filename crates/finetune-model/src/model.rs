@@ -584,6 +584,68 @@ impl Qwen3Moe {
         finetune_kernels::linear_cross_entropy(&x, &w, &targets, None)
     }
 
+    /// Embeddings of `input_ids` from the vocabulary rows `rows` only (a vocabulary-parallel
+    /// rank's shard): an id outside `rows` gets a zero row, so that summing the shards' results
+    /// over the ranks gives [`Self::embed_tokens`] exactly (one non-zero term per row).
+    pub fn embed_tokens_rows(
+        &self,
+        input_ids: &[u32],
+        rows: std::ops::Range<usize>,
+    ) -> candle_core::Result<Tensor> {
+        if rows.is_empty() || rows.end > self.config.vocab_size {
+            candle_core::bail!(
+                "embedding rows {rows:?} of a vocabulary of {}",
+                self.config.vocab_size
+            );
+        }
+        let inside = |id: u32| rows.contains(&(id as usize));
+        let local: Vec<u32> = input_ids
+            .iter()
+            .map(|&id| {
+                if inside(id) {
+                    id - rows.start as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let mask: Vec<u8> = input_ids.iter().map(|&id| u8::from(inside(id))).collect();
+        let shard = self.embed.narrow(0, rows.start, rows.len())?;
+        let vals = shard.index_select(&Tensor::new(local.as_slice(), &self.device)?, 0)?;
+        let mask = Tensor::new(mask.as_slice(), &self.device)?
+            .reshape((input_ids.len(), 1))?
+            .broadcast_as(vals.shape())?;
+        // where_cond, not a product: an exact zero whatever the row holds.
+        mask.where_cond(&vals, &vals.zeros_like()?)?
+            .to_dtype(self.dtype)
+    }
+
+    /// The final RMSNorm (the input of lm_head).
+    pub fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Rows `rows` of lm_head (the embedding with tied embeddings) in `dtype`, frozen: a view
+    /// of a dense weight; an FP8 weight is dequantized whole first (checkpoints keep lm_head
+    /// in bf16, so this is not the 480B's path).
+    pub fn lm_head_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        if rows.is_empty() || rows.end > self.config.vocab_size {
+            candle_core::bail!(
+                "lm_head rows {rows:?} of a vocabulary of {}",
+                self.config.vocab_size
+            );
+        }
+        let w = match &self.lm_head {
+            BaseWeight::Dense(t) => t.narrow(0, rows.start, rows.len())?.to_dtype(dtype)?,
+            w => w.dequantize(dtype)?.narrow(0, rows.start, rows.len())?,
+        };
+        Ok(w.detach())
+    }
+
     /// What every layer of one forward shares: the attention mask and the RoPE tables of
     /// `position_ids`, after `past` cached tokens.
     pub fn sequence_context(

@@ -428,6 +428,7 @@ impl<'m> Trainer<'m> {
         seq: &Sequence,
         n_step: f64,
         grads: &mut [Option<Tensor>],
+        layer_done: Option<crate::parallel::engine::LayerDone<'_>>,
     ) -> Result<f64, TrainError> {
         let mut add = |store: &candle_core::backprop::GradStore| -> Result<(), TrainError> {
             for (acc, var) in grads.iter_mut().zip(&self.vars) {
@@ -450,6 +451,7 @@ impl<'m> Trainer<'m> {
                 n_step,
                 self.options.recompute,
                 grads,
+                layer_done,
             );
         }
         let lora = Some(&self.lora);
@@ -507,8 +509,8 @@ impl<'m> Trainer<'m> {
     /// The summed loss of the step's sequences `batch` (indices into the training set) and its
     /// gradients d(loss_sum / n_targets)/dθ, one per variable (zeros where no gradient came). A
     /// parallel rank runs its slice of the step, padded so that its all-to-all group runs in
-    /// lockstep, and returns the loss summed over the data ranks and its gradient shares (not
-    /// yet reduced).
+    /// lockstep, and returns the loss summed over the data ranks and the gradients summed over
+    /// the ranks (`RankContext::reduced_step`; not yet clipped).
     fn step_grads(
         &self,
         batch: &[usize],
@@ -521,12 +523,27 @@ impl<'m> Trainer<'m> {
             None => batch.iter().map(|&i| Some(i)).collect(),
         };
         let pad = crate::parallel::RankContext::padding();
-        for slot in slots {
-            let seq = slot.map_or(&pad, |i| &self.train[i]);
-            loss_sum += self.accumulate(seq, n_targets.max(1) as f64, &mut grads)?;
-        }
+        let n_step = n_targets.max(1) as f64;
         if let Some(p) = &self.parallel {
-            loss_sum = p.sum_over_data(loss_sum)?;
+            // The gradient all-reduce runs during the last sequence's backward (or after it),
+            // and is complete before the loss's all-reduce below.
+            let local = p.reduced_step(&self.lora, &self.vars, &mut grads, |grads, done| {
+                let mut sum = 0f64;
+                let last = slots.len().saturating_sub(1);
+                let mut done = Some(done);
+                for (k, slot) in slots.iter().enumerate() {
+                    let seq = slot.map_or(&pad, |i| &self.train[i]);
+                    let hook = if k == last { done.take() } else { None };
+                    sum += self.accumulate(seq, n_step, grads, hook)?;
+                }
+                Ok(sum)
+            })?;
+            loss_sum = p.sum_over_data(local)?;
+        } else {
+            for slot in slots {
+                let seq = slot.map_or(&pad, |i| &self.train[i]);
+                loss_sum += self.accumulate(seq, n_step, &mut grads, None)?;
+            }
         }
         // A module no token reached gets a zero gradient (transformers 5's fused experts
         // do the same), so its AdamW moments keep decaying like everyone else's.
@@ -550,7 +567,7 @@ impl<'m> Trainer<'m> {
         let n_targets: usize = batch.iter().map(|&i| self.train[i].target_tokens()).sum();
         let (loss_sum, mut grads) = self.step_grads(batch, n_targets)?;
         let norm = match &self.parallel {
-            Some(p) => p.reduce_and_clip(&self.lora, &mut grads, f64::INFINITY)?,
+            Some(p) => p.clip(&self.lora, &mut grads, f64::INFINITY)?,
             None => clip_grad_norm(&mut grads, f64::INFINITY)?,
         };
         let names = self
@@ -690,7 +707,7 @@ impl<'m> Trainer<'m> {
                 f64::INFINITY
             };
             let grad_norm = match &self.parallel {
-                Some(p) => p.reduce_and_clip(&self.lora, &mut grads, max_norm)?,
+                Some(p) => p.clip(&self.lora, &mut grads, max_norm)?,
                 None => clip_grad_norm(&mut grads, max_norm)?,
             };
             let skipped = !loss.is_finite() || !grad_norm.is_finite();

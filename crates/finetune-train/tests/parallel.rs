@@ -128,6 +128,21 @@ fn on_world<T: Send>(
     opts: &TrainOptions,
     f: impl Fn(&mut Trainer) -> T + Sync,
 ) -> Vec<T> {
+    on_world_with(layout, model, full, train, heldout, opts, |_| {}, f)
+}
+
+/// [`on_world`], with `setup` applied to each rank's context first (switches, bucket size).
+#[allow(clippy::too_many_arguments)]
+fn on_world_with<T: Send>(
+    layout: Layout,
+    model: &Qwen3Moe,
+    full: &Lora,
+    train: &[Sequence],
+    heldout: &[Sequence],
+    opts: &TrainOptions,
+    setup: impl Fn(&mut RankContext) + Sync,
+    f: impl Fn(&mut Trainer) -> T + Sync,
+) -> Vec<T> {
     let comms = CpuComms::for_layout(&layout, Duration::from_secs(120));
     let n_experts = model.config.num_experts;
     // Lora holds Vars (Arc'd tensors): each rank gets its own copy of the whole adapter.
@@ -143,7 +158,7 @@ fn on_world<T: Send>(
         })
         .collect();
     std::thread::scope(|s| {
-        let f = &f;
+        let (f, setup) = (&f, &setup);
         let joins: Vec<_> = comms
             .into_iter()
             .zip(fulls)
@@ -152,8 +167,10 @@ fn on_world<T: Send>(
                 std::thread::Builder::new()
                     .stack_size(256 << 20)
                     .spawn_scoped(s, move || {
-                        let ctx = RankContext::new(layout, rank, c.into_comms(), &full, n_experts)
-                            .unwrap();
+                        let mut ctx =
+                            RankContext::new(layout, rank, c.into_comms(), &full, n_experts)
+                                .unwrap();
+                        setup(&mut ctx);
                         let mut t = Trainer::new_parallel(
                             model,
                             &full,
@@ -185,8 +202,30 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// How a test runs the embedding and the loss under tensor parallelism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vp {
+    /// Vocabulary-parallel, the device's default logits chunk (one chunk here).
+    On,
+    /// Vocabulary-parallel, chunks of 3 rows of the widest shard.
+    Chunked,
+    /// Replicated on every tp rank.
+    Off,
+}
+
+impl Vp {
+    fn apply(self, ctx: &mut RankContext, vocab: usize) {
+        ctx.vocab_parallel = self != Vp::Off;
+        if self == Vp::Chunked {
+            let widest = vocab.div_ceil(ctx.layout.tp);
+            ctx.vocab_chunk_elems = Some(3 * widest);
+        }
+    }
+}
+
 /// The acceptance check: ep 2, ep 4, tp 2, dp 2, ep 2 × dp 2 (and tp 2 with ep 4, tp 2 × dp 2,
-/// per-layer recompute, and a step of 3 sequences over 2 data ranks, which needs padding) give
+/// per-layer recompute, vocabulary-parallel embedding and loss under tp — chunked or not — and
+/// the replicated ones, and a step of 3 sequences over 2 data ranks, which needs padding) give
 /// the single-device loss, norm and every LoRA gradient within 1e-5.
 #[test]
 fn every_layout_gives_the_single_device_loss_and_gradients() {
@@ -218,26 +257,42 @@ fn every_layout_gives_the_single_device_loss_and_gradients() {
                 .unwrap();
             assert!(n > 0.0, "single-device gradient of {name} is zero");
         }
-        // (world, tp, ep, recompute): ep2, ep4, tp2, dp2, ep2×dp2, tp2×ep4, tp2×dp2, and three
-        // of them with per-layer recompute (layers replayed, collectives included).
-        for (world, tp, ep, recompute) in [
-            (2, 1, 2, false),
-            (4, 1, 4, false),
-            (2, 2, 2, false),
-            (2, 1, 1, false),
-            (4, 1, 2, false),
-            (4, 2, 4, false),
-            (4, 2, 2, false),
-            (4, 1, 2, true),
-            (2, 2, 2, true),
-            (4, 2, 4, true),
+        // (world, tp, ep, recompute, vocabulary parallel): ep2, ep4, tp2, dp2, ep2×dp2,
+        // tp2×ep4, tp2×dp2, and three of them with per-layer recompute (layers replayed,
+        // collectives included). Under tp the embedding and the loss are vocabulary-parallel
+        // (`Vp::On`), once with 3-row logits chunks (`Vp::Chunked`: several chunks, each with
+        // its collectives), and once replicated (`Vp::Off`, the switch).
+        for (world, tp, ep, recompute, vp) in [
+            (2, 1, 2, false, Vp::On),
+            (4, 1, 4, false, Vp::On),
+            (2, 2, 2, false, Vp::On),
+            (2, 2, 2, false, Vp::Off),
+            (2, 2, 2, false, Vp::Chunked),
+            (2, 1, 1, false, Vp::On),
+            (4, 1, 2, false, Vp::On),
+            (4, 2, 4, false, Vp::On),
+            (4, 2, 2, false, Vp::Chunked),
+            (4, 1, 2, true, Vp::On),
+            (2, 2, 2, true, Vp::On),
+            (4, 2, 4, true, Vp::On),
         ] {
             let mut opts = opts.clone();
             opts.recompute = recompute;
             let layout = Layout::new(world, tp, ep, &model.config).unwrap();
-            let ranks = on_world(layout, &model, &full, &train, &[], &opts, |t| {
-                t.step_gradients(&batch).unwrap()
-            });
+            let ranks = on_world_with(
+                layout,
+                &model,
+                &full,
+                &train,
+                &[],
+                &opts,
+                |ctx| vp.apply(ctx, model.config.vocab_size),
+                |t| {
+                    let active = t.rank_context().unwrap().vocab_parallel_active();
+                    assert_eq!(active, tp > 1 && vp != Vp::Off, "{layout:?} {vp:?}");
+                    t.step_gradients(&batch).unwrap()
+                },
+            );
             let mut seen: HashMap<String, usize> = HashMap::new();
             let mut worst = 0f32;
             for (rank, (l, n, grads)) in ranks.iter().enumerate() {
@@ -267,10 +322,204 @@ fn every_layout_gives_the_single_device_loss_and_gradients() {
                 assert_eq!(*count, want_count, "{layout:?}: {name}");
             }
             eprintln!(
-                "batch {batch:?} world {world} tp {tp} ep {ep} recompute {recompute}: loss {loss:.6}, max |Δgrad| {worst:.2e}"
+                "batch {batch:?} world {world} tp {tp} ep {ep} recompute {recompute} {vp:?}: loss {loss:.6}, max |Δgrad| {worst:.2e}"
             );
         }
     }
+}
+
+/// Vocabulary parallelism with tied embeddings (the embedded tiny base ties them; the fixture
+/// does not) and a vocabulary of 301, which tp 2 splits 151 + 150: a random checkpoint of the
+/// fixture's shape with those two changes gives the single-device loss, gradients and held-out
+/// loss at tp 2 and tp 2 × dp 2 (≤ 1e-5), with one and with several logits chunks.
+#[test]
+fn vocabulary_parallel_handles_tied_embeddings_and_an_uneven_vocabulary() {
+    let r = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = model().config.clone();
+    config.vocab_size = 301;
+    config.tie_word_embeddings = true;
+    finetune_model::init::write_random_checkpoint(&config, 11, dir.path()).unwrap();
+    let config = Qwen3MoeConfig::from_file(&dir.path().join("config.json")).unwrap();
+    assert!(config.tie_word_embeddings && config.vocab_size == 301);
+    let weights = Weights::open(dir.path(), &Device::Cpu).unwrap();
+    let model = Qwen3Moe::load(config, &weights, &Device::Cpu).unwrap();
+    let full = adapter(&r, &model);
+    let train = sequences(&r);
+    let heldout = train[1..].to_vec();
+    let opts = options(1);
+    let batch = vec![0usize, 1, 2, 3];
+    let single = Trainer::new(
+        &model,
+        adapter(&r, &model),
+        train.clone(),
+        heldout.clone(),
+        opts.clone(),
+    )
+    .unwrap();
+    let (loss, norm, grads) =
+        finetune_train::on_large_stack(|| single.step_gradients(&batch)).unwrap();
+    let want_heldout = single.heldout_loss().unwrap().unwrap();
+    let want: HashMap<String, Tensor> = grads.into_iter().collect();
+    for (world, tp, ep, vp) in [
+        (2, 2, 2, Vp::On),
+        (2, 2, 2, Vp::Chunked),
+        (4, 2, 2, Vp::Chunked),
+    ] {
+        let layout = Layout::new(world, tp, ep, &model.config).unwrap();
+        let ranks = on_world_with(
+            layout,
+            &model,
+            &full,
+            &train,
+            &heldout,
+            &opts,
+            |ctx| vp.apply(ctx, 301),
+            |t| {
+                assert!(t.rank_context().unwrap().vocab_parallel_active());
+                let h = t.heldout_loss().unwrap().unwrap();
+                (t.step_gradients(&batch).unwrap(), h)
+            },
+        );
+        let mut worst = 0f32;
+        for (rank, ((l, n, grads), h)) in ranks.iter().enumerate() {
+            assert!(
+                (l - loss).abs() <= 1e-5,
+                "{layout:?} rank {rank}: loss {l} vs {loss}"
+            );
+            assert!(
+                (n - norm).abs() <= 1e-5 * norm.max(1.0),
+                "{layout:?} rank {rank}: norm {n} vs {norm}"
+            );
+            assert!(
+                (h - want_heldout).abs() <= 1e-5,
+                "{layout:?} rank {rank}: held-out {h} vs {want_heldout}"
+            );
+            assert!(!grads.is_empty());
+            for (name, g) in grads {
+                let d = max_diff(g, &want[name]);
+                worst = worst.max(d);
+                assert!(
+                    d <= 1e-5,
+                    "{layout:?} {vp:?} rank {rank}: {name} differs by {d}"
+                );
+            }
+        }
+        eprintln!(
+            "vocab 301 tied, world {world} tp {tp} ep {ep} {vp:?}: loss {loss:.6}, max |Δgrad| {worst:.2e}"
+        );
+    }
+}
+
+/// The gradient all-reduce overlapped with the backward (buckets of 2,000 elements, so that
+/// each class makes several and most are launched while earlier layers still run backward)
+/// gives bit-identical losses, norms and gradients to the same buckets reduced after the
+/// backward, at dp 2, ep 2 × dp 2 and tp 2 × dp 2 (and with recompute); and two training steps
+/// end with bit-identical adapters.
+#[test]
+fn overlapped_gradient_all_reduce_is_bit_identical_to_the_plain_one() {
+    let r = reference();
+    let model = model();
+    let full = adapter(&r, &model);
+    let train = sequences(&r);
+    let batch = vec![0usize, 1, 2, 3];
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    };
+    for (world, tp, ep, recompute) in [
+        (2, 1, 1, false),
+        (4, 1, 2, false),
+        (4, 2, 2, false),
+        (4, 1, 2, true),
+    ] {
+        let mut opts = options(1);
+        opts.recompute = recompute;
+        let layout = Layout::new(world, tp, ep, &model.config).unwrap();
+        let run = |overlap: bool| {
+            on_world_with(
+                layout,
+                &model,
+                &full,
+                &train,
+                &[],
+                &opts,
+                |ctx| {
+                    ctx.overlap = overlap;
+                    ctx.bucket_elements = 2000;
+                },
+                |t| {
+                    let g = t.step_gradients(&batch).unwrap();
+                    (g, t.rank_context().unwrap().last_overlap())
+                },
+            )
+        };
+        let (on, off) = (run(true), run(false));
+        for (rank, (((l1, n1, g1), (early, total)), ((l0, n0, g0), (early0, total0)))) in
+            on.iter().zip(&off).enumerate()
+        {
+            assert_eq!(l1.to_bits(), l0.to_bits(), "{layout:?} rank {rank}: loss");
+            assert_eq!(n1.to_bits(), n0.to_bits(), "{layout:?} rank {rank}: norm");
+            assert_eq!(g1.len(), g0.len());
+            for ((a, ta), (b, tb)) in g1.iter().zip(g0) {
+                assert_eq!(a, b);
+                assert!(bits(ta) == bits(tb), "{layout:?} rank {rank}: {a} differs");
+            }
+            // Several buckets, launched during the backward with overlap, after it without.
+            assert_eq!(total, total0);
+            assert!(*total > 6, "{layout:?}: {total} buckets");
+            assert!(*early > *total / 2, "{layout:?}: {early} of {total} early");
+            assert_eq!(
+                *early0, 0,
+                "{layout:?}: overlap off launched {early0} early"
+            );
+        }
+    }
+    // Two optimizer steps (clipping, AdamW) at ep 2 × dp 2: the same adapters, bit for bit.
+    let layout = Layout::new(4, 1, 2, &model.config).unwrap();
+    let opts = options(2);
+    let dir = tempfile::tempdir().unwrap();
+    let trained = |overlap: bool| {
+        let out = output(&dir.path().join(format!("overlap-{overlap}")));
+        let stop = AtomicBool::new(false);
+        let mut ranks = on_world_with(
+            layout,
+            &model,
+            &full,
+            &train,
+            &[],
+            &opts,
+            |ctx| {
+                ctx.overlap = overlap;
+                ctx.bucket_elements = 2000;
+            },
+            |t| {
+                let mut losses = Vec::new();
+                t.run(Some(&out), &stop, &mut |m| losses.push(m.loss.to_bits()))
+                    .unwrap();
+                losses
+            },
+        );
+        let losses = ranks.remove(0);
+        let last = checkpoint::load(
+            &checkpoint::latest(&out.dir.join("checkpoints")).unwrap(),
+            &model.lora_targets(),
+        )
+        .unwrap();
+        (losses, flat(&last.lora))
+    };
+    let ((l1, a1), (l0, a0)) = (trained(true), trained(false));
+    assert_eq!(l1, l0, "losses");
+    assert_eq!(l1.len(), 2);
+    assert!(
+        a1.iter().zip(&a0).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "adapters after 2 steps differ"
+    );
 }
 
 fn flat(lora: &Lora) -> Vec<f32> {

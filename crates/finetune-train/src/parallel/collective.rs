@@ -59,6 +59,13 @@ pub trait Collective: Send + Sync {
     /// rank gave up). The CPU backend does; NCCL has no such thing short of aborting the
     /// communicator, and the process exits anyway.
     fn abort(&self, _reason: &str) {}
+    /// Whether the operations only enqueue work on the device's stream and return (NCCL):
+    /// such a backend must be called from one thread per rank, in the same order on every
+    /// rank, so the overlapped gradient all-reduce calls it from the compute thread
+    /// (`buckets` module doc). Blocking backends (the CPU threads) return false.
+    fn enqueues(&self) -> bool {
+        false
+    }
 }
 
 /// Width of a row (product of the dims after the first) and the row count.

@@ -20,10 +20,16 @@
 //! The LoRA gradients a rank gets are its share: attention adapters from its heads and its
 //! tokens, expert adapters from its experts and the tokens of its all-to-all group, dense-MLP
 //! adapters from its tokens (identical on the ranks of a tensor-parallel group). `RankContext`
-//! sums them over the right groups.
+//! sums them over the right groups, bucket by bucket as the backward finishes the layers
+//! (the `layer_done` callback, `buckets`).
+//!
+//! Around the layers: under tensor parallelism the embedding and the head + loss are
+//! vocabulary-parallel (`vocab`: embedding = all_reduce_tp(my rows' lookup); loss from the
+//! local logits with all-reduced max, Σ exp and target logit; ∂x = norm backward of
+//! all_reduce_tp(my rows' ∂)); otherwise every rank runs them whole.
 
 use super::layout::{Coords, Layout};
-use super::RankContext;
+use super::{vocab, RankContext};
 use crate::TrainError;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -94,24 +100,36 @@ fn layer(
 
 /// A forward: each layer's tape (or, with `recompute`, only its input, the layer being
 /// replayed in the backward — collectives included, in the same order on every rank), the
-/// last hidden state (a leaf) and the summed cross-entropy (a graph from that leaf).
+/// summed cross-entropy and, when asked for, its gradient (divided by the step's target
+/// count) with respect to the last hidden state.
 struct Forward {
     ctx: SequenceContext,
     tapes: Vec<Option<LayerTape>>,
     inputs: Vec<Tensor>,
-    top: Var,
-    loss_sum: Tensor,
+    loss_sum: f64,
+    g_top: Option<Tensor>,
 }
 
+/// Forward of `seq`; with `n_step` also ∂(loss_sum / n_step)/∂(last hidden state). Under
+/// tensor parallelism with [`RankContext::vocab_parallel`] the embedding and the head are
+/// vocabulary-parallel ([`super::vocab`]); otherwise every tp rank runs them whole (the
+/// chunked `Qwen3Moe::head_loss_sum`).
 fn forward(
     model: &Qwen3Moe,
     lora: &Lora,
     rc: &RankContext,
     seq: &Sequence,
     recompute: bool,
+    n_step: Option<f64>,
 ) -> Result<Forward, TrainError> {
     let ctx = model.sequence_context(&seq.position_ids, 0)?;
-    let mut x = model.embed_tokens(&seq.ids)?;
+    let vocab_parallel = rc.vocab_parallel_active();
+    let tp = rc.comms.tp.as_ref();
+    let mut x = if vocab_parallel {
+        vocab::embed(model, tp, &seq.ids)?
+    } else {
+        model.embed_tokens(&seq.ids)?
+    };
     let mut tapes = Vec::with_capacity(model.num_layers());
     let mut inputs = Vec::with_capacity(model.num_layers());
     for l in 0..model.num_layers() {
@@ -124,14 +142,34 @@ fn forward(
         }
         x = y;
     }
-    let top = Var::from_tensor(&x)?;
-    let loss_sum = Qwen3Moe::loss_sum_tensor(&model.head(top.as_tensor())?, &seq.labels)?;
+    let (loss_sum, g_top) = if vocab_parallel {
+        let chunk = rc
+            .vocab_chunk_elems
+            .unwrap_or_else(|| finetune_kernels::cross_entropy::default_chunk_elems(x.device()));
+        vocab::loss_and_grad(model, tp, &x, &seq.labels, n_step.map(|n| 1.0 / n), chunk)?
+    } else {
+        match n_step {
+            Some(n) => {
+                let top = Var::from_tensor(&x)?;
+                let loss = model.head_loss_sum(top.as_tensor(), &seq.labels)?;
+                let store = (&loss / n)?.backward()?;
+                (
+                    loss.to_scalar::<f32>()? as f64,
+                    Some(grad_or_zeros(&store, &top)?),
+                )
+            }
+            None => {
+                let loss = model.head_loss_sum(&x.detach(), &seq.labels)?;
+                (loss.to_scalar::<f32>()? as f64, None)
+            }
+        }
+    };
     Ok(Forward {
         ctx,
         tapes,
         inputs,
-        top,
         loss_sum,
+        g_top,
     })
 }
 
@@ -244,10 +282,16 @@ fn vjp(y: &Tensor, g: &Tensor) -> candle_core::Result<GradStore> {
     (y * g)?.sum_all()?.backward()
 }
 
+/// Called after each layer's backward (last layer first) with that layer's index and the
+/// gradients so far: the overlapped all-reduce launches the buckets that are complete.
+pub(crate) type LayerDone<'a> =
+    &'a mut dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<(), TrainError>;
+
 /// Forward and backward of `seq` on this rank: returns the sequence's summed cross-entropy
 /// and adds `∂(loss_sum / n_step)/∂θ` (this rank's share) into `grads`, aligned with `vars`.
 /// With `recompute` only each layer's input is kept through the forward and the layer is
 /// replayed in the backward (activation checkpointing per layer, as the single-device path).
+/// `layer_done`, if given, is called after each layer's backward.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate(
     model: &Qwen3Moe,
@@ -258,8 +302,9 @@ pub(crate) fn accumulate(
     n_step: f64,
     recompute: bool,
     grads: &mut [Option<Tensor>],
+    mut layer_done: Option<LayerDone<'_>>,
 ) -> Result<f64, TrainError> {
-    let mut add = |store: &GradStore| -> Result<(), TrainError> {
+    let add = |grads: &mut [Option<Tensor>], store: &GradStore| -> Result<(), TrainError> {
         for (acc, var) in grads.iter_mut().zip(vars) {
             if let Some(g) = store.get(var.as_tensor()) {
                 *acc = Some(match acc.take() {
@@ -270,10 +315,11 @@ pub(crate) fn accumulate(
         }
         Ok(())
     };
-    let mut f = forward(model, lora, rc, seq, recompute)?;
-    let store = (&f.loss_sum / n_step)?.backward()?;
-    add(&store)?;
-    let mut g = grad_or_zeros(&store, &f.top)?;
+    let mut f = forward(model, lora, rc, seq, recompute, Some(n_step))?;
+    let mut g = f
+        .g_top
+        .take()
+        .ok_or_else(|| TrainError::Options("no gradient reached the last layer".into()))?;
     let tp = &rc.comms.tp;
     let a2a = &rc.comms.a2a;
     for l in (0..f.tapes.len()).rev() {
@@ -284,7 +330,7 @@ pub(crate) fn accumulate(
         let g_h = match &tape.moe {
             None => {
                 let s = vjp(&tape.out, &g)?;
-                add(&s)?;
+                add(grads, &s)?;
                 (&g + grad_or_zeros(&s, &tape.h)?)?
             }
             Some(m) => {
@@ -293,7 +339,7 @@ pub(crate) fn accumulate(
                 let g_yback = grad_or_zeros(&s1, &m.yback)?;
                 let (g_yrecv, _) = a2a.all_to_all(&g_yback, &m.send_counts)?;
                 let s2 = vjp(&m.yrecv, &g_yrecv)?;
-                add(&s2)?;
+                add(grads, &s2)?;
                 let g_recv = grad_or_zeros(&s2, &m.recv)?;
                 let (g_send, _) = a2a.all_to_all(&g_recv, &m.recv_counts)?;
                 let s3 = vjp(&m.send, &g_send)?;
@@ -302,13 +348,19 @@ pub(crate) fn accumulate(
             }
         };
         let s4 = vjp(&tape.attn, &g_h)?;
-        add(&s4)?;
+        add(grads, &s4)?;
         if l > 0 {
             let gx = grad_or_zeros(&s4, &tape.xin)?;
             g = (&g_h + tp.all_reduce_sum(&gx)?)?;
         }
+        // Layer 0's input gradient would flow into the (frozen) embedding: under vocabulary
+        // parallelism the adjoint of its all-reduce is the identity into frozen rows, so there
+        // is nothing to do.
+        if let Some(done) = layer_done.as_mut() {
+            done(l, grads)?;
+        }
     }
-    Ok(f.loss_sum.to_scalar::<f32>()? as f64)
+    Ok(f.loss_sum)
 }
 
 /// The summed cross-entropy of `seq` (no gradients).
@@ -318,6 +370,5 @@ pub(crate) fn loss_sum(
     rc: &RankContext,
     seq: &Sequence,
 ) -> Result<f64, TrainError> {
-    let f = forward(model, lora, rc, seq, true)?;
-    Ok(f.loss_sum.to_scalar::<f32>()? as f64)
+    Ok(forward(model, lora, rc, seq, true, None)?.loss_sum)
 }

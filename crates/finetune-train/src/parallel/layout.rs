@@ -83,6 +83,13 @@ impl Layout {
                 "tp {tp} does not divide the {nh} attention heads and {nkv} key/value heads"
             )));
         }
+        if config.vocab_size < tp {
+            return Err(err(format!(
+                "the vocabulary of {} tokens is smaller than tp {tp} (each tensor-parallel rank \
+                 holds a slice of the embedding and lm_head rows)",
+                config.vocab_size
+            )));
+        }
         let experts = config.num_experts;
         let has_moe = (0..config.num_hidden_layers).any(|i| config.is_moe_layer(i));
         if has_moe && experts % ep != 0 {
@@ -257,5 +264,12 @@ mod tests {
         assert!(e.contains("does not divide the world size 6"), "{e}");
         let e = Layout::new(8, 8, 8, &c).unwrap_err().to_string();
         assert!(e.contains("key/value heads"), "{e}");
+        let mut c = Preset::Tiny.config();
+        c.vocab_size = 1;
+        let e = Layout::new(2, 2, 2, &c).unwrap_err().to_string();
+        assert!(
+            e.contains("vocabulary of 1 tokens") && e.contains("tp 2"),
+            "{e}"
+        );
     }
 }

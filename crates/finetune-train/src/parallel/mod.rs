@@ -13,13 +13,16 @@
 //! - gradients, bucketed: attention adapters summed over the world (each rank holds the share of
 //!   its heads × its tokens), dense-MLP adapters over the world from tensor-parallel index 0 only
 //!   (the tp ranks compute them identically), expert adapters over the data-parallel group
-//!   (ranks holding the same experts);
+//!   (ranks holding the same experts); the buckets are all-reduced while the backward of the
+//!   step's last sequence goes on ([`buckets`]);
+//! - under tensor parallelism, embedding, lm_head and loss are vocabulary-parallel ([`vocab`]);
 //! - the clipping norm adds the expert norms of the ranks of replica 0 (each expert once).
 //!
 //! Every rank keeps the attention and dense adapters whole and only its experts' adapters, with
 //! their AdamW state; a checkpoint gathers the experts' adapters and moments on rank 0 and is
 //! written whole (PEFT names, full tensors), so any layout resumes it ([`RankContext::restrict`]).
 
+pub mod buckets;
 pub mod check;
 pub mod collective;
 pub mod engine;
@@ -27,6 +30,7 @@ pub mod launch;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod vocab;
 
 pub use collective::{Collective, CollectiveError, CpuCollective, Solo};
 pub use layout::{expert_of, Coords, GroupKind, Layout, LayoutError};
@@ -101,13 +105,13 @@ impl CpuComms {
 
 /// How an adapter's gradient is reduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
+pub(crate) enum Class {
     Attention,
     Dense,
     Expert,
 }
 
-fn class_of(name: &str) -> Class {
+pub(crate) fn class_of(name: &str) -> Class {
     if expert_of(name).is_some() {
         Class::Expert
     } else if name.contains(".mlp.") {
@@ -120,6 +124,23 @@ fn class_of(name: &str) -> Class {
 /// Elements per all-reduce bucket (64 MiB of f32).
 pub const BUCKET_ELEMENTS: usize = 1 << 24;
 
+/// Environment variable: `0` turns the overlap of the gradient all-reduce with the backward
+/// off (every bucket is reduced after the backward; same results, for debugging).
+pub const OVERLAP_ENV: &str = "FINETUNE_OVERLAP_GRAD_REDUCE";
+/// Environment variable: `0` turns the vocabulary-parallel embedding and loss off under tensor
+/// parallelism (every tp rank then runs them whole, for debugging).
+pub const VOCAB_PARALLEL_ENV: &str = "FINETUNE_VOCAB_PARALLEL";
+
+/// Whether environment variable `name` is unset or anything but `0`/`false`/`off`.
+fn env_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off"
+        )
+    })
+}
+
 /// A rank of a parallel run: its layout, place and communicators, and the full adapter set
 /// (names and shapes) that checkpoints hold.
 pub struct RankContext {
@@ -131,6 +152,18 @@ pub struct RankContext {
     n_experts: usize,
     /// Where this rank's tensors live (a resumed checkpoint is moved there).
     device: candle_core::Device,
+    /// Under tensor parallelism, vocabulary-parallel embedding, lm_head and loss ([`vocab`]);
+    /// on unless [`VOCAB_PARALLEL_ENV`] is `0`.
+    pub vocab_parallel: bool,
+    /// Logits per chunk of the vocabulary-parallel loss (`None`: the device's default).
+    pub vocab_chunk_elems: Option<usize>,
+    /// Launch each gradient bucket's all-reduce as soon as the backward has finished its
+    /// layers ([`buckets`]); on unless [`OVERLAP_ENV`] is `0`.
+    pub overlap: bool,
+    /// Elements per gradient all-reduce bucket ([`BUCKET_ELEMENTS`]).
+    pub bucket_elements: usize,
+    /// Buckets launched during the backward / in all, at the last step.
+    last_overlap: [std::sync::atomic::AtomicUsize; 2],
 }
 
 impl RankContext {
@@ -163,7 +196,28 @@ impl RankContext {
                 .vars()
                 .next()
                 .map_or(candle_core::Device::Cpu, |v| v.device().clone()),
+            vocab_parallel: env_on(VOCAB_PARALLEL_ENV),
+            vocab_chunk_elems: None,
+            overlap: env_on(OVERLAP_ENV),
+            bucket_elements: BUCKET_ELEMENTS,
+            last_overlap: Default::default(),
         })
+    }
+
+    /// Whether this rank runs the embedding and the loss vocabulary-parallel (tp > 1 and
+    /// [`Self::vocab_parallel`]).
+    pub fn vocab_parallel_active(&self) -> bool {
+        self.vocab_parallel && self.layout.tp > 1
+    }
+
+    /// At the last step: how many gradient buckets were launched during the backward, and
+    /// how many there were.
+    pub fn last_overlap(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.last_overlap[0].load(Relaxed),
+            self.last_overlap[1].load(Relaxed),
+        )
     }
 
     pub fn rank(&self) -> usize {
@@ -287,10 +341,36 @@ impl RankContext {
             > 0.0)
     }
 
-    /// Sums this rank's gradient shares into the step's gradients (see the module doc), then
-    /// clips them to global norm `max_norm`; returns the norm before clipping. `grads` is
-    /// aligned with `lora.vars()` and complete (zeros where no gradient came).
-    pub fn reduce_and_clip(
+    /// Runs a step's forwards and backwards through `run` and sums this rank's gradient
+    /// shares into the step's gradients (see the module doc), bucket by bucket ([`buckets`]):
+    /// `run` gets a callback for the last sequence's backward, through which the buckets are
+    /// all-reduced as the layers finish (with [`Self::overlap`]; else all after `run`).
+    /// `grads` comes back complete (zeros where no gradient came), aligned with `vars`.
+    pub(crate) fn reduced_step<T>(
+        &self,
+        lora: &Lora,
+        vars: &[Var],
+        grads: &mut [Option<Tensor>],
+        run: impl FnOnce(&mut [Option<Tensor>], engine::LayerDone<'_>) -> Result<T, TrainError>,
+    ) -> Result<T, TrainError> {
+        let plan = buckets::BucketPlan::new(lora, self.bucket_elements);
+        let t0 = self.coords.t == 0;
+        let r = std::thread::scope(|s| {
+            let mut red = buckets::Reducer::new(&plan, &self.comms, vars, t0, self.overlap, s);
+            let out = run(grads, &mut |l, g| red.layer_done(l, g))?;
+            let early = red.finish(grads)?;
+            Ok::<_, TrainError>((out, early))
+        });
+        let (out, early) = r.inspect_err(|e| self.abort(&format!("rank {}: {e}", self.rank())))?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.last_overlap[0].store(early, Relaxed);
+        self.last_overlap[1].store(plan.buckets.len(), Relaxed);
+        Ok(out)
+    }
+
+    /// Clips the reduced gradients (every entry `Some`, aligned with `lora.vars()`) to global
+    /// norm `max_norm`; returns the norm before clipping.
+    pub fn clip(
         &self,
         lora: &Lora,
         grads: &mut [Option<Tensor>],
@@ -303,31 +383,6 @@ impl RankContext {
                 [c, c]
             })
             .collect();
-        let t0 = self.coords.t == 0;
-        for (class, comm) in [
-            (Class::Attention, &self.comms.world),
-            (Class::Dense, &self.comms.world),
-            (Class::Expert, &self.comms.dp),
-        ] {
-            let idx: Vec<usize> = (0..classes.len())
-                .filter(|&i| classes[i] == class)
-                .collect();
-            let mut tensors: Vec<Tensor> = Vec::with_capacity(idx.len());
-            for &i in &idx {
-                let g = grads[i].take().ok_or_else(|| {
-                    TrainError::Options(format!("gradient {i} missing before the all-reduce"))
-                })?;
-                tensors.push(if class == Class::Dense && !t0 {
-                    g.zeros_like()?
-                } else {
-                    g
-                });
-            }
-            bucketed_all_reduce(comm.as_ref(), &mut tensors, BUCKET_ELEMENTS)?;
-            for (i, t) in idx.into_iter().zip(tensors) {
-                grads[i] = Some(t);
-            }
-        }
         // Global norm: shared adapters are now whole on every rank; each expert is counted
         // once, on its replica-0 rank.
         let (mut shared, mut experts) = (0f64, 0f64);
@@ -473,40 +528,6 @@ impl RankContext {
         let whole = Lora::from_tensors(lora.r, lora.scale, ts)?;
         Ok(Some((whole, ms, vs, ts_out)))
     }
-}
-
-/// All-reduces (sum) `tensors` in place, packed into buckets of at most `cap` elements (one
-/// collective per bucket instead of one per tensor).
-pub fn bucketed_all_reduce(
-    comm: &dyn Collective,
-    tensors: &mut [Tensor],
-    cap: usize,
-) -> Result<(), TrainError> {
-    if comm.size() == 1 {
-        return Ok(());
-    }
-    let mut start = 0;
-    while start < tensors.len() {
-        let mut end = start;
-        let mut n = 0;
-        while end < tensors.len() && (end == start || n + tensors[end].elem_count() <= cap) {
-            n += tensors[end].elem_count();
-            end += 1;
-        }
-        let flat: Vec<Tensor> = tensors[start..end]
-            .iter()
-            .map(|t| t.flatten_all())
-            .collect::<candle_core::Result<_>>()?;
-        let sum = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
-        let mut off = 0;
-        for t in &mut tensors[start..end] {
-            let k = t.elem_count();
-            *t = sum.narrow(0, off, k)?.reshape(t.shape())?;
-            off += k;
-        }
-        start = end;
-    }
-    Ok(())
 }
 
 /// NCCL communicators for a layout: one unique id per group (all kinds, in

@@ -101,6 +101,10 @@ impl Collective for NcclCollective {
         self.size
     }
 
+    fn enqueues(&self) -> bool {
+        true
+    }
+
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.prepare(x)?;
         let mut out = self.device.alloc_zeros::<f32>(x.elem_count().max(1))?;
