@@ -150,7 +150,93 @@ pub(crate) fn loss_and_grad(
 
 #[cfg(test)]
 mod tests {
-    use super::shard;
+    use super::*;
+    use crate::parallel::CpuCollective;
+    use candle_core::Device;
+    use finetune_model::{Preset, Weights};
+    use std::time::Duration;
+
+    /// tp 3 over a vocabulary of 301 (101 + 100 + 100 rows), tied embeddings, 2-row chunks:
+    /// every rank's loss and ∂loss/∂x equal the single-device fused head + loss
+    /// (`Qwen3Moe::head_loss_sum`), and the sharded embedding equals the whole lookup exactly.
+    #[test]
+    fn three_shards_give_the_whole_head_loss_and_embedding() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Preset::Tiny.config();
+        c.vocab_size = 301;
+        c.num_hidden_layers = 1;
+        c.tie_word_embeddings = true;
+        finetune_model::init::write_random_checkpoint(&c, 5, dir.path()).unwrap();
+        let weights = Weights::open(dir.path(), &Device::Cpu).unwrap();
+        let model = Qwen3Moe::load(c.clone(), &weights, &Device::Cpu).unwrap();
+        let t = 9;
+        // Deterministic hidden states of unit scale.
+        let x = (Tensor::arange(0f32, (t * c.hidden_size) as f32, &Device::Cpu).unwrap() * 0.37)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((t, c.hidden_size))
+            .unwrap();
+        // Targets on every shard, one ignored, one on each shard boundary.
+        let labels: Vec<i64> = vec![-100, 0, 100, 101, -100, 200, 201, 300, 57];
+        let ids: Vec<u32> = vec![0, 100, 101, 200, 201, 300, 7, 150, 299];
+        let xv = Var::from_tensor(&x).unwrap();
+        let want = model.head_loss_sum(xv.as_tensor(), &labels).unwrap();
+        let want_g = (&want * 0.5)
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(xv.as_tensor())
+            .unwrap()
+            .clone();
+        let want = want.to_scalar::<f32>().unwrap() as f64;
+        let want_e = model.embed_tokens(&ids).unwrap();
+        let group = CpuCollective::group(3, Duration::from_secs(60));
+        let got: Vec<_> = std::thread::scope(|s| {
+            let joins: Vec<_> = group
+                .into_iter()
+                .map(|comm| {
+                    let (model, x, labels, ids) = (&model, &x, &labels, &ids);
+                    s.spawn(move || {
+                        let (loss, g) =
+                            loss_and_grad(model, &comm, x, labels, Some(0.5), 2 * 101).unwrap();
+                        let (loss_only, none) =
+                            loss_and_grad(model, &comm, x, labels, None, 1 << 20).unwrap();
+                        assert!(none.is_none());
+                        (
+                            loss,
+                            g.unwrap(),
+                            loss_only,
+                            embed(model, &comm, ids).unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        for (rank, (loss, g, loss_only, e)) in got.iter().enumerate() {
+            assert!((loss - want).abs() <= 1e-5, "rank {rank}: {loss} vs {want}");
+            assert!((loss_only - want).abs() <= 1e-5, "rank {rank}: {loss_only}");
+            let d = (g - &want_g)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-6, "rank {rank}: ∂x differs by {d}");
+            let de = (e - &want_e)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(de, 0.0, "rank {rank}: embedding");
+        }
+    }
 
     #[test]
     fn shards_cover_the_vocabulary_once_in_order() {
@@ -165,6 +251,7 @@ mod tests {
             assert_eq!(next, v);
         }
         assert_eq!(shard(301, 2, 0), 0..151);
+        assert_eq!(shard(301, 3, 0), 0..101);
         assert_eq!(shard(301, 2, 1), 151..301);
     }
 }
