@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# gpu-check.sh: the GPU checks of issue #9 in one call on the GPU machine: the CUDA kernel and
+# model parity test executables, the GPU-vs-CPU loss curve of `finetune train` on the embedded
+# tiny base, then scripts/bench-gpu.sh. Results under $OUT.
+#
+#   here:  scripts/device-run.sh build && scripts/device-run.sh build-tests finetune-kernels finetune-model
+#          finetune mine --repo . --out dist/lossdata
+#          scripts/device-run.sh pack dist/pack/finetune.tar.xz dist/cuda dist/cuda-tests/finetune_kernels-* dist/cuda-tests/cuda_parity-*
+#   there: bash scripts/gpu-check.sh          (run tool: carry ["dist/pack", "dist/lossdata"])
+#   env:   SKIP_TESTS=1 (no test executables packed), LOSS_STEPS (15), RUNS and BENCH_TIMEOUT
+#          (bench-gpu.sh runs and its time limit).
+set -x
+mkdir -p "$OUT"
+bash scripts/device-run.sh unpack dist/pack/finetune.tar.xz
+nvidia-smi > "$OUT/smi.txt"
+if [ -z "${SKIP_TESTS:-}" ]; then
+for t in dist/cuda-tests/finetune_kernels-*; do
+  timeout 150 bash scripts/device-run.sh exec "$t" --nocapture --test-threads 1 > "$OUT/kernels-tests.log" 2>&1
+  echo "kernels rc $?" >> "$OUT/rc.txt"
+done
+for t in dist/cuda-tests/cuda_parity-*; do
+  timeout 120 bash scripts/device-run.sh exec "$t" --nocapture --test-threads 1 > "$OUT/model-cuda-parity.log" 2>&1
+  echo "cuda_parity rc $?" >> "$OUT/rc.txt"
+done
+grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda" "$OUT"/*.log | head -40
+fi
+# Loss curve: `finetune train` on the embedded tiny base, GPU (bf16 compute) vs CPU (f32), same
+# data, seed and flags, LoRA dropout off (the GPU's grouped MoE path draws masks in another order).
+FT=dist/cuda/finetune
+for dev in gpu cpu; do
+  if [ $dev = cpu ]; then export CUDA_VISIBLE_DEVICES=; fi
+  /usr/bin/time -v timeout 240 bash scripts/device-run.sh exec $FT train --data dist/lossdata --run-dir /tmp/loss-$dev \
+    --max-steps ${LOSS_STEPS:-20} --seq-len 1024 --rank 16 --lora-dropout 0 --eval-every 0 --save-every 1000 -q > "$OUT/loss-$dev.log" 2>&1
+  echo "loss-$dev rc $?" >> "$OUT/rc.txt"
+  unset CUDA_VISIBLE_DEVICES
+  cp /tmp/loss-$dev/metrics.jsonl "$OUT/loss-$dev.jsonl"
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+rows = {d: [r for r in map(json.loads, open(f"{out}/loss-{d}.jsonl")) if "tokens_per_sec" in r] for d in ("gpu", "cpu")}
+g, c = [r["loss"] for r in rows["gpu"]], [r["loss"] for r in rows["cpu"]]
+print("step  gpu-bf16  cpu-f32  diff")
+for i, (a, b) in enumerate(zip(g, c)):
+    print(f"{i + 1:4d}  {a:.5f}  {b:.5f}  {a - b:+.5f}")
+print("max |diff|", max(abs(a - b) for a, b in zip(g, c)), "steps", len(g), len(c))
+PY
+RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
+cat "$OUT/rc.txt"
