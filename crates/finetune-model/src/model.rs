@@ -218,6 +218,34 @@ fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
     })
 }
 
+/// What the batched and grouped expert projections feed their LoRA path: the adapters' f32
+/// input (`x32` when the caller already has it; dropout applied), A of the experts `names`
+/// stacked `[E, r, in]` and s·B stacked `[E, out, r]` (s on the small B rather than on the
+/// `[rows, out]` product: one full-size f32 tensor less per projection).
+fn stacked_lora_inputs(
+    x: &Tensor,
+    x32: Option<&Tensor>,
+    names: &[&str],
+    l: &Lora,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let mut a_parts = Vec::with_capacity(names.len());
+    let mut b_parts = Vec::with_capacity(names.len());
+    for name in names {
+        let (a, b) = l
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
+        a_parts.push(a.clone());
+        b_parts.push(b.clone());
+    }
+    let a = Tensor::stack(&a_parts, 0)?;
+    let b = (Tensor::stack(&b_parts, 0)? * l.scale)?;
+    let x = match x32 {
+        Some(x32) => l.dropout_input(x32)?,
+        None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
+    };
+    Ok((x, a, b))
+}
+
 /// y[e] = x[e]·W[e]ᵀ + s·(x[e]·A[e]ᵀ)·B[e]ᵀ for the experts named `names` (in order), x
 /// `[E, C, in]`, W stacked `[E, out, in]`; the adapters are stacked for this use (their
 /// gradients flow back to each expert's own A and B), the LoRA path in f32 on `x32` (x in f32,
@@ -232,21 +260,7 @@ fn batched_project(
 ) -> candle_core::Result<Tensor> {
     let y = finetune_kernels::frozen_batched_linear(x, &w.dequantize(x.dtype())?)?;
     let Some(l) = lora else { return Ok(y) };
-    let mut a_parts = Vec::with_capacity(names.len());
-    let mut b_parts = Vec::with_capacity(names.len());
-    for name in names {
-        let (a, b) = l
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
-        a_parts.push(a.clone());
-        b_parts.push(b.clone());
-    }
-    let a = Tensor::stack(&a_parts, 0)?; // [E, r, in]
-    let b = (Tensor::stack(&b_parts, 0)? * l.scale)?; // [E, out, r]
-    let x = match x32 {
-        Some(x32) => l.dropout_input(x32)?,
-        None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
-    };
+    let (x, a, b) = stacked_lora_inputs(x, x32, names, l)?;
     let delta = x.matmul(&a.transpose(1, 2)?)?.matmul(&b.transpose(1, 2)?)?;
     let dtype = y.dtype();
     y + delta.to_dtype(dtype)?
@@ -266,21 +280,7 @@ fn grouped_project(
 ) -> candle_core::Result<Tensor> {
     let y = finetune_kernels::grouped_linear(x, &w.dequantize(x.dtype())?, offsets, false)?;
     let Some(l) = lora else { return Ok(y) };
-    let mut a_parts = Vec::with_capacity(names.len());
-    let mut b_parts = Vec::with_capacity(names.len());
-    for name in names {
-        let (a, b) = l
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
-        a_parts.push(a.clone());
-        b_parts.push(b.clone());
-    }
-    let a = Tensor::stack(&a_parts, 0)?; // [E, r, in]
-    let b = (Tensor::stack(&b_parts, 0)? * l.scale)?; // [E, out, r]
-    let x = match x32 {
-        Some(x32) => l.dropout_input(x32)?,
-        None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
-    };
+    let (x, a, b) = stacked_lora_inputs(x, x32, names, l)?;
     let h = finetune_kernels::grouped_linear(&x, &a, offsets, true)?; // [N, r]
     let delta = finetune_kernels::grouped_linear(&h, &b, offsets, true)?; // [N, out]
     let dtype = y.dtype();
