@@ -6,6 +6,7 @@
 //! (a frozen projection whose backward returns dX only; CPU reference, CUDA forward as one cuBLAS
 //! GEMM through candle, no custom kernel), [`fp8_dequant`], [`rms_norm`], [`swiglu`], [`rope`],
 //! [`cross_entropy`] (lm_head + loss chunked over tokens), [`adamw`] (multi-tensor step),
+//! [`lora_linear`] (a frozen projection and its adapter as one op with all three gradients, CPU),
 //! [`attention`] (per-document causal GQA, CPU only so far), [`frozen_batched_linear`]
 //! (one strided-batched GEMM over stacked expert weights, dX only), [`moe_permute`] (the MoE
 //! token permutation and its inverse as two adjoint gathers), and
@@ -20,6 +21,7 @@ pub mod device;
 pub mod fp8_dequant;
 pub mod frozen_batched_linear;
 pub mod frozen_linear;
+pub mod lora_linear;
 pub mod moe_permute;
 pub mod rms_norm;
 pub mod rope;
@@ -37,6 +39,7 @@ pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_batched_linear::frozen_batched_linear;
 pub use frozen_linear::frozen_linear;
+pub use lora_linear::lora_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -1,6 +1,8 @@
 //! The Qwen3-MoE forward pass in candle ops (f32); RMSNorm, RoPE and the head's loss
 //! ([`Qwen3Moe::head_loss_sum`]) go through finetune-kernels' fused ops, whose CPU references
-//! are tested against the plain formulas written here before.
+//! are tested against the plain formulas written here before; on the CPU so do the attention,
+//! the SwiGLU activation and each projection with its LoRA adapter (`lora_linear`, without
+//! dropout), the plain formulas below remaining the GPU path.
 //!
 //! Per layer, as in transformers' `Qwen3MoeDecoderLayer`:
 //!   h = x + o_proj(attn(rope(q_norm(q_proj(n1(x)))), rope(k_norm(k_proj(n1(x)))), v_proj(n1(x))))
@@ -108,9 +110,53 @@ pub struct SequenceContext {
     past: usize,
     /// Index of the first token of each token's document (the fused attention's mask).
     doc_start: Vec<u32>,
-    mask: Tensor,
+    /// Document index of each token, from which the additive mask is built.
+    doc: Vec<u32>,
+    /// The additive `[1, T, past + T]` mask of the plain attention, built on first use: the
+    /// fused CPU attention never needs it (its T×T build was 2% of a CPU training step).
+    mask: std::sync::OnceLock<Tensor>,
+    device: Device,
     cos: Tensor,
     sin: Tensor,
+}
+
+impl SequenceContext {
+    /// The additive attention mask `[1, T, past + T]`: 0 where token i may attend to key j
+    /// (a cached key, or a key of its own document at or before it), −∞ elsewhere.
+    fn mask(&self) -> candle_core::Result<&Tensor> {
+        if let Some(m) = self.mask.get() {
+            return Ok(m);
+        }
+        let (t, past, doc) = (self.t, self.past, &self.doc);
+        // Keys are the `past` cached tokens (all of the same document) followed by these.
+        let mask = if past == 0 {
+            // Built on the device from the document ids (a T×T mask is 64 MB at T = 4096).
+            let doc = Tensor::new(doc.as_slice(), &self.device)?;
+            let same_doc = doc.reshape((t, 1))?.broadcast_eq(&doc.reshape((1, t))?)?;
+            let pos = Tensor::arange(0u32, t as u32, &self.device)?;
+            let causal = pos.reshape((t, 1))?.broadcast_ge(&pos.reshape((1, t))?)?;
+            let allowed = (same_doc * causal)?;
+            let zeros = Tensor::zeros((t, t), DType::F32, &self.device)?;
+            let blocked = Tensor::full(f32::NEG_INFINITY, (t, t), &self.device)?;
+            allowed.where_cond(&zeros, &blocked)?.reshape((1, t, t))?
+        } else {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    let doc = &doc;
+                    (0..past + t).map(move |j| {
+                        let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
+                        if allowed {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Tensor::from_vec(mask, (1, t, past + t), &self.device)?
+        };
+        Ok(self.mask.get_or_init(|| mask))
+    }
 }
 
 /// A loaded Qwen3-MoE model (base weights only).
@@ -141,8 +187,17 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
 /// whatever x's dtype).
 fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+    let adapter = lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab)));
+    if let Some((l, (a, b))) = adapter {
+        let frozen = !matches!(&p.w, BaseWeight::Dense(t) if t.is_variable());
+        if frozen && x.device().is_cpu() && x.dtype() == DType::F32 && !l.dropout_active() {
+            // One fused op with all three gradients (finetune_kernels::lora_linear, tested
+            // against the plain formula below): five graph nodes fewer per projection.
+            return finetune_kernels::lora_linear(x, &p.w.dequantize(DType::F32)?, a, b, l.scale);
+        }
+    }
     let y = linear(x, &p.w)?;
-    match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
+    match adapter {
         Some((l, (a, b))) => {
             let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
             let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?;
@@ -220,8 +275,16 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 impl Expert {
     fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
-        let g = silu(&project(x, &self.gate, lora)?)?;
-        project(&(g * project(x, &self.up, lora)?)?, &self.down, lora)
+        let g = project(x, &self.gate, lora)?;
+        let u = project(x, &self.up, lora)?;
+        let h = if g.device().is_cpu() {
+            // One fused op (finetune_kernels::swiglu, tested against this formula) instead of
+            // five, each with its own zero-filled gradient in backward.
+            finetune_kernels::swiglu(&g, &u)?
+        } else {
+            (silu(&g)? * u)?
+        };
+        project(&h, &self.down, lora)
     }
 }
 
@@ -450,34 +513,6 @@ impl Qwen3Moe {
                 prev
             });
         }
-        // Keys are the `past` cached tokens (all of the same document) followed by these.
-        let mask = if past == 0 {
-            // Built on the device from the document ids (a T×T mask is 64 MB at T = 4096).
-            let doc = Tensor::new(doc.as_slice(), &self.device)?;
-            let same_doc = doc.reshape((t, 1))?.broadcast_eq(&doc.reshape((1, t))?)?;
-            let pos = Tensor::arange(0u32, t as u32, &self.device)?;
-            let causal = pos.reshape((t, 1))?.broadcast_ge(&pos.reshape((1, t))?)?;
-            let allowed = (same_doc * causal)?;
-            let zeros = Tensor::zeros((t, t), DType::F32, &self.device)?;
-            let blocked = Tensor::full(f32::NEG_INFINITY, (t, t), &self.device)?;
-            allowed.where_cond(&zeros, &blocked)?.reshape((1, t, t))?
-        } else {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    let doc = &doc;
-                    (0..past + t).map(move |j| {
-                        let allowed = j < past || (j - past <= i && doc[j - past] == doc[i]);
-                        if allowed {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            Tensor::from_vec(mask, (1, t, past + t), &self.device)?
-        };
-
         // RoPE tables at the given positions: angle = position · inv_freq[i], in f32 as
         // transformers computes it; cos/sin scaled by the attention factor (YaRN).
         let (inv_freq, attention_factor) = c.rope_frequencies();
@@ -503,7 +538,9 @@ impl Qwen3Moe {
             t,
             past,
             doc_start,
-            mask,
+            doc,
+            mask: std::sync::OnceLock::new(),
+            device: self.device.clone(),
             cos,
             sin,
         })
@@ -575,7 +612,7 @@ impl Qwen3Moe {
             // dtype for ·V (transformers' eager attention).
             let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
                 .to_dtype(DType::F32)?
-                .broadcast_add(&ctx.mask)?;
+                .broadcast_add(ctx.mask()?)?;
             let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
             attn.transpose(0, 1)?.reshape((t, nh * d))?
         };
@@ -918,7 +955,7 @@ impl Qwen3Moe {
             .reshape((lh, t, d))?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
             .to_dtype(DType::F32)?
-            .broadcast_add(&ctx.mask)?;
+            .broadcast_add(ctx.mask()?)?;
         let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
         let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
         project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d)
