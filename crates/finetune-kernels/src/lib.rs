@@ -6,10 +6,11 @@
 //! (a frozen projection whose backward returns dX only; CPU reference, CUDA forward as one cuBLAS
 //! GEMM through candle, no custom kernel), [`fp8_dequant`], [`rms_norm`], [`swiglu`], [`rope`],
 //! [`cross_entropy`] (lm_head + loss chunked over tokens), [`adamw`] (multi-tensor step),
-//! [`attention`] (per-document causal GQA; flash-attention style CUDA kernels),
-//! [`frozen_batched_linear`] (one strided-batched GEMM over stacked expert weights, dX only),
-//! [`grouped_linear`] (one GEMM per expert over its own rows, no padding; dX and optionally
-//! dW), [`moe_permute`] (the MoE
+//! [`lora_linear`] (a frozen projection and its adapter as one op with all three gradients, CPU),
+//! [`attention`] (per-document causal GQA; blocked-GEMM CPU path, flash-attention style CUDA
+//! kernels), [`frozen_batched_linear`] (one strided-batched GEMM over stacked expert weights, dX
+//! only), [`grouped_linear`] (one GEMM per expert over its own rows, no padding; dX and
+//! optionally dW), [`moe_permute`] (the MoE
 //! token permutation and its inverse as two adjoint gathers), and
 //! [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
@@ -23,6 +24,7 @@ pub mod fp8_dequant;
 pub mod frozen_batched_linear;
 pub mod frozen_linear;
 pub mod grouped_linear;
+pub mod lora_linear;
 pub mod moe_permute;
 pub mod rms_norm;
 pub mod rope;
@@ -41,6 +43,7 @@ pub use fp8_dequant::fp8_dequant;
 pub use frozen_batched_linear::frozen_batched_linear;
 pub use frozen_linear::frozen_linear;
 pub use grouped_linear::grouped_linear;
+pub use lora_linear::lora_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

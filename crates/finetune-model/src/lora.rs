@@ -128,6 +128,13 @@ impl Lora {
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 
+    /// Whether [`Self::dropout_input`] changes its input now (dropout on and training).
+    pub fn dropout_active(&self) -> bool {
+        self.dropout
+            .as_ref()
+            .is_some_and(|d| d.active.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The dropout probability (0 without dropout).
     pub fn dropout_p(&self) -> f64 {
         self.dropout.as_ref().map_or(0.0, |d| d.p)

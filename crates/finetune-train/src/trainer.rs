@@ -136,17 +136,30 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Runs `f` on a thread with a 1 GiB stack: candle's backward recurses once per graph node and
-/// overflows the default 8 MiB on a real model's graph.
+/// overflows the default 8 MiB on a real model's graph. The thread is one of a rayon pool of
+/// the configured size (`RAYON_NUM_THREADS`, else the available cores) whose threads all have
+/// that stack, so the parallel loops inside the step (candle's gemm, the fused ops) run on this
+/// pool with the step's own thread taking part, rather than the step's thread waiting idle
+/// for the global pool's threads (one thread more than there are cores, DESIGN.md "CPU speed").
 pub fn on_large_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("train".into())
-            .stack_size(1 << 30)
-            .spawn_scoped(s, f)
-            .expect("spawning the training thread")
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    const STACK: usize = 1 << 30;
+    match rayon::ThreadPoolBuilder::new()
+        .stack_size(STACK)
+        .thread_name(|i| format!("train-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        // No pool (threads could not be spawned): one plain thread, as before.
+        Err(_) => std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("train".into())
+                .stack_size(STACK)
+                .spawn_scoped(s, f)
+                .expect("spawning the training thread")
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        }),
+    }
 }
 
 impl<'m> Trainer<'m> {
