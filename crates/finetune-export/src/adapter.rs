@@ -153,7 +153,7 @@ pub fn export_peft(source: &Source, dir: &Path) -> Result<PeftReport, ExportErro
             let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
             Ok(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()) && x.len() == y.len())
         };
-        if n1 != n2 || !same(a1, a2)? || !same(b1, b2)? {
+        if n1 != n2 || !same(&a1, &a2)? || !same(&b1, &b2)? {
             return Err(file_error(
                 &weights,
                 format!("`{n1}` reads back differently from what was written"),

@@ -305,7 +305,7 @@ mod tests {
                 let name = |k: &str| format!("model.layers.{layer}.mlp.experts.{e}.{k}");
                 let delta = |k: &str| {
                     let (a, b) = lora.get(&name(k)).unwrap();
-                    b.matmul(a).unwrap()
+                    b.matmul(&a).unwrap()
                 };
                 let want = Tensor::cat(&[delta("gate_proj"), delta("up_proj")], 0).unwrap();
                 assert!(max_diff(&peft_delta(a, b, experts, e), &want) < 1e-6);
@@ -318,7 +318,7 @@ mod tests {
             "model.layers.1.self_attn.o_proj",
         ] {
             let (a, _) = lora.get(name).unwrap();
-            assert_eq!(max_diff(&fused.tensors[&peft_key(name, 'A')], a), 0.0);
+            assert_eq!(max_diff(&fused.tensors[&peft_key(name, 'A')], &a), 0.0);
         }
         assert_eq!(fused.tensors.len(), 2 * (3 * 4 + 3 + 2 * 2));
         // rsLoRA keeps the scale too: alpha' / sqrt(2r) = alpha / sqrt(r).

@@ -245,7 +245,7 @@ pub fn write_merged(
         let base = weights.base_weight(prefix, o, i)?;
         let stored_fp8 = matches!(base, BaseWeight::Fp8 { .. });
         let adapter = lora.get(prefix);
-        if let (None, MergedDtype::Fp8, BaseWeight::Fp8 { q, scale_inv }) = (adapter, dtype, &base)
+        if let (None, MergedDtype::Fp8, BaseWeight::Fp8 { q, scale_inv }) = (&adapter, dtype, &base)
         {
             writer.add(name.clone(), q.clone())?;
             writer.add(format!("{prefix}.weight_scale_inv"), scale_inv.clone())?;

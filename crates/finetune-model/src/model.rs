@@ -196,8 +196,20 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
 /// whatever x's dtype).
 fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
-    let adapter = lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab)));
-    if let Some((l, (a, b))) = adapter {
+    // An expert's A and B are views of its layer's stacked adapters (their gradients flow
+    // into the stack).
+    project_with(x, p, lora, lora.and_then(|l| l.get(&p.name)))
+}
+
+/// [`project`] with the projection's adapter (A, B) given (`None`: no adapter).
+fn project_with(
+    x: &Tensor,
+    p: &Proj,
+    lora: Option<&Lora>,
+    ab: Option<(Tensor, Tensor)>,
+) -> candle_core::Result<Tensor> {
+    let adapter = lora.zip(ab);
+    if let Some((l, (a, b))) = &adapter {
         let frozen = !matches!(&p.w, BaseWeight::Dense(t) if t.is_variable());
         if frozen && x.device().is_cpu() && x.dtype() == DType::F32 && !l.dropout_active() {
             // One fused op with all three gradients (finetune_kernels::lora_linear, tested
@@ -224,7 +236,7 @@ fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
         experts.iter().all(|e| {
             [&e.gate, &e.up, &e.down]
                 .iter()
-                .all(|p| l.get(&p.name).is_some())
+                .all(|p| l.contains(&p.name))
         })
     })
 }
@@ -232,24 +244,32 @@ fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
 /// What the batched and grouped expert projections feed their LoRA path: the adapters' f32
 /// input (`x32` when the caller already has it; dropout applied), A of the experts `names`
 /// stacked `[E, r, in]` and s·B stacked `[E, out, r]` (s on the small B rather than on the
-/// `[rows, out]` product: one full-size f32 tensor less per projection).
+/// `[rows, out]` product: one full-size f32 tensor less per projection). A and B are the
+/// adapter's own stacked variables when `names` are exactly one of its stacks (every expert of
+/// the layer: no copy, and the stack gets its gradient in one piece); otherwise (never with
+/// adapters made by [`Lora`] for this model) the experts' views are stacked for this use.
 fn stacked_lora_inputs(
     x: &Tensor,
     x32: Option<&Tensor>,
     names: &[&str],
     l: &Lora,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let mut a_parts = Vec::with_capacity(names.len());
-    let mut b_parts = Vec::with_capacity(names.len());
-    for name in names {
-        let (a, b) = l
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
-        a_parts.push(a.clone());
-        b_parts.push(b.clone());
-    }
-    let a = Tensor::stack(&a_parts, 0)?;
-    let b = (Tensor::stack(&b_parts, 0)? * l.scale)?;
+    let (a, b) = match l.stacked(names) {
+        Some((a, b)) => (a.clone(), b.clone()),
+        None => {
+            let mut a_parts = Vec::with_capacity(names.len());
+            let mut b_parts = Vec::with_capacity(names.len());
+            for name in names {
+                let (a, b) = l
+                    .get(name)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
+                a_parts.push(a);
+                b_parts.push(b);
+            }
+            (Tensor::stack(&a_parts, 0)?, Tensor::stack(&b_parts, 0)?)
+        }
+    };
+    let b = (b * l.scale)?;
     let x = match x32 {
         Some(x32) => l.dropout_input(x32)?,
         None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
@@ -258,8 +278,8 @@ fn stacked_lora_inputs(
 }
 
 /// y[e] = x[e]·W[e]ᵀ + s·(x[e]·A[e]ᵀ)·B[e]ᵀ for the experts named `names` (in order), x
-/// `[E, C, in]`, W stacked `[E, out, in]`; the adapters are stacked for this use (their
-/// gradients flow back to each expert's own A and B), the LoRA path in f32 on `x32` (x in f32,
+/// `[E, C, in]`, W stacked `[E, out, in]`, the adapters the layer's stacked ones
+/// ([`stacked_lora_inputs`]), the LoRA path in f32 on `x32` (x in f32,
 /// shared by the projections that read the same input). s multiplies the small stacked B rather
 /// than the `[E, C, out]` product: one full-size f32 tensor less per projection.
 fn batched_project(
@@ -280,7 +300,7 @@ fn batched_project(
 /// [`MoePath::Grouped`]'s projection: y[n] = x[n]·W[e]ᵀ + s·(x[n]·A[e]ᵀ)·B[e]ᵀ for the rows
 /// `offsets[e]..offsets[e + 1]` of x `[N, in]` (expert e of `names`), W stacked `[E, out, in]`;
 /// the LoRA path in f32 on `x32` (shared by projections reading the same input), the adapters
-/// stacked for this use (gradients flow back to each expert's own A and B), s on the small B.
+/// the layer's stacked ones ([`stacked_lora_inputs`]), s on the small B.
 fn grouped_project(
     x: &Tensor,
     x32: Option<&Tensor>,
@@ -325,8 +345,21 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 impl Expert {
     fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
-        let g = project(x, &self.gate, lora)?;
-        let u = project(x, &self.up, lora)?;
+        let adapters =
+            [&self.gate, &self.up, &self.down].map(|p| lora.and_then(|l| l.get(&p.name)));
+        self.forward_with(x, lora, adapters)
+    }
+
+    /// [`Self::forward`] with the adapters of gate, up and down given.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        lora: Option<&Lora>,
+        adapters: [Option<(Tensor, Tensor)>; 3],
+    ) -> candle_core::Result<Tensor> {
+        let [ga, ua, da] = adapters;
+        let g = project_with(x, &self.gate, lora, ga)?;
+        let u = project_with(x, &self.up, lora, ua)?;
         let h = if g.device().is_cpu() {
             // One fused op (finetune_kernels::swiglu, tested against this formula) instead of
             // five, each with its own zero-filled gradient in backward.
@@ -334,7 +367,7 @@ impl Expert {
         } else {
             (silu(&g)? * u)?
         };
-        project(&h, &self.down, lora)
+        project_with(&h, &self.down, lora, da)
     }
 }
 
@@ -835,6 +868,19 @@ impl Qwen3Moe {
         // expert order, the order the per-expert loop added them in). Inputs are gathered per
         // expert: the backward of a narrow of one big gather would zero-fill a full
         // [T·k, hidden] gradient per expert.
+        //
+        // The adapters of the experts that run, when stacked (every expert of the layer has
+        // one): slices whose gradients reach each stack as one tensor (`Lora::expert_slices`),
+        // not a narrow view per expert (one full-size zero-padded gradient each).
+        let used: Vec<bool> = routed.iter().map(|t| !t.is_empty()).collect();
+        let mut slices: [Option<crate::lora::ExpertAdapters>; 3] = [None, None, None];
+        if let Some(l) = lora {
+            let picks: [fn(&Expert) -> &Proj; 3] = [|e| &e.gate, |e| &e.up, |e| &e.down];
+            for (slot, pick) in slices.iter_mut().zip(picks) {
+                let names: Vec<&str> = experts.iter().map(|e| pick(e).name.as_str()).collect();
+                *slot = l.expert_slices(&names, &used)?;
+            }
+        }
         let mut outputs = Vec::with_capacity(n_exp);
         let (mut all_tokens, mut weight_index) = (Vec::new(), Vec::new());
         for (e, toks) in routed.iter().enumerate() {
@@ -842,7 +888,14 @@ impl Qwen3Moe {
                 continue;
             }
             let idx = Tensor::new(toks.as_slice(), &self.device)?;
-            outputs.push(experts[e].forward(&x.index_select(&idx, 0)?, lora)?);
+            let xe = x.index_select(&idx, 0)?;
+            let ex = &experts[e];
+            let projs = [&ex.gate, &ex.up, &ex.down];
+            let adapters = [0, 1, 2].map(|k| match slices[k].as_mut() {
+                Some(s) => s[e].take(),
+                None => lora.and_then(|l| l.get(&projs[k].name)),
+            });
+            outputs.push(ex.forward_with(&xe, lora, adapters)?);
             all_tokens.extend_from_slice(toks);
             weight_index.extend(toks.iter().map(|&tok| tok * n_exp as u32 + e as u32));
         }

@@ -127,9 +127,15 @@ pub fn write_adapter(lora: &Lora, meta: &AdapterMeta, dir: &Path) -> Result<(), 
     std::fs::create_dir_all(dir).map_err(|e| bad(dir, e.to_string()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, a, b) in lora.tensors() {
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32).map_err(|e| bad(dir, e.to_string()));
-        tensors.insert(peft_key(name, 'A'), f32(a)?);
-        tensors.insert(peft_key(name, 'B'), f32(b)?);
+        // An expert's A and B are views of its stack: copied out contiguously (safetensors
+        // writes a tensor's own bytes).
+        let f32 = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.contiguous())
+                .map_err(|e| bad(dir, e.to_string()))
+        };
+        tensors.insert(peft_key(name, 'A'), f32(&a)?);
+        tensors.insert(peft_key(name, 'B'), f32(&b)?);
     }
     let path = dir.join("adapter_model.safetensors");
     let tmp = dir.join(".adapter_model.safetensors.tmp");

@@ -219,11 +219,11 @@ fn cuda_lora_logits_loss_and_gradients_match_transformers() {
     let grads = loss.backward().unwrap();
     let (mut worst_rel, mut worst_abs) = ((0f32, String::new()), 0f32);
     for (name, _, _) in &targets {
-        let (a, b) = lora.get(name).unwrap();
-        for (which, t) in [("A", a), ("B", b)] {
-            let g = grads
-                .get(t)
-                .unwrap_or_else(|| panic!("{name}.{which}: no gradient"));
+        // Per module: an expert's slice of its stack's gradient.
+        let (ga, gb) = lora
+            .module_grads(&grads, name)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        for (which, g) in [("A", &ga), ("B", &gb)] {
             assert!(
                 g.device().is_cuda(),
                 "{name}.{which}: gradient not on the GPU"
@@ -309,11 +309,11 @@ fn cuda_bf16_compute_stays_within_bf16_tolerance_of_the_f32_reference() {
     let (mut dot, mut norm_got, mut norm_want) = (0f64, 0f64, 0f64);
     let mut worst = (0f32, String::new());
     for (name, _, _) in &targets {
-        let (a, b) = lora.get(name).unwrap();
-        for (which, t) in [("A", a), ("B", b)] {
-            let g = grads
-                .get(t)
-                .unwrap_or_else(|| panic!("{name}.{which}: no gradient"));
+        // Per module: an expert's slice of its stack's gradient.
+        let (ga, gb) = lora
+            .module_grads(&grads, name)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        for (which, g) in [("A", &ga), ("B", &gb)] {
             assert_eq!(
                 g.dtype(),
                 DType::F32,

@@ -7,8 +7,13 @@
 //!   m ← β₁·m + (1 − β₁)·g,   v ← β₂·v + (1 − β₂)·g²
 //!   p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! Clipping: n = ‖(g₁, …, gₖ)‖₂ over all gradients; every g ← g · min(1, max_norm / (n + 10⁻⁶)).
-//! As in PyTorch, a parameter without a gradient at a step (an expert no token was routed to)
-//! is skipped: neither it nor its moments change, and t counts that parameter's own updates.
+//! As in PyTorch, a parameter without a gradient at a step is skipped: neither it nor its
+//! moments change, and t counts that parameter's own updates (the trainer gives every adapter
+//! a gradient, zeros for an expert no token was routed to, so all counts stay equal).
+//!
+//! Every operation is per element, with t the same for all elements of a tensor: AdamW on the
+//! stacked `[E, …]` tensor of a MoE layer's expert adapters is AdamW on each expert's slice
+//! (the experts of a stack are updated together, so their t agree), bit for bit.
 
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -196,16 +201,18 @@ impl AdamW {
 /// returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     // Per-tensor sums of squares on the device, read back together (one transfer, not one
-    // device sync per tensor: a MoE adapter has thousands), then added in f64 in order.
+    // device sync per tensor), then added in f64 in order. A stacked expert adapter's gradient
+    // (`[E, …, …]`, the only rank-3 parameters) gives one f32 sum per expert, as when each
+    // expert was its own tensor, so the norm does not depend on the storage.
     let sums: Vec<Tensor> = grads
         .iter()
         .flatten()
-        .map(|g| g.sqr()?.sum_all())
+        .map(per_slice_sq_sums)
         .collect::<Result<_>>()?;
     let sum: f64 = if sums.is_empty() {
         0.0
     } else {
-        Tensor::stack(&sums, 0)?
+        Tensor::cat(&sums, 0)?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?
             .iter()
@@ -219,4 +226,15 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
         }
     }
     Ok(norm)
+}
+
+/// Sums of squares of `g`: one per slice of the first dimension for a rank-3 tensor (a stack
+/// of experts' adapters), else one for the whole tensor; a 1-D tensor either way.
+pub fn per_slice_sq_sums(g: &Tensor) -> Result<Tensor> {
+    let sq = g.sqr()?;
+    if g.rank() == 3 {
+        sq.sum((1, 2))
+    } else {
+        sq.sum_all()?.reshape(1)
+    }
 }

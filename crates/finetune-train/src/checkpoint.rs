@@ -5,7 +5,9 @@
 //!   or, for a full-parameter run (`finetune pretrain`), `model.safetensors`: every weight in
 //!   f32 by its checkpoint name;
 //! - `optimizer.safetensors`: AdamW's first and second moments (`m.<i>`, `v.<i>`, in the
-//!   adapter's parameter order: A then B of each module, modules sorted by name);
+//!   adapter's per-module (PEFT) order: A then B of each module, modules sorted by name,
+//!   whatever the in-memory storage: stacked expert adapters are split on save and stacked on
+//!   load, so a checkpoint does not depend on the layout that wrote it);
 //! - `trainer_state.json`: step, the data cursor, each parameter's update count, the dropout
 //!   stream position, counters, the recipe the run was started with, and an xxh3 checksum of
 //!   each tensor file so that a damaged checkpoint is refused instead of resumed from.
@@ -49,7 +51,8 @@ pub struct TrainerState {
     pub checksums: HashMap<String, String>,
 }
 
-/// A loaded checkpoint.
+/// A loaded checkpoint. `m`, `v` and `state.adam_t` are aligned with `lora.vars()` (stacked
+/// like the adapter; on disk they are per module).
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub lora: Lora,
@@ -85,15 +88,21 @@ pub fn dir_name(step: u64) -> String {
 }
 
 /// Writes a checkpoint under `root` (e.g. `<run>/checkpoints`) atomically and keeps the last
-/// `keep` (≥ 1). Returns its directory.
+/// `keep` (≥ 1). Returns its directory. `moments` and `state.adam_t` are aligned with
+/// `lora.vars()`; they are written per module (module doc).
 pub fn save(
     root: &Path,
     lora: &Lora,
     meta: &AdapterMeta,
     moments: (&[Tensor], &[Tensor]),
-    state: TrainerState,
+    mut state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
+    let here = |e: candle_core::Error| io(root, e);
+    let m = lora.unstack_params(moments.0).map_err(here)?;
+    let v = lora.unstack_params(moments.1).map_err(here)?;
+    state.adam_t = lora.unstack_counts(&state.adam_t).map_err(here)?;
+    let moments = (m.as_slice(), v.as_slice());
     let write = |tmp: &Path| -> Result<Vec<PathBuf>, TrainError> {
         let adapter_dir = tmp.join("adapter");
         peft::write_adapter(lora, meta, &adapter_dir).map_err(|e| io(&adapter_dir, e))?;
@@ -293,7 +302,15 @@ fn moments(
 pub fn load(dir: &Path, targets: &[(String, usize, usize)]) -> Result<Checkpoint, TrainError> {
     let state = verified_state(dir)?;
     let (lora, meta) = peft::read_adapter(&dir.join("adapter"), targets).map_err(|e| io(dir, e))?;
-    let (m, v) = moments(dir, lora.vars().count(), &state)?;
+    let (m, v) = moments(dir, 2 * lora.len(), &state)?;
+    // Per module on disk; stacked like the adapter in memory.
+    let mut state = state;
+    let stacked = |e: candle_core::Error| io(&dir.join("optimizer.safetensors"), e);
+    let m = lora.stack_params(&m).map_err(stacked)?;
+    let v = lora.stack_params(&v).map_err(stacked)?;
+    state.adam_t = lora
+        .stack_counts(&state.adam_t)
+        .map_err(|e| io(&dir.join("trainer_state.json"), e))?;
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         lora,

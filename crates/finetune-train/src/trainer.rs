@@ -337,9 +337,9 @@ impl<'m> Trainer<'m> {
                 message: "its adapter has other modules or shapes than this run's".into(),
             });
         }
-        for (var, (_, a, b)) in self.vars.chunks(2).zip(ckpt.lora.tensors()) {
-            var[0].set(a)?;
-            var[1].set(b)?;
+        // Same modules and shapes: the same variables (stacks included), in the same order.
+        for (var, src) in self.vars.iter().zip(ckpt.lora.vars()) {
+            var.set(&src.as_tensor().to_device(var.device())?)?;
         }
         self.restore(&ckpt.dir, ckpt.m, ckpt.v, &ckpt.state)
     }
@@ -587,10 +587,14 @@ impl<'m> Trainer<'m> {
             .lora
             .names()
             .flat_map(|n| [format!("{n}.A"), format!("{n}.B")]);
+        // Per module, whatever the storage (a stacked expert gradient gives each expert its
+        // slice).
+        let grads: Vec<Tensor> = grads.into_iter().flatten().collect();
+        let grads = self.lora.unstack_params(&grads)?;
         Ok((
             loss_sum / n_targets.max(1) as f64,
             norm,
-            names.zip(grads.into_iter().flatten()).collect(),
+            names.zip(grads).collect(),
         ))
     }
 

@@ -90,10 +90,9 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         args.seed,
         &device,
     )?;
-    let lora_params: usize = lora
-        .tensors()
-        .map(|(_, a, b)| a.elem_count() + b.elem_count())
-        .sum();
+    let lora_params: usize = lora.vars().map(|v| v.elem_count()).sum();
+    // What AdamW and clipping iterate over (a stack of experts' adapters is one tensor).
+    let lora_tensors = lora.vars().count();
     let ids = bench_ids(args.seq, config.vocab_size);
     let sequence = Sequence {
         labels: ids.iter().map(|&i| i64::from(i)).collect(),
@@ -120,7 +119,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         max_bad_steps: total_steps + 1,
     };
     eprintln!(
-        "bench: {} ({} layers, {} experts), {} on {:?}, seq {}, r = {} on {}, {} LoRA parameters, loaded in {load_secs:.1} s",
+        "bench: {} ({} layers, {} experts), {} on {:?}, seq {}, r = {} on {}, {} LoRA parameters in {} tensors, loaded in {load_secs:.1} s",
         args.model.display(),
         config.num_hidden_layers,
         config.num_experts,
@@ -129,7 +128,8 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         args.seq,
         args.rank,
         targets.join(","),
-        lora_params
+        lora_params,
+        lora_tensors
     );
     let stop = AtomicBool::new(false);
     let mut steps = Vec::new();
@@ -185,6 +185,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "rank": args.rank,
         "targets": targets,
         "lora_params": lora_params,
+        "lora_tensors": lora_tensors,
         "recompute": args.recompute,
         "moe": args.moe.as_deref().unwrap_or(if device.is_cuda() { "grouped" } else { "per-expert" }),
         "attention": args.attention.as_deref().unwrap_or("fused"),

@@ -292,8 +292,8 @@ fn exports_match_peft_and_transformers() {
     assert_eq!(back.scale, src.scale);
     for ((n1, a1, b1), (n2, a2, b2)) in src.tensors().zip(back.tensors()) {
         assert_eq!(n1, n2);
-        assert_eq!(bits(a1), bits(a2), "{n1}");
-        assert_eq!(bits(b1), bits(b2), "{n1}");
+        assert_eq!(bits(&a1), bits(&a2), "{n1}");
+        assert_eq!(bits(&b1), bits(&b2), "{n1}");
     }
     assert_eq!(meta.r, R);
     assert_eq!(meta.lora_alpha, ALPHA);

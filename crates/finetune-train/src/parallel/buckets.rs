@@ -68,10 +68,10 @@ impl BucketPlan {
         let cap = cap.max(1);
         // (gradient index, elements, layer, class) per A and B.
         let mut items: Vec<(usize, usize, Option<usize>, Class)> = Vec::new();
-        for (k, (name, a, b)) in lora.tensors().enumerate() {
-            let (layer, class) = (layer_of(name), class_of(name));
-            items.push((2 * k, a.elem_count(), layer, class));
-            items.push((2 * k + 1, b.elem_count(), layer, class));
+        // One item per variable (a stack of experts' adapters is one tensor).
+        for (k, (var, modules)) in lora.vars().zip(lora.var_modules()).enumerate() {
+            let name = &modules[0];
+            items.push((k, var.elem_count(), layer_of(name), class_of(name)));
         }
         // Backward order: higher layers first (no layer: last), then name order.
         let key = |l: Option<usize>| l.map_or(0, |l| l + 1);

@@ -260,24 +260,18 @@ impl RankContext {
         )?)
     }
 
-    /// This rank's part of a whole checkpoint: its adapters, their moments and update counts.
+    /// This rank's part of a whole checkpoint: its adapters, their moments and update counts
+    /// (selected per module, then stacked like the rank's adapter).
     pub fn restrict(&self, ckpt: Checkpoint) -> Result<Checkpoint, TrainError> {
         let keep: Vec<bool> = ckpt
             .lora
-            .tensors()
-            .flat_map(|(n, _, _)| {
+            .names()
+            .flat_map(|n| {
                 let k = self.keeps(n);
                 [k, k]
             })
             .collect();
         let dev = &self.device;
-        let pick = |v: Vec<Tensor>| -> Result<Vec<Tensor>, TrainError> {
-            v.into_iter()
-                .zip(&keep)
-                .filter(|(_, k)| **k)
-                .map(|(t, _)| Ok(t.to_device(dev)?))
-                .collect()
-        };
         let lora = Lora::from_tensors(
             ckpt.lora.r,
             ckpt.lora.scale,
@@ -287,20 +281,32 @@ impl RankContext {
                 .map(|(n, a, b)| Ok((n.to_string(), a.to_device(dev)?, b.to_device(dev)?)))
                 .collect::<candle_core::Result<Vec<_>>>()?,
         )?;
+        let pick = |v: Vec<Tensor>| -> Result<Vec<Tensor>, TrainError> {
+            let per_module = ckpt.lora.unstack_params(&v)?;
+            let mine: Vec<Tensor> = per_module
+                .into_iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(t, _)| t.to_device(dev))
+                .collect::<candle_core::Result<_>>()?;
+            Ok(lora.stack_params(&mine)?)
+        };
+        let (m, v) = (pick(ckpt.m)?, pick(ckpt.v)?);
         let mut state = ckpt.state;
-        state.adam_t = state
-            .adam_t
+        let per_module = ckpt.lora.unstack_counts(&state.adam_t)?;
+        let mine: Vec<u64> = per_module
             .into_iter()
             .zip(&keep)
             .filter(|(_, k)| **k)
             .map(|(t, _)| t)
             .collect();
+        state.adam_t = lora.stack_counts(&mine)?;
         Ok(Checkpoint {
             dir: ckpt.dir,
             lora,
             meta: ckpt.meta,
-            m: pick(ckpt.m)?,
-            v: pick(ckpt.v)?,
+            m,
+            v,
             state,
         })
     }
@@ -376,23 +382,18 @@ impl RankContext {
         grads: &mut [Option<Tensor>],
         max_norm: f64,
     ) -> Result<f64, TrainError> {
-        let classes: Vec<Class> = lora
-            .tensors()
-            .flat_map(|(n, _, _)| {
-                let c = class_of(n);
-                [c, c]
-            })
-            .collect();
+        let classes: Vec<Class> = lora.var_modules().map(|m| class_of(&m[0])).collect();
         // Global norm: shared adapters are now whole on every rank; each expert is counted
         // once, on its replica-0 rank.
         let (mut shared, mut experts) = (0f64, 0f64);
         for (g, class) in grads.iter().zip(&classes) {
             let Some(g) = g else { continue };
-            let s = g
-                .sqr()?
-                .sum_all()?
+            // Per expert for a stack, as `clip_grad_norm`.
+            let s: f64 = crate::adamw::per_slice_sq_sums(g)?
                 .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+                .to_vec1::<f64>()?
+                .iter()
+                .sum();
             match class {
                 Class::Expert => experts += s,
                 _ => shared += s,
@@ -411,7 +412,8 @@ impl RankContext {
     }
 
     /// The whole adapter and AdamW state, gathered on rank 0 (`None` elsewhere). Every rank
-    /// must call it. `vars`, `m`, `v` and `t` are this rank's, aligned.
+    /// must call it. `m`, `v` and `t` are this rank's, aligned with `lora.vars()`; the result's
+    /// are aligned with the whole adapter's `vars()`.
     #[allow(clippy::type_complexity)]
     pub fn gather(
         &self,
@@ -426,8 +428,13 @@ impl RankContext {
             .next()
             .map(|v| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        let vars: Vec<&Var> = lora.vars().collect();
-        let names: Vec<&str> = lora.tensors().flat_map(|(n, _, _)| [n, n]).collect();
+        // Per module (PEFT order), whatever the storage: experts travel and are matched by
+        // name, so the gathered checkpoint does not depend on the layout.
+        let var_tensors: Vec<Tensor> = lora.vars().map(|v| v.as_tensor().clone()).collect();
+        let vars = lora.unstack_params(&var_tensors)?;
+        let (m, v) = (lora.unstack_params(m)?, lora.unstack_params(v)?);
+        let t = lora.unstack_counts(t)?;
+        let names: Vec<&str> = lora.names().flat_map(|n| [n, n]).collect();
         // Received expert tensors on rank 0: name → [A, B, mA, mB, vA, vB].
         let mut received: std::collections::HashMap<String, Vec<Tensor>> = Default::default();
         // One sender per round (the replica-0 ranks), so rank 0 holds one shard at a time.
@@ -441,7 +448,7 @@ impl RankContext {
                 let mut parts = Vec::new();
                 for (i, var) in vars.iter().enumerate() {
                     if expert_of(names[i]).is_some() {
-                        for x in [var.as_tensor(), &m[i], &v[i]] {
+                        for x in [var, &m[i], &v[i]] {
                             parts.push(x.flatten_all()?);
                         }
                     }
@@ -491,15 +498,15 @@ impl RankContext {
         // update counts are equal: rank 0's first one stands for the gathered experts.
         let t0 = t.first().copied().unwrap_or(0);
         let mut own: std::collections::HashMap<&str, usize> = Default::default();
-        for (i, (n, _, _)) in lora.tensors().enumerate() {
+        for (i, n) in lora.names().enumerate() {
             own.insert(n, i);
         }
         let (mut ts, mut ms, mut vs, mut ts_out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (name, _, _) in &self.full {
             let (a, b, ma, mb, va, vb) = match (own.get(name.as_str()), received.remove(name)) {
                 (Some(&i), _) => (
-                    vars[2 * i].as_tensor().clone(),
-                    vars[2 * i + 1].as_tensor().clone(),
+                    vars[2 * i].clone(),
+                    vars[2 * i + 1].clone(),
                     m[2 * i].clone(),
                     m[2 * i + 1].clone(),
                     v[2 * i].clone(),
@@ -525,7 +532,10 @@ impl RankContext {
             vs.extend([va, vb]);
             ts_out.extend([ta, tb]);
         }
+        // Back to the storage of the whole adapter (its stacks span every expert).
         let whole = Lora::from_tensors(lora.r, lora.scale, ts)?;
+        let (ms, vs) = (whole.stack_params(&ms)?, whole.stack_params(&vs)?);
+        let ts_out = whole.stack_counts(&ts_out)?;
         Ok(Some((whole, ms, vs, ts_out)))
     }
 }
