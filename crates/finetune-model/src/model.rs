@@ -343,6 +343,40 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x / (x.neg()?.exp()? + 1.0)?
 }
 
+/// One expert's adapters (A, B) of gate, up and down (`None`: no adapter, or not run).
+pub type ExpertLora = [Option<(Tensor, Tensor)>; 3];
+
+/// The adapters (gate, up, down) of `experts` for a forward that runs those marked `used`
+/// (the others get `None`s). Where a projection's adapters are one stack of exactly these
+/// experts, slices whose gradients reach the stack as one tensor ([`Lora::expert_slices`]);
+/// otherwise each expert's own (views: [`Lora::get`]). A narrow view per expert would add a
+/// zero-padded full-size gradient into the stack per expert in backward: O(E²) for E experts.
+fn expert_adapters(
+    experts: &[Expert],
+    used: &[bool],
+    lora: Option<&Lora>,
+) -> candle_core::Result<Vec<ExpertLora>> {
+    let mut out: Vec<ExpertLora> = vec![[None, None, None]; experts.len()];
+    let Some(l) = lora else { return Ok(out) };
+    let picks: [fn(&Expert) -> &Proj; 3] = [|e| &e.gate, |e| &e.up, |e| &e.down];
+    for (k, pick) in picks.into_iter().enumerate() {
+        let names: Vec<&str> = experts.iter().map(|e| pick(e).name.as_str()).collect();
+        match l.expert_slices(&names, used)? {
+            Some(slices) => {
+                for (slot, ab) in out.iter_mut().zip(slices) {
+                    slot[k] = ab;
+                }
+            }
+            None => {
+                for ((slot, name), &u) in out.iter_mut().zip(&names).zip(used) {
+                    slot[k] = if u { l.get(name) } else { None };
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Expert {
     fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
         let adapters =
@@ -355,7 +389,7 @@ impl Expert {
         &self,
         x: &Tensor,
         lora: Option<&Lora>,
-        adapters: [Option<(Tensor, Tensor)>; 3],
+        adapters: ExpertLora,
     ) -> candle_core::Result<Tensor> {
         let [ga, ua, da] = adapters;
         let g = project_with(x, &self.gate, lora, ga)?;
@@ -873,14 +907,7 @@ impl Qwen3Moe {
         // one): slices whose gradients reach each stack as one tensor (`Lora::expert_slices`),
         // not a narrow view per expert (one full-size zero-padded gradient each).
         let used: Vec<bool> = routed.iter().map(|t| !t.is_empty()).collect();
-        let mut slices: [Option<crate::lora::ExpertAdapters>; 3] = [None, None, None];
-        if let Some(l) = lora {
-            let picks: [fn(&Expert) -> &Proj; 3] = [|e| &e.gate, |e| &e.up, |e| &e.down];
-            for (slot, pick) in slices.iter_mut().zip(picks) {
-                let names: Vec<&str> = experts.iter().map(|e| pick(e).name.as_str()).collect();
-                *slot = l.expert_slices(&names, &used)?;
-            }
-        }
+        let mut adapters = expert_adapters(experts, &used, lora)?;
         let mut outputs = Vec::with_capacity(n_exp);
         let (mut all_tokens, mut weight_index) = (Vec::new(), Vec::new());
         for (e, toks) in routed.iter().enumerate() {
@@ -889,13 +916,8 @@ impl Qwen3Moe {
             }
             let idx = Tensor::new(toks.as_slice(), &self.device)?;
             let xe = x.index_select(&idx, 0)?;
-            let ex = &experts[e];
-            let projs = [&ex.gate, &ex.up, &ex.down];
-            let adapters = [0, 1, 2].map(|k| match slices[k].as_mut() {
-                Some(s) => s[e].take(),
-                None => lora.and_then(|l| l.get(&projs[k].name)),
-            });
-            outputs.push(ex.forward_with(&xe, lora, adapters)?);
+            let ab = std::mem::take(&mut adapters[e]);
+            outputs.push(experts[e].forward_with(&xe, lora, ab)?);
             all_tokens.extend_from_slice(toks);
             weight_index.extend(toks.iter().map(|&tok| tok * n_exp as u32 + e as u32));
         }
@@ -1331,6 +1353,47 @@ impl Qwen3Moe {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
         experts[expert].forward(x, lora)
+    }
+
+    /// The adapters (gate, up, down) of experts `range` of MoE layer `index` for a forward that
+    /// runs those marked `used` (indexed from `range.start`), for
+    /// [`Self::expert_forward_with`]: slices whose gradients reach the layer's stacked adapters
+    /// as one tensor per stack when the adapter holds exactly these experts stacked (an
+    /// expert-parallel rank's local experts), else each expert's views. Every used expert must
+    /// then run and take part in the backward.
+    pub fn expert_adapters(
+        &self,
+        index: usize,
+        range: std::ops::Range<usize>,
+        used: &[bool],
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Vec<ExpertLora>> {
+        let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
+            candle_core::bail!("layer {index} has a dense MLP, not experts");
+        };
+        let Some(experts) = experts.get(range.clone()) else {
+            candle_core::bail!(
+                "experts {range:?} of layer {index}: it has {}",
+                experts.len()
+            );
+        };
+        expert_adapters(experts, used, lora)
+    }
+
+    /// [`Self::expert_forward`] with the expert's adapters given (from
+    /// [`Self::expert_adapters`]).
+    pub fn expert_forward_with(
+        &self,
+        index: usize,
+        expert: usize,
+        x: &Tensor,
+        lora: Option<&Lora>,
+        adapters: ExpertLora,
+    ) -> candle_core::Result<Tensor> {
+        let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
+            candle_core::bail!("layer {index} has a dense MLP, not experts");
+        };
+        experts[expert].forward_with(x, lora, adapters)
     }
 
     /// The dense MLP of layer `index` on `x` (layers in `mlp_only_layers`).

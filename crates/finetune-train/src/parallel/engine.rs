@@ -228,16 +228,21 @@ fn moe_forward(
         }
     }
     let mut yrecv = recv.as_tensor().zeros_like()?;
+    // The local experts' adapters: slices of this rank's stacks, whose gradients reach each
+    // stack as one tensor (every used expert runs below and is in the segment's backward).
+    let used: Vec<bool> = rows.iter().map(|r| !r.is_empty()).collect();
+    let mut adapters = model.expert_adapters(l, mine.clone(), &used, Some(lora))?;
     for (j, r) in rows.iter().enumerate() {
         if r.is_empty() {
             continue;
         }
         let idx = tensor_u32(r, dev)?;
-        let y = model.expert_forward(
+        let y = model.expert_forward_with(
             l,
             mine.start + j,
             &recv.as_tensor().index_select(&idx, 0)?,
             Some(lora),
+            std::mem::take(&mut adapters[j]),
         )?;
         yrecv = yrecv.index_add(&idx, &y, 0)?;
     }
