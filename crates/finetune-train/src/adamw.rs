@@ -233,7 +233,9 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
 pub fn per_slice_sq_sums(g: &Tensor) -> Result<Tensor> {
     let sq = g.sqr()?;
     if g.rank() == 3 {
-        sq.sum((1, 2))
+        // [E, n] and a reduction over the contiguous last dimension (candle's fast path).
+        let e = g.dim(0)?;
+        sq.reshape((e, g.elem_count() / e.max(1)))?.sum(1)
     } else {
         sq.sum_all()?.reshape(1)
     }

@@ -393,7 +393,7 @@ fn empty_dataset_and_non_finite_steps_fail_clearly() {
 /// expert its own variables, `Lora::from_tensors_per_module`): 10 steps with weight decay,
 /// clipping, warmup + cosine and gradient accumulation give the same losses, gradient norms
 /// and final adapter (≤ 1e-6; in practice bit for bit) on the per-expert reference path and
-/// on the grouped path, while AdamW sees 4 tensors per MoE layer where it saw 24.
+/// on the grouped path, while AdamW sees 6 tensors per MoE layer where it saw 24.
 #[test]
 fn stacked_expert_adapters_train_like_per_module_ones() {
     use finetune_model::model::MoePath;
