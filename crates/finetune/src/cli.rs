@@ -133,9 +133,10 @@ pub struct BenchTrainArgs {
     #[arg(long, value_name = "PATH", value_parser = ["grouped", "batched", "per-expert"])]
     pub moe: Option<String>,
     /// How attention runs: `fused` (finetune-kernels' causal_attention, flash-attention style on
-    /// the GPU; the default where it covers the head dim) or `plain` (candle ops with a T×T
-    /// mask and materialized scores: the comparison).
-    #[arg(long, value_name = "PATH", value_parser = ["fused", "plain"])]
+    /// the GPU; the default where it covers the head dim), `tensor-core` (the same op with its
+    /// WMMA kernels: bf16, head dims 64 and 128; also FINETUNE_ATTENTION_TENSOR_CORES=1) or
+    /// `plain` (candle ops with a T×T mask and materialized scores: the comparison).
+    #[arg(long, value_name = "PATH", value_parser = ["fused", "tensor-core", "plain"])]
     pub attention: Option<String>,
     /// After the measured steps, time the forward + loss and the backward of one more step
     /// separately (the device synchronized around each), the forward's phases per kind (each
