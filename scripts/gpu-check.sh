@@ -21,8 +21,12 @@ done
 for t in dist/cuda-tests/cuda_parity-*; do
   timeout 120 bash scripts/device-run.sh exec "$t" --nocapture --test-threads 1 > "$OUT/model-cuda-parity.log" 2>&1
   echo "cuda_parity rc $?" >> "$OUT/rc.txt"
+  # Again with the opt-in GPU paths on (tensor-core attention, fused LoRA linear).
+  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 timeout 120 bash scripts/device-run.sh exec "$t" \
+    --nocapture --test-threads 1 > "$OUT/model-cuda-parity-opt-in.log" 2>&1
+  echo "cuda_parity opt-in rc $?" >> "$OUT/rc.txt"
 done
-grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda" "$OUT"/*.log | head -40
+grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|lora-linear cuda" "$OUT"/*.log | head -60
 fi
 # Loss curve: `finetune train` on the embedded tiny base, GPU (bf16 compute) vs CPU (f32), same
 # data, seed and flags, LoRA dropout off (the GPU's grouped MoE path draws masks in another order).
@@ -45,5 +49,5 @@ for i, (a, b) in enumerate(zip(g, c)):
     print(f"{i + 1:4d}  {a:.5f}  {b:.5f}  {a - b:+.5f}")
 print("max |diff|", max(abs(a - b) for a, b in zip(g, c)), "steps", len(g), len(c))
 PY
-RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
+RUNS=${RUNS:-ours-bf16 ours-bf16-tc-attention ours-bf16-fused-lora ours-fp8} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
 cat "$OUT/rc.txt"

@@ -199,10 +199,17 @@ fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Ten
     let adapter = lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab)));
     if let Some((l, (a, b))) = adapter {
         let frozen = !matches!(&p.w, BaseWeight::Dense(t) if t.is_variable());
-        if frozen && x.device().is_cpu() && x.dtype() == DType::F32 && !l.dropout_active() {
+        let fused = if x.device().is_cpu() {
+            x.dtype() == DType::F32
+        } else {
+            // Opt-in on the GPU until a GPU session has run its test (FINETUNE_LORA_LINEAR_GPU=1).
+            finetune_kernels::lora_linear::on_gpu()
+        };
+        if frozen && fused && !l.dropout_active() {
             // One fused op with all three gradients (finetune_kernels::lora_linear, tested
-            // against the plain formula below): five graph nodes fewer per projection.
-            return finetune_kernels::lora_linear(x, &p.w.dequantize(DType::F32)?, a, b, l.scale);
+            // against the plain formula below): five graph nodes fewer per projection, and
+            // none of their intermediates kept for the backward.
+            return finetune_kernels::lora_linear(x, &p.w.dequantize(x.dtype())?, a, b, l.scale);
         }
     }
     let y = linear(x, &p.w)?;
