@@ -42,7 +42,7 @@ pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_batched_linear::frozen_batched_linear;
 pub use frozen_linear::frozen_linear;
-pub use grouped_linear::grouped_linear;
+pub use grouped_linear::{grouped_linear, grouped_linear_frozen};
 pub use lora_linear::lora_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;

@@ -296,7 +296,29 @@ fn grouped_project(
     lora: Option<&Lora>,
     offsets: &std::sync::Arc<Vec<usize>>,
 ) -> candle_core::Result<Tensor> {
-    let y = finetune_kernels::grouped_linear(x, &w.dequantize(x.dtype())?, offsets, false)?;
+    let y = match w {
+        BaseWeight::Dense(t) if t.dtype() == x.dtype() => {
+            finetune_kernels::grouped_linear(x, t, offsets, false)?
+        }
+        _ => {
+            // FP8 (or another dtype): dequantized by the op for each product and dropped after
+            // it, instead of a bf16 copy of the stack kept by the graph until the backward.
+            let (w, dtype) = (w.clone(), x.dtype());
+            let (e, out, inp) = w
+                .shape()
+                .try_into()
+                .map(|d: [usize; 3]| (d[0], d[1], d[2]))
+                .map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "grouped experts: weight {:?} is not [E, out, in]",
+                        w.shape()
+                    ))
+                })?;
+            let weight: finetune_kernels::grouped_linear::WeightFn =
+                std::sync::Arc::new(move || w.dequantize(dtype));
+            finetune_kernels::grouped_linear_frozen(x, weight, (e, out, inp), offsets)?
+        }
+    };
     let Some(l) = lora else { return Ok(y) };
     let (x, a, b) = stacked_lora_inputs(x, x32, names, l)?;
     let h = finetune_kernels::grouped_linear(&x, &a, offsets, true)?; // [N, r]
