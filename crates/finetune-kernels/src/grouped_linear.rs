@@ -57,9 +57,7 @@ pub fn grouped_linear(
     )
 }
 
-/// A frozen weight `[E, out, in]` produced on demand (e.g. an FP8 stack dequantized for this
-/// product only).
-pub type WeightFn = Arc<dyn Fn() -> candle_core::Result<Tensor> + Send + Sync>;
+pub use crate::WeightFn;
 
 /// y = x·w[e]ᵀ per row group with a frozen weight materialized by `weight` for the forward and
 /// again for the backward (never held by the graph); `dims` = (E, out, in) of what it returns.

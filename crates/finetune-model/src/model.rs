@@ -190,7 +190,23 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
             return x.matmul(&t.t()?);
         }
     }
-    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
+    match w {
+        BaseWeight::Dense(t) if t.dtype() == x.dtype() => {
+            finetune_kernels::frozen_linear(&x.contiguous()?, t)
+        }
+        // On the CPU memory is not the constraint: convert once and keep it for the backward.
+        _ if x.device().is_cpu() => {
+            finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
+        }
+        _ => {
+            // On the GPU: dequantized (or converted) by the op for the forward and again for the
+            // backward, not kept by the graph in between.
+            let (w, dtype) = (w.clone(), x.dtype());
+            let weight: finetune_kernels::WeightFn =
+                std::sync::Arc::new(move || w.dequantize(dtype));
+            finetune_kernels::frozen_linear_lazy(&x.contiguous()?, weight)
+        }
+    }
 }
 
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
@@ -314,7 +330,7 @@ fn grouped_project(
                         w.shape()
                     ))
                 })?;
-            let weight: finetune_kernels::grouped_linear::WeightFn =
+            let weight: finetune_kernels::WeightFn =
                 std::sync::Arc::new(move || w.dequantize(dtype));
             finetune_kernels::grouped_linear_frozen(x, weight, (e, out, inp), offsets)?
         }
