@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu-check.sh: the GPU checks of issue #9 in one call on the GPU machine: the CUDA kernel and
-# model parity test executables, the GPU-vs-CPU loss curve of `finetune train` on the embedded
+# model parity test executables, `finetune bench kernels`, the GPU-vs-CPU loss curve of `finetune train` on the embedded
 # tiny base, then scripts/bench-gpu.sh. Results under $OUT.
 #
 #   here:  scripts/device-run.sh build && scripts/device-run.sh build-tests finetune-kernels finetune-model
@@ -28,6 +28,11 @@ for t in dist/cuda-tests/cuda_parity-*; do
 done
 grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|lora-linear cuda" "$OUT"/*.log | head -60
 fi
+# Per-kernel TFLOPS / GB/s against cuBLAS and a copy of the same size (30B-A3B layer shapes).
+timeout 180 bash scripts/device-run.sh exec dist/cuda/finetune bench kernels --json "$OUT/kernels.jsonl" \
+  > "$OUT/bench-kernels.txt" 2>&1
+echo "bench-kernels rc $?" >> "$OUT/rc.txt"
+cat "$OUT/bench-kernels.txt"
 # Loss curve: `finetune train` on the embedded tiny base, GPU (bf16 compute) vs CPU (f32), same
 # data, seed and flags, LoRA dropout off (the GPU's grouped MoE path draws masks in another order).
 FT=dist/cuda/finetune
