@@ -10,6 +10,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
+use finetune_model::model::MoePath;
 use finetune_model::{Qwen3Moe, Qwen3MoeConfig, Weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -185,7 +186,7 @@ fn cuda_lora_logits_loss_and_gradients_match_transformers() {
         return;
     };
     let r = reference();
-    let model = load(&fixtures().join("bf16"), &dev);
+    let mut model = load(&fixtures().join("bf16"), &dev);
     let targets = model.lora_targets();
     assert_eq!(targets.len(), 3 * 4 + 2 * 4 * 3 + 3);
     let scale = r["lora_scale"].to_vec1::<f32>().unwrap()[0] as f64;
@@ -202,61 +203,67 @@ fn cuda_lora_logits_loss_and_gradients_match_transformers() {
         }),
     )
     .unwrap();
-    let logits = model
-        .forward_with(&ids(&r["input_ids"]), &ids(&r["position_ids"]), Some(&lora))
-        .unwrap();
-    let diff = max_abs_diff(&logits, &r["logits_lora"]);
-    eprintln!("cuda LoRA logits max abs diff {diff:e}");
-    let labels = r["labels"].to_vec1::<i64>().unwrap();
-    let loss = Qwen3Moe::loss_tensor(&logits, &labels).unwrap();
-    let got = loss.to_scalar::<f32>().unwrap();
-    let want = r["loss_lora"].to_vec1::<f32>().unwrap()[0];
-    eprintln!(
-        "cuda LoRA loss {got} vs {want}: diff {:e}",
-        (got - want).abs()
-    );
+    // The GPU default (grouped: the stacked adapters used as they are) and the per-expert
+    // reference (each expert on slices of the stacks, `Lora::expert_slices`' CUDA copy).
+    for path in [MoePath::Grouped, MoePath::PerExpert] {
+        model.set_moe_path(path);
+        eprintln!("{path:?}:");
+        let logits = model
+            .forward_with(&ids(&r["input_ids"]), &ids(&r["position_ids"]), Some(&lora))
+            .unwrap();
+        let diff = max_abs_diff(&logits, &r["logits_lora"]);
+        eprintln!("cuda LoRA logits max abs diff {diff:e}");
+        let labels = r["labels"].to_vec1::<i64>().unwrap();
+        let loss = Qwen3Moe::loss_tensor(&logits, &labels).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap();
+        let want = r["loss_lora"].to_vec1::<f32>().unwrap()[0];
+        eprintln!(
+            "cuda LoRA loss {got} vs {want}: diff {:e}",
+            (got - want).abs()
+        );
 
-    let grads = loss.backward().unwrap();
-    let (mut worst_rel, mut worst_abs) = ((0f32, String::new()), 0f32);
-    for (name, _, _) in &targets {
-        // Per module: an expert's slice of its stack's gradient.
-        let (ga, gb) = lora
-            .module_grads(&grads, name)
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        for (which, g) in [("A", &ga), ("B", &gb)] {
-            assert!(
-                g.device().is_cuda(),
-                "{name}.{which}: gradient not on the GPU"
-            );
-            let want = &r[&format!("grad.{name}.{which}")];
-            let scale = max_abs(want);
-            assert!(
-                scale > 0.0,
-                "{name}.{which}: the reference gradient is zero"
-            );
-            let abs = max_abs_diff(g, want);
-            worst_abs = worst_abs.max(abs);
-            if abs / scale > worst_rel.0 {
-                worst_rel = (abs / scale, format!("{name}.{which}"));
+        let grads = loss.backward().unwrap();
+        let (mut worst_rel, mut worst_abs) = ((0f32, String::new()), 0f32);
+        for (name, _, _) in &targets {
+            // Per module: an expert's slice of its stack's gradient.
+            let (ga, gb) = lora
+                .module_grads(&grads, name)
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            for (which, g) in [("A", &ga), ("B", &gb)] {
+                assert!(
+                    g.device().is_cuda(),
+                    "{name}.{which}: gradient not on the GPU"
+                );
+                let want = &r[&format!("grad.{name}.{which}")];
+                let scale = max_abs(want);
+                assert!(
+                    scale > 0.0,
+                    "{name}.{which}: the reference gradient is zero"
+                );
+                let abs = max_abs_diff(g, want);
+                worst_abs = worst_abs.max(abs);
+                if abs / scale > worst_rel.0 {
+                    worst_rel = (abs / scale, format!("{name}.{which}"));
+                }
+                assert!(max_abs(g) > 0.0, "{name}.{which}: zero gradient");
             }
-            assert!(max_abs(g) > 0.0, "{name}.{which}: zero gradient");
         }
+        eprintln!(
+            "cuda LoRA gradients ({} tensors): max abs diff {worst_abs:e}, worst relative error {:e} \
+             ({})",
+            targets.len() * 2,
+            worst_rel.0,
+            worst_rel.1
+        );
+        assert!(diff <= 1e-4, "LoRA logits differ by {diff}");
+        assert!((got - want).abs() <= 1e-5, "loss {got} vs {want}");
+        assert!(
+            worst_rel.0 <= 1e-4,
+            "gradient of {} off by {} relative",
+            worst_rel.1,
+            worst_rel.0
+        );
     }
-    eprintln!(
-        "cuda LoRA gradients ({} tensors): max abs diff {worst_abs:e}, worst relative error {:e} \
-         ({})",
-        targets.len() * 2,
-        worst_rel.0,
-        worst_rel.1
-    );
-    assert!(diff <= 1e-4, "LoRA logits differ by {diff}");
-    assert!((got - want).abs() <= 1e-5, "loss {got} vs {want}");
-    assert!(
-        worst_rel.0 <= 1e-4,
-        "gradient of {} off by {} relative",
-        worst_rel.1,
-        worst_rel.0
-    );
 }
 
 /// bf16 compute (`set_compute_dtype(BF16)`, transformers' bf16 path with f32 LoRA) against
