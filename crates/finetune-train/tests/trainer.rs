@@ -429,6 +429,11 @@ fn stacked_expert_adapters_train_like_per_module_ones() {
         assert_eq!(n_module, 2 * (3 * 4 + 2 * 4 * 3 + 3), "{path:?}");
         assert_eq!(n_stacked, 2 * (3 * 4 + 2 * 3 + 3), "{path:?}");
         assert_eq!(m_stacked.len(), 10);
+        // Clipping is exercised (max_grad_norm 1.0): some steps' norms exceed it.
+        assert!(
+            m_stacked.iter().any(|m| m.1 > options().max_grad_norm),
+            "{m_stacked:?}"
+        );
         for (s, (a, b)) in m_stacked.iter().zip(&m_module).enumerate() {
             assert!(
                 (a.0 - b.0).abs() <= 1e-6 && (a.1 - b.1).abs() <= 1e-6 * b.1.max(1.0),
