@@ -1,8 +1,9 @@
 //! The memory planner behind `finetune plan`: per-GPU memory of LoRA training for a model ×
 //! GPU count × recipe, the parallel layout chosen, and the largest micro-batch that fits.
 //!
-//! Layout (MoE parallel folding, as Megatron-Core does it): attention, dense MLPs, embedding and
-//! lm_head are sharded over `tp` ranks (heads; vocabulary) and replicated over the other N/tp;
+//! Layout (MoE parallel folding, as Megatron-Core does it): attention, embedding and lm_head are
+//! sharded over `tp` ranks (heads; vocabulary) and replicated over the other N/tp; dense MLPs
+//! (`mlp_only_layers`) are whole on every rank, as `parallel` runs and loads them;
 //! experts are sharded over `ep` ranks and replicated over N/ep; `tp` and `ep` divide the GPU
 //! count N and both groups span the same GPUs (8×H100: tp 8 for attention, ep 8 for experts).
 //! Replicas are data parallel.
@@ -10,15 +11,16 @@
 //! Per GPU, in bytes (T = micro_batch × seq_len tokens):
 //! - base weights: projections at 2 bytes (bf16) or 1 + 4/128² (FP8 E4M3 + one f32 scale per
 //!   128×128 block); router, norms, embedding and lm_head always bf16 (FP8 checkpoints keep
-//!   them so). Attention/dense/vocabulary parameters / tp (k and v over min(tp, kv heads)),
-//!   experts × E/ep.
+//!   them so). Attention/vocabulary parameters / tp (k and v over min(tp, kv heads)), dense
+//!   MLPs whole, experts × E/ep: the bytes each rank's sharded load holds
+//!   (`parallel::load_rank_model`; tested against it in tests/shard_load.rs).
 //! - LoRA: r·(in + out) per adapted projection, sharded like its base, 18 bytes each: f32
 //!   master (4), f32 gradient (4), Adam m and v (8), bf16 compute copy (2).
 //! - activations (bf16, the fused kernels of the GPU issue: flash attention without T² scores,
 //!   cross-entropy chunked over 4,096 vocabulary entries): per token and MoE layer
 //!   2h + 2(n_h·d + n_kv·d)/tp + 2E + k(h + 3·m) elements (norm inputs, q/k/v and attention
 //!   output, router logits in f32, per routed expert its input, gate, up and activation), dense
-//!   layers h + 3·i/tp in place of the expert term; all layers kept, or with recompute each
+//!   layers h + 3·i in place of the expert term; all layers kept, or with recompute each
 //!   layer's input (h) plus one layer's; plus T × 4,096 × 4 bytes of logits chunk.
 //! - communication: all-to-all dispatch + combine 2·T·k·h·2 bytes when ep > 1, a T·h·2 buffer
 //!   for tensor-parallel all-reduce when tp > 1.
@@ -144,13 +146,14 @@ pub fn budget(input: &PlanInput, tp: usize, ep: usize, recompute: bool) -> Budge
             }
             attn_act + 2.0 * e + k * (h + 3.0 * mi)
         } else {
-            weights += 3.0 * h * inter / tpf * proj;
+            // Dense MLPs run whole on every tensor-parallel rank (weights, adapters, activations).
+            weights += 3.0 * h * inter * proj;
             for m in ["gate_proj", "up_proj", "down_proj"] {
                 if targeted(input, m) {
-                    lora_params += r * (h + inter) / tpf;
+                    lora_params += r * (h + inter);
                 }
             }
-            attn_act + h + 3.0 * inter / tpf
+            attn_act + h + 3.0 * inter
         } * 2.0;
         act_all += layer_act;
         act_max = act_max.max(layer_act);
