@@ -134,9 +134,9 @@ pub fn run(
     let nccl_ids: Vec<u8> = if on_gpu { nccl_ids(w)? } else { Vec::new() };
     let results: Vec<Result<TrainSummary>> = std::thread::scope(|s| {
         let mut joins = Vec::new();
-        for i in 0..w.local {
+        for (i, device) in devices.iter().enumerate() {
             let rank = w.first_rank + i;
-            let device = devices[i].clone();
+            let device = device.clone();
             let cpu_comms = cpu.get_mut(rank).and_then(Option::take);
             let ids = &nccl_ids;
             let p = &p;

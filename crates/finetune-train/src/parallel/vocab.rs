@@ -230,16 +230,10 @@ mod tests {
                         let e1 = embed(model, &comm, ids).unwrap();
                         let e2 = embed(own, &comm, ids).unwrap();
                         assert!(bits(&e1) == bits(&e2), "rank {}: embedding", comm.rank());
-                        let g = Some(g);
                         let (loss_only, none) =
                             loss_and_grad(model, &comm, x, labels, None, 1 << 20).unwrap();
                         assert!(none.is_none());
-                        (
-                            loss,
-                            g.unwrap(),
-                            loss_only,
-                            embed(model, &comm, ids).unwrap(),
-                        )
+                        (loss, g, loss_only, embed(model, &comm, ids).unwrap())
                     })
                 })
                 .collect();
