@@ -176,6 +176,25 @@ pub fn run(
                         return Err(e.into());
                     }
                 };
+                if i == 0 {
+                    let s = model.shard();
+                    let bytes: usize = model
+                        .base_tensors()
+                        .iter()
+                        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+                        .sum();
+                    eprintln!(
+                        "train: rank {rank} loaded experts {:?} of {}, heads {:?} of {}, \
+                         vocabulary rows {:?} of {}: {:.1} MiB of base weights",
+                        s.experts,
+                        p.config.num_experts,
+                        s.heads,
+                        p.config.num_attention_heads,
+                        s.vocab,
+                        p.config.vocab_size,
+                        bytes as f64 / (1u64 << 20) as f64
+                    );
+                }
                 let mut trainer = Trainer::new_parallel(
                     &model,
                     &full,
