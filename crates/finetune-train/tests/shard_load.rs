@@ -6,6 +6,7 @@
 //!   dtypes kept (FP8 with its cut scales), except FP8 cuts off 128-block boundaries, which hold
 //!   the dequantized f32 slice;
 //! - the experts held by one replica's ranks add up to the whole model's expert bytes;
+//! - a checkpoint split over several files (an index) gives the same slices as one file;
 //! - `finetune plan`'s per-GPU base-weight bytes equal the bytes a sharded load holds, for the
 //!   tiny preset's shapes in bf16 and in FP8 (a head_dim of 128, so that head cuts fall on
 //!   blocks as in the Qwen3-Coder checkpoints).
@@ -323,5 +324,72 @@ fn plan_weights_equal_the_bytes_a_sharded_load_holds() {
         }
         // tp ∈ {1, 2} (4 heads, 2 key/value heads) × ep ∈ {1, 2, 4, 8} (8 experts), ep ≥ tp.
         assert_eq!(checked, 7);
+    }
+}
+
+/// A checkpoint split over several files with `model.safetensors.index.json` (how the 480B
+/// ships: 49 files) gives every rank the same slices as the single file: the bf16 fixture's
+/// tensors dealt over three files, loaded at tp 2 × ep 2 and ep 4.
+#[test]
+fn a_sharded_checkpoint_loads_the_same_slices_as_one_file() {
+    let one = fixtures().join("bf16");
+    let all = candle_core::safetensors::load(one.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(one.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut files: Vec<std::collections::HashMap<String, Tensor>> = vec![Default::default(); 3];
+    let mut map = serde_json::Map::new();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    for (i, name) in names.into_iter().enumerate() {
+        files[i % 3].insert(name.clone(), all[name].clone());
+        map.insert(
+            name.clone(),
+            serde_json::json!(format!("model-{:05}-of-00003.safetensors", i % 3 + 1)),
+        );
+    }
+    for (i, f) in files.iter().enumerate() {
+        let path = dir
+            .path()
+            .join(format!("model-{:05}-of-00003.safetensors", i + 1));
+        candle_core::safetensors::save(f, path).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let config = Qwen3MoeConfig::from_file(&one.join("config.json")).unwrap();
+    for (world, tp, ep) in [(2, 2, 2), (4, 1, 4)] {
+        let layout = Layout::new(world, tp, ep, &config).unwrap();
+        for ctx in contexts(layout, &config, true) {
+            let a = load_rank_model(&one, &config, &ctx, &Device::Cpu).unwrap();
+            let b = load_rank_model(dir.path(), &config, &ctx, &Device::Cpu).unwrap();
+            let (a, b) = (tensors(&a), tensors(&b));
+            assert_eq!(
+                a.keys().collect::<Vec<_>>(),
+                b.keys().collect::<Vec<_>>(),
+                "{layout:?}"
+            );
+            for (name, t) in &a {
+                let u = &b[name];
+                assert_eq!(t.dims(), u.dims(), "{name}");
+                assert_eq!(t.dtype(), u.dtype(), "{name}");
+                let (x, y): (Vec<f32>, Vec<f32>) = (
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                    u.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+                assert!(x == y, "{layout:?} rank {}: {name}", ctx.rank());
+            }
+        }
     }
 }
