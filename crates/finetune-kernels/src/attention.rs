@@ -29,7 +29,10 @@
 //! (blocks of query rows stream key tiles with an online softmax; dq per query block, dk/dv per
 //! key block, from the stored logsumexps), f32 or bf16 storage, f32 arithmetic, head dims 32,
 //! 64 and 128 ([`cuda_supported`]). Memory O(T·d) instead of the plain path's `[H, T, keys]`
-//! scores, probabilities and their gradients.
+//! scores, probabilities and their gradients. Scalar FMA kernels by default; tensor-core
+//! variants (WMMA, bf16, head dims 64 and 128: every tile product on the tensor cores, a
+//! two-pass forward) when [`set_tensor_cores`] or `FINETUNE_ATTENTION_TENSOR_CORES=1` turns
+//! them on — opt-in until a GPU session has run their test (written without a GPU).
 
 use crate::common::{cpu_f32, exp_sub_sum, gemm_f32, max, simd};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -51,11 +54,41 @@ pub fn causal_attention(
     past: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    causal_attention_blocked(q, k, v, doc_start, past, scale, BLOCK)
+    let tc = tensor_cores() && tensor_cores_cover(q.dims3()?.2, q.dtype()) && q.device().is_cuda();
+    causal_attention_blocked(q, k, v, doc_start, past, scale, BLOCK, tc)
 }
 
-/// [`causal_attention`] with `block` rows per task (tests use small blocks so that a few
-/// tokens span several).
+/// Whether the tensor-core kernels are on: `FINETUNE_ATTENTION_TENSOR_CORES=1` in the
+/// environment, or [`set_tensor_cores`].
+static TENSOR_CORES: std::sync::OnceLock<std::sync::atomic::AtomicBool> =
+    std::sync::OnceLock::new();
+
+fn tensor_cores_flag() -> &'static std::sync::atomic::AtomicBool {
+    TENSOR_CORES.get_or_init(|| {
+        let on = std::env::var("FINETUNE_ATTENTION_TENSOR_CORES").is_ok_and(|v| v == "1");
+        std::sync::atomic::AtomicBool::new(on)
+    })
+}
+
+/// Turns the tensor-core CUDA kernels on or off for later calls (bf16, head dims 64 and 128;
+/// other cases keep the scalar kernels).
+pub fn set_tensor_cores(on: bool) {
+    tensor_cores_flag().store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether later calls use the tensor-core kernels where they apply.
+pub fn tensor_cores() -> bool {
+    tensor_cores_flag().load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the tensor-core kernels cover head dimension `d` and `dtype`.
+pub fn tensor_cores_cover(d: usize, dtype: candle_core::DType) -> bool {
+    matches!(d, 64 | 128) && dtype == candle_core::DType::BF16
+}
+
+/// [`causal_attention`] with `block` rows per CPU task (tests use small blocks so that a few
+/// tokens span several) and the choice of CUDA kernels (`tensor_cores`: the WMMA variants).
+#[allow(clippy::too_many_arguments)]
 fn causal_attention_blocked(
     q: &Tensor,
     k: &Tensor,
@@ -64,6 +97,7 @@ fn causal_attention_blocked(
     past: usize,
     scale: f64,
     block: usize,
+    tensor_cores: bool,
 ) -> candle_core::Result<Tensor> {
     let (t, h, d) = q.dims3()?;
     let (g, s, dk) = k.dims3()?;
@@ -101,6 +135,7 @@ fn causal_attention_blocked(
         past,
         scale: scale as f32,
         block: block.max(1),
+        tensor_cores,
         lse: Mutex::new(None),
     };
     q.contiguous()?
@@ -147,6 +182,9 @@ pub struct Attention {
     scale: f32,
     /// Query tokens per CPU task.
     block: usize,
+    /// CUDA: the tensor-core kernels (bf16, head dims 64 and 128) instead of the scalar ones.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    tensor_cores: bool,
     lse: Mutex<Option<Lse>>,
 }
 
@@ -512,6 +550,7 @@ mod cuda {
     use super::{cuda_supported, Attention, Dims, Lse};
     use crate::common::cuda::{suffix, view};
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
@@ -522,6 +561,30 @@ mod cuda {
     const FWD_BR: usize = 32;
     const BWD_BR: usize = 16;
     const BWD_BC: usize = 16;
+    /// The tensor-core kernels' rows per block (TC_ROWS = TC_TILE in attention.cu).
+    const TC_ROWS: usize = 64;
+    const MAX_DYNAMIC_SMEM: CUfunction_attribute =
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+
+    #[derive(Clone, Copy)]
+    enum TcKernel {
+        Forward,
+        Dq,
+        DkDv,
+    }
+
+    /// Dynamic shared memory of a tensor-core kernel (the layouts in attention.cu's comments):
+    /// bf16 tiles of 64 rows × (D + 8), f32 score tiles 64 × 68, bf16 probability tiles 64 × 72.
+    fn tc_smem(which: TcKernel, d: usize) -> usize {
+        let tile_h = TC_ROWS * (d + 8) * 2;
+        let tile_s = TC_ROWS * (TC_ROWS + 4) * 4;
+        let tile_p = TC_ROWS * (TC_ROWS + 8) * 2;
+        match which {
+            TcKernel::Forward => 3 * tile_h + tile_s + tile_p,
+            TcKernel::Dq => 4 * tile_h + 2 * tile_s + tile_p,
+            TcKernel::DkDv => 4 * tile_h + 2 * tile_s + 2 * tile_p + 2 * TC_ROWS * 4,
+        }
+    }
 
     /// `attention_<what>_<f32|bf16>[_d<D>]` of kernels/attention.cu.
     fn kernel(what: &str, dtype: DType, d: Option<usize>) -> String {
@@ -590,21 +653,29 @@ mod cuda {
         let o = unsafe { dev.alloc::<T>(n.t * n.h * n.d) }?;
         let lse = unsafe { dev.alloc::<f32>(n.t * n.h) }?;
         if n.t > 0 {
-            let f = dev.get_or_load_custom_func(
-                &kernel("fwd", T::DTYPE, Some(n.d)),
-                "attention",
-                crate::ptx::ATTENTION,
-            )?;
+            let tc = op.tensor_cores;
+            let name = kernel(if tc { "fwd_tc" } else { "fwd" }, T::DTYPE, Some(n.d));
+            let f = dev.get_or_load_custom_func(&name, "attention", crate::ptx::ATTENTION)?;
             let (t, h, g, past) = (n.t as i32, n.h as i32, n.g as i32, op.past as i32);
+            let cfg = if tc {
+                let smem = tc_smem(TcKernel::Forward, n.d);
+                f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
+                LaunchConfig {
+                    grid_dim: (n.t.div_ceil(TC_ROWS) as u32, n.h as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                }
+            } else {
+                LaunchConfig {
+                    grid_dim: (n.t.div_ceil(FWD_BR) as u32, n.h as u32, 1),
+                    block_dim: ((FWD_BR * 4) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            };
             with_u32(op.doc_start_dev.as_ref(), |ds| {
                 let mut b = f.builder();
                 b.arg(&qv).arg(&kv).arg(&vv).arg(ds).arg(&o).arg(&lse);
                 b.arg(&t).arg(&h).arg(&g).arg(&past).arg(&op.scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (n.t.div_ceil(FWD_BR) as u32, n.h as u32, 1),
-                    block_dim: ((FWD_BR * 4) as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
                 unsafe { b.launch(cfg) }.w().map(|_| ())
             })?;
         }
@@ -748,11 +819,9 @@ mod cuda {
             let scale = self.op.scale;
             let (mut dq, mut dkv) = out.split_at_mut(nq);
             with_u32(self.op.doc_start_dev.as_ref(), |ds| {
-                let f = dev.get_or_load_custom_func(
-                    &kernel("bwd_dq", T::DTYPE, Some(n.d)),
-                    "attention",
-                    crate::ptx::ATTENTION,
-                )?;
+                let tc = self.op.tensor_cores;
+                let name = kernel(if tc { "bwd_dq_tc" } else { "bwd_dq" }, T::DTYPE, Some(n.d));
+                let f = dev.get_or_load_custom_func(&name, "attention", crate::ptx::ATTENTION)?;
                 let mut b = f.builder();
                 b.arg(&q)
                     .arg(&k)
@@ -767,18 +836,27 @@ mod cuda {
                     .arg(&g)
                     .arg(&past)
                     .arg(&scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (n.t.div_ceil(BWD_BR) as u32, n.h as u32, 1),
-                    block_dim: ((BWD_BR * 4) as u32, 1, 1),
-                    shared_mem_bytes: 0,
+                let cfg = if tc {
+                    let smem = tc_smem(TcKernel::Dq, n.d);
+                    f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
+                    LaunchConfig {
+                        grid_dim: (n.t.div_ceil(TC_ROWS) as u32, n.h as u32, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: smem as u32,
+                    }
+                } else {
+                    LaunchConfig {
+                        grid_dim: (n.t.div_ceil(BWD_BR) as u32, n.h as u32, 1),
+                        block_dim: ((BWD_BR * 4) as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    }
                 };
                 unsafe { b.launch(cfg) }.w()?;
                 with_u32(self.op.doc_end_dev.as_ref(), |de| {
-                    let f = dev.get_or_load_custom_func(
-                        &kernel("bwd_dkdv", T::DTYPE, Some(n.d)),
-                        "attention",
-                        crate::ptx::ATTENTION,
-                    )?;
+                    let what = if tc { "bwd_dkdv_tc" } else { "bwd_dkdv" };
+                    let name = kernel(what, T::DTYPE, Some(n.d));
+                    let f =
+                        dev.get_or_load_custom_func(&name, "attention", crate::ptx::ATTENTION)?;
                     let mut b = f.builder();
                     b.arg(&q)
                         .arg(&k)
@@ -788,15 +866,24 @@ mod cuda {
                         .arg(&big_d);
                     b.arg(ds).arg(de).arg(&mut dkv);
                     b.arg(&t).arg(&h).arg(&g).arg(&past).arg(&scale);
-                    let cfg = LaunchConfig {
-                        grid_dim: (n.s.div_ceil(BWD_BC) as u32, n.g as u32, 1),
-                        block_dim: ((BWD_BC * 4) as u32, 1, 1),
-                        shared_mem_bytes: 0,
+                    let cfg = if tc {
+                        let smem = tc_smem(TcKernel::DkDv, n.d);
+                        f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
+                        LaunchConfig {
+                            grid_dim: (n.s.div_ceil(TC_ROWS) as u32, n.g as u32, 1),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: smem as u32,
+                        }
+                    } else {
+                        LaunchConfig {
+                            grid_dim: (n.s.div_ceil(BWD_BC) as u32, n.g as u32, 1),
+                            block_dim: ((BWD_BC * 4) as u32, 1, 1),
+                            shared_mem_bytes: 0,
+                        }
                     };
                     unsafe { b.launch(cfg) }.w().map(|_| ())
                 })
             })?;
-            drop((dq, dkv));
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
     }
@@ -925,7 +1012,8 @@ mod tests {
                     .backward()
                     .unwrap();
                 for block in [1, 3, 4, 16, 64] {
-                    let y = causal_attention_blocked(qv, kv, vv, &ds, past, scale, block).unwrap();
+                    let y = causal_attention_blocked(qv, kv, vv, &ds, past, scale, block, false)
+                        .unwrap();
                     let dy = rel_diff(&y, &want_y);
                     assert!(dy < 1e-6, "past {past} block {block}: y {dy}");
                     let got = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -948,46 +1036,70 @@ mod tests {
         let Some(gpu) = crate::common::test::gpu() else {
             return;
         };
-        let mut doc_start = Vec::new();
-        for (start, len) in [(0u32, 20u32), (20, 1), (21, 30), (51, 19)] {
-            doc_start.extend(std::iter::repeat_n(start, len as usize));
-        }
-        let t = doc_start.len();
-        for d in [32, 128] {
-            for past in [0, 5] {
-                let (q, k, v) = (
-                    tensor(&[t, 4, d], 51),
-                    tensor(&[2, past + t, d], 52),
-                    tensor(&[2, past + t, d], 53),
-                );
-                let g = tensor(&[t, 4 * d], 54);
-                let scale = 1.0 / (d as f64).sqrt();
-                let run = |q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor| {
-                    let vars: Vec<Var> = [q, k, v].map(|x| Var::from_tensor(x).unwrap()).to_vec();
-                    let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
-                    let y = causal_attention(qv, kv, vv, &doc_start, past, scale).unwrap();
-                    let grads = (y.to_dtype(DType::F32).unwrap() * g.to_dtype(DType::F32).unwrap())
+        // 70 tokens in 4 documents (tiles of 16/32 and 64 rows cross document edges), and 150
+        // in 3 (several 64-row tiles of the tensor-core kernels, a one-token document).
+        let layouts: [&[(u32, u32)]; 2] = [
+            &[(0, 20), (20, 1), (21, 30), (51, 19)],
+            &[(0, 60), (60, 1), (61, 89)],
+        ];
+        for docs in layouts {
+            let mut doc_start = Vec::new();
+            for &(start, len) in docs {
+                doc_start.extend(std::iter::repeat_n(start, len as usize));
+            }
+            let t = doc_start.len();
+            for d in [32, 64, 128] {
+                for past in [0, 5] {
+                    let (q, k, v) = (
+                        tensor(&[t, 4, d], 51),
+                        tensor(&[2, past + t, d], 52),
+                        tensor(&[2, past + t, d], 53),
+                    );
+                    let g = tensor(&[t, 4 * d], 54);
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let run = |q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, tc: bool| {
+                        let vars: Vec<Var> =
+                            [q, k, v].map(|x| Var::from_tensor(x).unwrap()).to_vec();
+                        let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
+                        let y = causal_attention_blocked(
+                            qv, kv, vv, &doc_start, past, scale, BLOCK, tc,
+                        )
+                        .unwrap();
+                        let grads = (y.to_dtype(DType::F32).unwrap()
+                            * g.to_dtype(DType::F32).unwrap())
                         .unwrap()
                         .sum_all()
                         .unwrap()
                         .backward()
                         .unwrap();
-                    let gr = [qv, kv, vv].map(|x| grads.get(x).unwrap().clone());
-                    (y, gr)
-                };
-                let (want_y, want_g) = run(&q, &k, &v, &g);
-                for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
-                    let on = |x: &Tensor| x.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
-                    let (y, gr) = run(&on(&q), &on(&k), &on(&v), &on(&g));
-                    let dy = rel_diff(&y, &want_y);
-                    let dg: Vec<f32> = (0..3).map(|i| rel_diff(&gr[i], &want_g[i])).collect();
-                    eprintln!(
-                        "attention cuda d {d} past {past} {dtype:?}: o {dy:e}, dq {:e}, dk {:e}, dv {:e}",
-                        dg[0], dg[1], dg[2]
-                    );
-                    assert!(dy < tol, "d {d} past {past} {dtype:?}: o {dy}");
-                    for (what, e) in ["dq", "dk", "dv"].iter().zip(&dg) {
-                        assert!(*e < tol, "d {d} past {past} {dtype:?}: {what} {e}");
+                        let gr = [qv, kv, vv].map(|x| grads.get(x).unwrap().clone());
+                        (y, gr)
+                    };
+                    let (want_y, want_g) = run(&q, &k, &v, &g, false);
+                    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                        for tc in [false, true] {
+                            if tc && !tensor_cores_cover(d, dtype) {
+                                continue;
+                            }
+                            let on =
+                                |x: &Tensor| x.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+                            let (y, gr) = run(&on(&q), &on(&k), &on(&v), &on(&g), tc);
+                            let dy = rel_diff(&y, &want_y);
+                            let dg: Vec<f32> =
+                                (0..3).map(|i| rel_diff(&gr[i], &want_g[i])).collect();
+                            let what = format!(
+                                "T {t} d {d} past {past} {dtype:?}{}",
+                                if tc { " tensor cores" } else { "" }
+                            );
+                            eprintln!(
+                                "attention cuda {what}: o {dy:e}, dq {:e}, dk {:e}, dv {:e}",
+                                dg[0], dg[1], dg[2]
+                            );
+                            assert!(dy < tol, "{what}: o {dy}");
+                            for (name, e) in ["dq", "dk", "dv"].iter().zip(&dg) {
+                                assert!(*e < tol, "{what}: {name} {e}");
+                            }
+                        }
                     }
                 }
             }

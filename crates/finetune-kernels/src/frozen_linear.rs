@@ -15,21 +15,43 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-/// The op; holds the weight (dequantized for this use: f32 on CPU, f32 or bf16 on CUDA).
+/// The op; holds the weight (in the activations' dtype: f32 on CPU, f32 or bf16 on CUDA), or
+/// a function that makes it for each use ([`frozen_linear_lazy`]).
 pub struct FrozenLinear {
-    w: Tensor,
+    w: Weight,
+}
+
+enum Weight {
+    Held(Tensor),
+    Lazy(crate::WeightFn),
 }
 
 impl FrozenLinear {
     /// `w` is `[out, in]`.
     pub fn new(w: Tensor) -> Self {
-        Self { w }
+        Self { w: Weight::Held(w) }
+    }
+
+    /// The weight for this use.
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        match &self.w {
+            Weight::Held(w) => Ok(w.clone()),
+            Weight::Lazy(make) => make(),
+        }
     }
 }
 
 /// y = x·Wᵀ over the last dimension of `x`, with a gradient for `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.apply_op1(FrozenLinear::new(w.clone()))
+}
+
+/// [`frozen_linear`] with the weight made by `weight` for the forward and again for the
+/// backward, and dropped after each (not kept by the graph in between).
+pub fn frozen_linear_lazy(x: &Tensor, weight: crate::WeightFn) -> candle_core::Result<Tensor> {
+    x.apply_op1(FrozenLinear {
+        w: Weight::Lazy(weight),
+    })
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -46,8 +68,9 @@ impl CustomOp1 for FrozenLinear {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("frozen-linear: input not contiguous".into()))?;
         let data = storage.as_slice::<f32>()?[start..end].to_vec();
-        let x = Tensor::from_vec(data, layout.shape(), self.w.device())?;
-        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let w = self.weight()?;
+        let x = Tensor::from_vec(data, layout.shape(), w.device())?;
+        let y = x.broadcast_matmul(&w.t()?)?;
         let shape = y.shape().clone();
         let values = y.flatten_all()?.to_vec1::<f32>()?;
         Ok((CpuStorage::F32(values), shape))
@@ -65,7 +88,8 @@ impl CustomOp1 for FrozenLinear {
         use candle_core::Storage;
 
         let err = |m: String| candle_core::Error::Msg(format!("frozen-linear (cuda): {m}"));
-        let (out, inp) = self.w.dims2()?;
+        let w = self.weight()?;
+        let (out, inp) = w.dims2()?;
         let x_dims = layout.dims();
         if x_dims.last() != Some(&inp) {
             return Err(err(format!(
@@ -76,16 +100,16 @@ impl CustomOp1 for FrozenLinear {
             .contiguous_offsets()
             .ok_or_else(|| err("input not contiguous".into()))?;
         let dtype = storage.dtype();
-        if !matches!(dtype, DType::F32 | DType::BF16) || self.w.dtype() != dtype {
+        if !matches!(dtype, DType::F32 | DType::BF16) || w.dtype() != dtype {
             return Err(err(format!(
                 "input {dtype:?} and weight {:?}: both must be f32 or both bf16",
-                self.w.dtype()
+                w.dtype()
             )));
         }
-        let w = if self.w.is_contiguous() {
-            self.w.clone()
+        let w = if w.is_contiguous() {
+            w
         } else {
-            self.w.contiguous()?
+            w.contiguous()?
         };
         let (w_storage, w_layout) = w.storage_and_layout();
         let Storage::Cuda(w_cuda) = &*w_storage else {
@@ -116,7 +140,7 @@ impl CustomOp1 for FrozenLinear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_y.broadcast_matmul(&self.w)?))
+        Ok(Some(grad_y.broadcast_matmul(&self.weight()?)?))
     }
 }
 
@@ -219,6 +243,48 @@ mod tests {
         (0..n)
             .map(|i| (((i * 37 + salt * 11) % 23) as f32 - 11.0) / 7.0)
             .collect()
+    }
+
+    /// The lazy variant: the same y and dX as the held weight, the weight made once for the
+    /// forward and once for the backward.
+    #[test]
+    fn the_lazy_variant_equals_the_held_weight_and_makes_it_per_use() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let dev = Device::Cpu;
+        let x = Var::from_vec(data(5 * 6, 1), (5, 6), &dev).unwrap();
+        let w = Tensor::from_vec(data(4 * 6, 2), (4, 6), &dev).unwrap();
+        let g = Tensor::from_vec(data(5 * 4, 3), (5, 4), &dev).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let make: crate::WeightFn = {
+            let (w, calls) = (w.clone(), calls.clone());
+            Arc::new(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                w.affine(1.0, 0.0)
+            })
+        };
+        let y = frozen_linear_lazy(x.as_tensor(), make).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let want = frozen_linear(x.as_tensor(), &w).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(diff(&y, &want), 0.0);
+        let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let want_grads = (want * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let (dx, want_dx) = (
+            grads.get(x.as_tensor()).unwrap(),
+            want_grads.get(x.as_tensor()).unwrap(),
+        );
+        assert_eq!(diff(dx, want_dx), 0.0);
     }
 
     #[test]

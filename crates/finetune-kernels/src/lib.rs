@@ -41,8 +41,14 @@ pub use attention::causal_attention;
 pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_batched_linear::frozen_batched_linear;
-pub use frozen_linear::frozen_linear;
-pub use grouped_linear::grouped_linear;
+pub use frozen_linear::{frozen_linear, frozen_linear_lazy};
+pub use grouped_linear::{grouped_linear, grouped_linear_frozen};
+
+/// A frozen weight produced on demand by the op that uses it (an FP8 weight dequantized for one
+/// product and dropped after it, instead of a copy the autograd graph keeps until the backward):
+/// [`frozen_linear_lazy`] (`[out, in]`), [`grouped_linear_frozen`] (`[E, out, in]`).
+pub type WeightFn =
+    std::sync::Arc<dyn Fn() -> candle_core::Result<candle_core::Tensor> + Send + Sync>;
 pub use lora_linear::lora_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;

@@ -10,11 +10,41 @@
 //! dB once. Each product is one GEMM of the `gemm` crate (candle's CPU matmul kernels) reading
 //! and writing the tensors' storage in place.
 //!
-//! CPU, f32 only, and without LoRA dropout (the adapter's input would differ from x): the model
-//! uses the plain ops elsewhere, and the plain formula is this op's test reference.
+//! Without LoRA dropout (the adapter's input would differ from x): the model uses the plain ops
+//! then, and the plain formula is this op's test reference.
+//!
+//! - CPU (f32): each product one GEMM of the `gemm` crate in place.
+//! - Other devices (CUDA; x and W f32 or bf16, A and B f32 as the model keeps them): the forward
+//!   is [`forward_storage`], generic over candle's `BackendStorage` (cuBLAS GEMMs through
+//!   candle's storage ops, the adapter's path in f32 and rounded once to x's dtype, exactly as
+//!   the model's plain ops) and the backward [`backward_tensors`] in tensor ops. Both are tested
+//!   on the CPU backend against the plain formula; the graph keeps only x, A, B and W (not the
+//!   f32 copy of x, x·Aᵀ and the f32 delta the plain ops keep per projection). Opt-in on the GPU
+//!   ([`set_on_gpu`], `FINETUNE_LORA_LINEAR_GPU=1`) until a GPU session has run its test.
 
 use crate::common::gemm_f32;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+
+static ON_GPU: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
+
+fn on_gpu_flag() -> &'static std::sync::atomic::AtomicBool {
+    ON_GPU.get_or_init(|| {
+        let on = std::env::var("FINETUNE_LORA_LINEAR_GPU").is_ok_and(|v| v == "1");
+        std::sync::atomic::AtomicBool::new(on)
+    })
+}
+
+/// Turns the fused op on or off for GPU tensors (the model asks [`on_gpu`]).
+pub fn set_on_gpu(on: bool) {
+    on_gpu_flag().store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the model should use this op for GPU tensors: `FINETUNE_LORA_LINEAR_GPU=1` or
+/// [`set_on_gpu`].
+pub fn on_gpu() -> bool {
+    on_gpu_flag().load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ over the last dimension of x (f32, CPU), differentiable in x, A
 /// and B (not W).
@@ -37,10 +67,20 @@ pub fn lora_linear(
             b.dims()
         );
     }
-    for (what, t) in [("x", x), ("W", w), ("A", a), ("B", b)] {
-        if t.dtype() != DType::F32 || !t.device().is_cpu() {
+    let x_dtypes: &[DType] = if x.device().is_cpu() {
+        &[DType::F32]
+    } else {
+        &[DType::F32, DType::BF16]
+    };
+    for (what, t, dtypes) in [
+        ("x", x, x_dtypes),
+        ("W", w, &[x.dtype()][..]),
+        ("A", a, &[DType::F32][..]),
+        ("B", b, &[DType::F32][..]),
+    ] {
+        if !dtypes.contains(&t.dtype()) || !t.device().same_device(x.device()) {
             candle_core::bail!(
-                "lora-linear: {what} is {:?} on {:?}; the op is f32 on the CPU",
+                "lora-linear: {what} is {:?} on {:?}; the op takes x and W in f32 (or both bf16 on a GPU) and A, B in f32, all on x's device",
                 t.dtype(),
                 t.device().location()
             );
@@ -152,6 +192,23 @@ impl CustomOp3 for LoraLinear {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("lora-linear: W is not on the GPU");
+        };
+        forward_storage((ws, wl), (xs, xl), (as_, al), (bs, bl), self.scale as f64)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -160,6 +217,10 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.device().is_cpu() {
+            let (dx, da, db) = backward_tensors(&self.w, x, a, b, dy, self.scale as f64)?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         let (out, inp) = self.w.dims2()?;
         let (r, _) = a.dims2()?;
         let t = x.elem_count() / inp.max(1);
@@ -233,11 +294,71 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
+/// The forward on any candle backend: y = x·Wᵀ in x's dtype, plus s·(x·Aᵀ)·Bᵀ computed in
+/// f32 (x converted when it is bf16) and rounded to x's dtype before the add — the model's
+/// plain ops, step for step. Operands as (storage, layout); x, A and B contiguous.
+pub fn forward_storage<S: BackendStorage>(
+    w: (&S, &Layout),
+    x: (&S, &Layout),
+    a: (&S, &Layout),
+    b: (&S, &Layout),
+    scale: f64,
+) -> candle_core::Result<(S, Shape)> {
+    let (out, inp) = w.1.shape().dims2()?;
+    let (r, _) = a.1.shape().dims2()?;
+    let t = x.1.shape().elem_count() / inp.max(1);
+    let x_l = Layout::contiguous_with_offset((t, inp), x.1.start_offset());
+    let (rows_out, rows_r) = (Layout::contiguous((t, out)), Layout::contiguous((t, r)));
+    // y = x·Wᵀ (W's layout transposed: no copy)
+    let y =
+        x.0.matmul(w.0, (1, t, out, inp), &x_l, &w.1.transpose(0, 1)?)?;
+    // The adapter's path in f32.
+    let x32 = x.0.to_dtype(&x_l, DType::F32)?;
+    let xa = x32.matmul(
+        a.0,
+        (1, t, r, inp),
+        &Layout::contiguous((t, inp)),
+        &a.1.transpose(0, 1)?,
+    )?;
+    let delta = xa.matmul(b.0, (1, t, out, r), &rows_r, &b.1.transpose(0, 1)?)?;
+    let delta = delta.affine(&rows_out, scale, 0.0)?;
+    let delta = delta.to_dtype(&rows_out, y.dtype())?;
+    let y = y.binary_impl::<candle_core::op::Add>(&delta, &rows_out, &rows_out)?;
+    let mut dims = x.1.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    Ok((y, Shape::from(dims)))
+}
+
+/// The backward in tensor ops (any device): with x₃₂ = x and dy₃₂ = dy in f32,
+/// xa = x₃₂·Aᵀ, g = s·dy₃₂·B, dB = s·dy₃₂ᵀ·xa, dA = gᵀ·x₃₂, dX = dy·W + (g·A in x's dtype).
+pub fn backward_tensors(
+    w: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (out, inp) = w.dims2()?;
+    let t = x.elem_count() / inp.max(1);
+    let x2 = x.reshape((t, inp))?;
+    let dy2 = dy.reshape((t, out))?;
+    let (x32, dy32) = (x2.to_dtype(DType::F32)?, dy2.to_dtype(DType::F32)?);
+    let xa = x32.matmul(&a.t()?)?;
+    let g = (dy32.matmul(b)? * scale)?;
+    let db = (dy32.t()?.matmul(&xa)? * scale)?;
+    let da = g.t()?.matmul(&x32)?;
+    let dx = (dy2.matmul(w)? + g.matmul(a)?.to_dtype(x.dtype())?)?;
+    Ok((dx.reshape(x.shape())?, da, db))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::common::test::{rel_diff, tensor};
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     /// The doc comment's formula in plain candle ops (as finetune-model writes a projection
     /// with an adapter), W as a constant.
@@ -283,6 +404,132 @@ mod tests {
             }
             // W is frozen: no gradient reaches it (it is not a variable, and the op asks none).
             assert!(g1.get(&w).is_none());
+        }
+    }
+
+    /// The GPU path's code (generic forward on candle's CPU backend, tensor-op backward)
+    /// against the plain formula and its autograd.
+    #[test]
+    fn the_generic_forward_and_backward_equal_the_plain_formula() {
+        for x_shape in [vec![7, 40], vec![2, 5, 40]] {
+            let (inp, out, r, s) = (40, 24, 4, 2.5);
+            let w = tensor(&[out, inp], 1);
+            let x = Var::from_tensor(&tensor(&x_shape, 2)).unwrap();
+            let a = Var::from_tensor(&tensor(&[r, inp], 3)).unwrap();
+            let b = Var::from_tensor(&tensor(&[out, r], 4)).unwrap();
+            let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+            let theirs = plain(xt, &w, at, bt, s);
+            // Forward: on the CPU storages, x offset inside its buffer (a narrowed tensor).
+            let wide = Tensor::cat(
+                &[
+                    &tensor(&[3, 40], 9).flatten_all().unwrap(),
+                    &xt.flatten_all().unwrap(),
+                ],
+                0,
+            )
+            .unwrap();
+            let x_off = wide
+                .narrow(0, 120, xt.elem_count())
+                .unwrap()
+                .reshape(xt.shape())
+                .unwrap();
+            let (ours, shape) = {
+                let held = [&w, &x_off, at, bt];
+                let guards: Vec<_> = held.iter().map(|t| t.storage_and_layout()).collect();
+                let st: Vec<&CpuStorage> = guards
+                    .iter()
+                    .map(|(g, _)| match &**g {
+                        Storage::Cpu(c) => c,
+                        _ => unreachable!(),
+                    })
+                    .collect();
+                forward_storage(
+                    (st[0], guards[0].1),
+                    (st[1], guards[1].1),
+                    (st[2], guards[2].1),
+                    (st[3], guards[3].1),
+                    s,
+                )
+                .unwrap()
+            };
+            assert_eq!(shape.dims(), theirs.dims());
+            let ours = Tensor::from_vec(
+                ours.as_slice::<f32>().unwrap().to_vec(),
+                shape,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let dy = rel_diff(&ours, &theirs);
+            assert!(dy < 1e-6, "{x_shape:?}: y {dy}");
+            // Backward.
+            let mut up_shape = x_shape.clone();
+            *up_shape.last_mut().unwrap() = out;
+            let upstream = tensor(&up_shape, 5);
+            let want = (theirs * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (dx, da, db) = backward_tensors(&w, xt, at, bt, &upstream, s).unwrap();
+            for (what, got, v) in [("dx", &dx, xt), ("dA", &da, at), ("dB", &db, bt)] {
+                let d = rel_diff(got, want.get(v).unwrap());
+                assert!(d < 1e-5, "{x_shape:?} {what}: {d}");
+            }
+        }
+    }
+
+    /// The GPU path against the CPU op: f32 and bf16 x and W, forward and all three gradients.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_equals_the_cpu_reference() {
+        let Some(gpu) = crate::common::test::gpu() else {
+            return;
+        };
+        let (inp, out, r, s) = (256, 192, 16, 2.0);
+        let (w, x, a, b) = (
+            tensor(&[out, inp], 1),
+            tensor(&[3, 37, inp], 2),
+            tensor(&[r, inp], 3),
+            tensor(&[out, r], 4),
+        );
+        let upstream = tensor(&[3, 37, out], 5);
+        let run = |w: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, up: &Tensor| {
+            let vars = [x, a, b].map(|t| Var::from_tensor(t).unwrap());
+            let [xv, av, bv] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let y = lora_linear(xv, w, av, bv, s).unwrap();
+            let grads = (y.to_dtype(DType::F32).unwrap() * up.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = [xv, av, bv].map(|v| grads.get(v).unwrap().clone());
+            (y, g)
+        };
+        let (want_y, want_g) = run(&w, &x, &a, &b, &upstream);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let low = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+            let f32_on = |t: &Tensor| t.to_device(&gpu).unwrap();
+            let (y, g) = run(
+                &low(&w),
+                &low(&x),
+                &f32_on(&a),
+                &f32_on(&b),
+                &low(&upstream),
+            );
+            let dy = rel_diff(&y, &want_y);
+            eprintln!("lora-linear cuda {dtype:?}: y {dy:e}");
+            assert!(dy < tol, "{dtype:?}: y {dy}");
+            for (what, got, want) in [
+                ("dx", &g[0], &want_g[0]),
+                ("dA", &g[1], &want_g[1]),
+                ("dB", &g[2], &want_g[2]),
+            ] {
+                let d = rel_diff(got, want);
+                eprintln!("lora-linear cuda {dtype:?}: {what} {d:e}");
+                assert!(d < tol, "{dtype:?}: {what} {d}");
+            }
         }
     }
 

@@ -196,7 +196,23 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
             return x.matmul(&t.t()?);
         }
     }
-    finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
+    match w {
+        BaseWeight::Dense(t) if t.dtype() == x.dtype() => {
+            finetune_kernels::frozen_linear(&x.contiguous()?, t)
+        }
+        // On the CPU memory is not the constraint: convert once and keep it for the backward.
+        _ if x.device().is_cpu() => {
+            finetune_kernels::frozen_linear(&x.contiguous()?, &w.dequantize(x.dtype())?)
+        }
+        _ => {
+            // On the GPU: dequantized (or converted) by the op for the forward and again for the
+            // backward, not kept by the graph in between.
+            let (w, dtype) = (w.clone(), x.dtype());
+            let weight: finetune_kernels::WeightFn =
+                std::sync::Arc::new(move || w.dequantize(dtype));
+            finetune_kernels::frozen_linear_lazy(&x.contiguous()?, weight)
+        }
+    }
 }
 
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
@@ -205,10 +221,17 @@ fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Ten
     let adapter = lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab)));
     if let Some((l, (a, b))) = adapter {
         let frozen = !matches!(&p.w, BaseWeight::Dense(t) if t.is_variable());
-        if frozen && x.device().is_cpu() && x.dtype() == DType::F32 && !l.dropout_active() {
+        let fused = if x.device().is_cpu() {
+            x.dtype() == DType::F32
+        } else {
+            // Opt-in on the GPU until a GPU session has run its test (FINETUNE_LORA_LINEAR_GPU=1).
+            finetune_kernels::lora_linear::on_gpu()
+        };
+        if frozen && fused && !l.dropout_active() {
             // One fused op with all three gradients (finetune_kernels::lora_linear, tested
-            // against the plain formula below): five graph nodes fewer per projection.
-            return finetune_kernels::lora_linear(x, &p.w.dequantize(DType::F32)?, a, b, l.scale);
+            // against the plain formula below): five graph nodes fewer per projection, and
+            // none of their intermediates kept for the backward.
+            return finetune_kernels::lora_linear(x, &p.w.dequantize(x.dtype())?, a, b, l.scale);
         }
     }
     let y = linear(x, &p.w)?;
@@ -295,7 +318,29 @@ fn grouped_project(
     lora: Option<&Lora>,
     offsets: &std::sync::Arc<Vec<usize>>,
 ) -> candle_core::Result<Tensor> {
-    let y = finetune_kernels::grouped_linear(x, &w.dequantize(x.dtype())?, offsets, false)?;
+    let y = match w {
+        BaseWeight::Dense(t) if t.dtype() == x.dtype() => {
+            finetune_kernels::grouped_linear(x, t, offsets, false)?
+        }
+        _ => {
+            // FP8 (or another dtype): dequantized by the op for each product and dropped after
+            // it, instead of a bf16 copy of the stack kept by the graph until the backward.
+            let (w, dtype) = (w.clone(), x.dtype());
+            let (e, out, inp) = w
+                .shape()
+                .try_into()
+                .map(|d: [usize; 3]| (d[0], d[1], d[2]))
+                .map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "grouped experts: weight {:?} is not [E, out, in]",
+                        w.shape()
+                    ))
+                })?;
+            let weight: finetune_kernels::WeightFn =
+                std::sync::Arc::new(move || w.dequantize(dtype));
+            finetune_kernels::grouped_linear_frozen(x, weight, (e, out, inp), offsets)?
+        }
+    };
     let Some(l) = lora else { return Ok(y) };
     let (x, a, b) = stacked_lora_inputs(x, x32, names, l)?;
     let h = finetune_kernels::grouped_linear(&x, &a, offsets, true)?; // [N, r]

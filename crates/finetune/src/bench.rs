@@ -60,6 +60,9 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     };
     model.set_compute_dtype(dtype)?;
     model.set_fused_attention(args.attention.as_deref() != Some("plain"));
+    if args.attention.as_deref() == Some("tensor-core") {
+        finetune_kernels::attention::set_tensor_cores(true);
+    }
     match args.moe.as_deref() {
         Some("batched") => model.set_moe_path(MoePath::Batched),
         Some("grouped") => model.set_moe_path(MoePath::Grouped),

@@ -88,6 +88,38 @@ pub enum BenchCommand {
     /// Tokens/s of the LoRA training loop (forward, backward, clipping, AdamW: the loop of
     /// `finetune train`) on synthetic token ids; prints one JSON line with the step times.
     Train(BenchTrainArgs),
+    /// Each fused op of finetune-kernels at a preset's layer shapes (forward, and forward +
+    /// backward for the products) as TFLOPS or GB/s, next to candle's matmul (cuBLAS on a GPU)
+    /// or an element-wise copy of the same size measured in the same run.
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchKernelsArgs {
+    /// Layer shapes of this preset: tiny, qwen3-coder-30b-a3b or qwen3-coder-480b-a35b.
+    #[arg(long, default_value = "qwen3-coder-30b-a3b")]
+    pub preset: String,
+    /// Tokens (one document) per call.
+    #[arg(long, default_value_t = 4096)]
+    pub seq: usize,
+    /// Timed calls per op (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed calls first (kernel loading, allocator warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// LoRA rank of the lora_linear row.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Storage dtype of activations and weights: bf16 (GPU default) or f32 (the CPU's only).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub dtype: Option<String>,
+    /// Measure on the CPU even when the build has CUDA.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Also write one JSON object per op to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -133,9 +165,10 @@ pub struct BenchTrainArgs {
     #[arg(long, value_name = "PATH", value_parser = ["grouped", "batched", "per-expert"])]
     pub moe: Option<String>,
     /// How attention runs: `fused` (finetune-kernels' causal_attention, flash-attention style on
-    /// the GPU; the default where it covers the head dim) or `plain` (candle ops with a T×T
-    /// mask and materialized scores: the comparison).
-    #[arg(long, value_name = "PATH", value_parser = ["fused", "plain"])]
+    /// the GPU; the default where it covers the head dim), `tensor-core` (the same op with its
+    /// WMMA kernels: bf16, head dims 64 and 128; also FINETUNE_ATTENTION_TENSOR_CORES=1) or
+    /// `plain` (candle ops with a T×T mask and materialized scores: the comparison).
+    #[arg(long, value_name = "PATH", value_parser = ["fused", "tensor-core", "plain"])]
     pub attention: Option<String>,
     /// After the measured steps, time the forward + loss and the backward of one more step
     /// separately (the device synchronized around each), the forward's phases per kind (each

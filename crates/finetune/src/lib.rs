@@ -4,6 +4,7 @@
 //! This is the only crate where `anyhow` is used; the libraries return typed errors.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod cli;
 pub mod eval;
 pub mod export;
@@ -62,6 +63,7 @@ pub fn execute(cli: Cli) -> Result<Outcome> {
         Some(Command::Doctor) => doctor(),
         Some(Command::Score(args)) => score::command(&args),
         Some(Command::Bench(cli::BenchCommand::Train(args))) => bench::train(&args),
+        Some(Command::Bench(cli::BenchCommand::Kernels(args))) => bench_kernels::kernels(&args),
         Some(Command::Pretrain(args)) => pretrain::command(&args),
     }
 }

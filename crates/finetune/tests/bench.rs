@@ -86,3 +86,72 @@ fn bench_train_refuses_bf16_on_the_cpu_and_a_missing_model() {
         stderr(&o)
     );
 }
+
+/// `finetune bench kernels` on the CPU at the tiny preset's shapes: one row per op with the
+/// work the module documents (checked here from the preset's numbers by hand), positive times
+/// and a baseline measured in the same run.
+#[test]
+fn bench_kernels_reports_every_op_with_its_work_and_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("kernels.jsonl");
+    let o = finetune(&[
+        "bench",
+        "kernels",
+        "--cpu",
+        "--preset",
+        "tiny",
+        "--seq",
+        "64",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        ops,
+        [
+            "frozen_linear",
+            "lora_linear",
+            "grouped_linear",
+            "causal_attention",
+            "linear_cross_entropy",
+            "rms_norm",
+            "swiglu",
+            "rope"
+        ]
+    );
+    let work = |op: &str| {
+        rows.iter().find(|r| r["op"] == op).unwrap()["work"]
+            .as_f64()
+            .unwrap()
+    };
+    // tiny: hidden 128, 4 heads of 32, 8 experts of 128 with 2 active, vocabulary 8192; T = 64.
+    assert_eq!(work("frozen_linear"), 2.0 * 64.0 * 128.0 * 128.0);
+    assert_eq!(work("grouped_linear"), 2.0 * (64.0 * 2.0) * 128.0 * 128.0);
+    assert_eq!(work("causal_attention"), 2.0 * 64.0 * 64.0 * 32.0 * 4.0);
+    assert_eq!(work("linear_cross_entropy"), 4.0 * 64.0 * 128.0 * 8192.0);
+    assert_eq!(work("rms_norm"), 2.0 * 64.0 * 128.0 * 4.0);
+    for r in &rows {
+        for key in ["fwd_s", "baseline_s", "fwd_rate", "baseline_rate", "ratio"] {
+            let v = r[key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{}: {key} = {v}", r["op"]);
+        }
+    }
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        printed.contains("finetune bench kernels --preset tiny --seq 64"),
+        "{printed}"
+    );
+    let o = finetune(&["bench", "kernels", "--cpu", "--preset", "huge"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--preset = huge"), "{}", stderr(&o));
+}
