@@ -7,6 +7,7 @@
 //!   the dequantized f32 slice;
 //! - the experts held by one replica's ranks add up to the whole model's expert bytes;
 //! - a checkpoint split over several files (an index) gives the same slices as one file;
+//! - a shard refuses, naming what it holds, what needs more than it holds;
 //! - `finetune plan`'s per-GPU base-weight bytes equal the bytes a sharded load holds, for the
 //!   tiny preset's shapes in bf16 and in FP8 (a head_dim of 128, so that head cuts fall on
 //!   blocks as in the Qwen3-Coder checkpoints).
@@ -392,4 +393,97 @@ fn a_sharded_checkpoint_loads_the_same_slices_as_one_file() {
             }
         }
     }
+}
+
+/// A rank's shard refuses what needs the whole model, naming what it holds: the whole decoder
+/// layer, an expert of another shard, heads it does not hold, full-parameter training; a shard
+/// that splits a key/value group is refused at load; and a trainer is refused a model that lacks
+/// its rank's shard.
+#[test]
+fn a_shard_refuses_what_it_does_not_hold() {
+    let dir = fixtures().join("bf16");
+    let config = Qwen3MoeConfig::from_file(&dir.join("config.json")).unwrap();
+    let layout = Layout::new(2, 2, 2, &config).unwrap();
+    let ctxs = contexts(layout, &config, true);
+    let mut m = load_rank_model(&dir, &config, &ctxs[1], &Device::Cpu).unwrap();
+    let x = Tensor::zeros((3, config.hidden_size), DType::F32, &Device::Cpu).unwrap();
+    let ctx = m.sequence_context(&[0, 1, 2], 0).unwrap();
+    let e = m
+        .layer_forward(0, &x, &ctx, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("needs the whole model") && e.contains("experts 2..4"),
+        "{e}"
+    );
+    let e = m.expert_forward(0, 1, &x, None).unwrap_err().to_string();
+    assert!(
+        e.contains("expert 1 of layer 0") && e.contains("2..4"),
+        "{e}"
+    );
+    assert!(m.expert_forward(0, 3, &x, None).is_ok());
+    let e = m
+        .attention_heads(0, &x, &ctx, None, 0..2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("heads 0..2") && e.contains("holds heads 2..4"),
+        "{e}"
+    );
+    assert!(m.attention_heads(0, &x, &ctx, None, 2..4).is_ok());
+    let e = m.head_loss_sum(&x, &[1, 2, 3]).unwrap_err().to_string();
+    assert!(
+        e.contains("whole vocabulary") && e.contains("150..300"),
+        "{e}"
+    );
+    assert!(m.make_trainable().is_err());
+    // The LoRA targets stay the whole model's.
+    assert_eq!(m.lora_targets(), load_whole(&dir).lora_targets());
+    // Heads 1..3 split both key/value groups of 2 query heads.
+    let w = Weights::open(&dir, &Device::Cpu).unwrap();
+    let mut bad = BaseShard::whole(&config);
+    bad.heads = 1..3;
+    let e = Qwen3Moe::load_shard(config.clone(), &w, &Device::Cpu, &bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("heads 1..3") && e.contains("whole groups"),
+        "{e}"
+    );
+    // Rank 0 handed rank 1's shard.
+    let r = finetune_train::Trainer::new_parallel(
+        &m,
+        &Lora::init(
+            &Qwen3Moe::targets_of(&config),
+            &["q_proj".to_string()],
+            2,
+            1.0,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap(),
+        vec![finetune_train::parallel::RankContext::padding()],
+        vec![],
+        finetune_train::TrainOptions {
+            lr: 1e-3,
+            schedule: finetune_train::LrSchedule::Constant,
+            warmup: 0,
+            total_steps: 1,
+            micro_batch: 1,
+            grad_accum: 1,
+            seed: 1,
+            recompute: false,
+            adamw: finetune_train::AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            eval_every: 0,
+            eval_sequences: 0,
+            save_every: 0,
+            keep_checkpoints: 1,
+            max_bad_steps: 1,
+        },
+        contexts(layout, &config, true).remove(0),
+    );
+    let e = r.err().unwrap().to_string();
+    assert!(e.contains("rank 0") && e.contains("needs"), "{e}");
 }
