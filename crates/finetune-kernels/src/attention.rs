@@ -552,7 +552,7 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
@@ -571,6 +571,34 @@ mod cuda {
         Forward,
         Dq,
         DkDv,
+    }
+
+    /// The launch shape of one kernel over `rows` (query rows or keys) × `grid_y` heads: a
+    /// tensor-core kernel (`tc`) in blocks of TC_ROWS rows with its dynamic shared memory (the
+    /// limit raised on `f`), a scalar one in blocks of `scalar_rows` rows, 4 threads a row.
+    fn config(
+        f: &CudaFunction,
+        tc: Option<TcKernel>,
+        d: usize,
+        (rows, grid_y): (usize, usize),
+        scalar_rows: usize,
+    ) -> candle_core::Result<LaunchConfig> {
+        Ok(match tc {
+            Some(which) => {
+                let smem = tc_smem(which, d);
+                f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
+                LaunchConfig {
+                    grid_dim: (rows.div_ceil(TC_ROWS) as u32, grid_y as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                }
+            }
+            None => LaunchConfig {
+                grid_dim: (rows.div_ceil(scalar_rows) as u32, grid_y as u32, 1),
+                block_dim: ((scalar_rows * 4) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        })
     }
 
     /// Dynamic shared memory of a tensor-core kernel (the layouts in attention.cu's comments):
@@ -657,21 +685,8 @@ mod cuda {
             let name = kernel(if tc { "fwd_tc" } else { "fwd" }, T::DTYPE, Some(n.d));
             let f = dev.get_or_load_custom_func(&name, "attention", crate::ptx::ATTENTION)?;
             let (t, h, g, past) = (n.t as i32, n.h as i32, n.g as i32, op.past as i32);
-            let cfg = if tc {
-                let smem = tc_smem(TcKernel::Forward, n.d);
-                f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
-                LaunchConfig {
-                    grid_dim: (n.t.div_ceil(TC_ROWS) as u32, n.h as u32, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                }
-            } else {
-                LaunchConfig {
-                    grid_dim: (n.t.div_ceil(FWD_BR) as u32, n.h as u32, 1),
-                    block_dim: ((FWD_BR * 4) as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                }
-            };
+            let which = tc.then_some(TcKernel::Forward);
+            let cfg = config(&f, which, n.d, (n.t, n.h), FWD_BR)?;
             with_u32(op.doc_start_dev.as_ref(), |ds| {
                 let mut b = f.builder();
                 b.arg(&qv).arg(&kv).arg(&vv).arg(ds).arg(&o).arg(&lse);
@@ -836,21 +851,7 @@ mod cuda {
                     .arg(&g)
                     .arg(&past)
                     .arg(&scale);
-                let cfg = if tc {
-                    let smem = tc_smem(TcKernel::Dq, n.d);
-                    f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
-                    LaunchConfig {
-                        grid_dim: (n.t.div_ceil(TC_ROWS) as u32, n.h as u32, 1),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: smem as u32,
-                    }
-                } else {
-                    LaunchConfig {
-                        grid_dim: (n.t.div_ceil(BWD_BR) as u32, n.h as u32, 1),
-                        block_dim: ((BWD_BR * 4) as u32, 1, 1),
-                        shared_mem_bytes: 0,
-                    }
-                };
+                let cfg = config(&f, tc.then_some(TcKernel::Dq), n.d, (n.t, n.h), BWD_BR)?;
                 unsafe { b.launch(cfg) }.w()?;
                 with_u32(self.op.doc_end_dev.as_ref(), |de| {
                     let what = if tc { "bwd_dkdv_tc" } else { "bwd_dkdv" };
@@ -866,21 +867,8 @@ mod cuda {
                         .arg(&big_d);
                     b.arg(ds).arg(de).arg(&mut dkv);
                     b.arg(&t).arg(&h).arg(&g).arg(&past).arg(&scale);
-                    let cfg = if tc {
-                        let smem = tc_smem(TcKernel::DkDv, n.d);
-                        f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
-                        LaunchConfig {
-                            grid_dim: (n.s.div_ceil(TC_ROWS) as u32, n.g as u32, 1),
-                            block_dim: (128, 1, 1),
-                            shared_mem_bytes: smem as u32,
-                        }
-                    } else {
-                        LaunchConfig {
-                            grid_dim: (n.s.div_ceil(BWD_BC) as u32, n.g as u32, 1),
-                            block_dim: ((BWD_BC * 4) as u32, 1, 1),
-                            shared_mem_bytes: 0,
-                        }
-                    };
+                    let which = tc.then_some(TcKernel::DkDv);
+                    let cfg = config(&f, which, n.d, (n.s, n.g), BWD_BC)?;
                     unsafe { b.launch(cfg) }.w().map(|_| ())
                 })
             })?;

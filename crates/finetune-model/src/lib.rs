@@ -18,11 +18,13 @@ pub mod init;
 pub mod lora;
 pub mod model;
 pub mod peft;
+pub mod shard;
 pub mod weights;
 
 pub use config::{ConfigError, Qwen3MoeConfig};
 pub use lora::{lora_scale, Lora};
 pub use model::{KvCache, Qwen3Moe, SequenceContext};
+pub use shard::{BaseShard, Cut};
 pub use weights::{BaseWeight, Weights, WeightsError};
 
 use std::fmt;

@@ -22,6 +22,7 @@
 
 use crate::config::Qwen3MoeConfig;
 use crate::lora::Lora;
+use crate::shard::{BaseShard, Cut};
 use crate::weights::{BaseWeight, Weights, WeightsError};
 use candle_core::{DType, Device, Tensor, Var, D};
 use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
@@ -162,9 +163,14 @@ impl SequenceContext {
     }
 }
 
-/// A loaded Qwen3-MoE model (base weights only).
+/// A loaded Qwen3-MoE model (base weights only): the whole model, or one rank's shard of it
+/// ([`Qwen3Moe::load_shard`]).
 pub struct Qwen3Moe {
     pub config: Qwen3MoeConfig,
+    /// What this model holds ([`BaseShard::whole`] unless loaded as a rank's shard): `embed`
+    /// (and an untied `lm_head`) hold rows `shard.vocab`, each MoE layer's `experts` the experts
+    /// `shard.experts`, q/k/v the rows and o_proj the columns of heads `shard.heads`.
+    shard: BaseShard,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -454,10 +460,34 @@ impl Qwen3Moe {
     /// Loads the weights of `config` from `weights`; every tensor must be there with its
     /// shape, and no tensor may be left over.
     pub fn load(config: Qwen3MoeConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        let whole = BaseShard::whole(&config);
+        Self::load_shard(config, weights, device, &whole)
+    }
+
+    /// Loads only `shard` of the weights of `config` (a rank of a parallel run, module
+    /// [`crate::shard`]): the experts, head rows/columns and vocabulary rows it names are read
+    /// from the files, the rest of those tensors never is (it is checked by name and shape);
+    /// norms, routers and dense MLPs are read whole. [`BaseShard::whole`] is [`Self::load`].
+    /// A sharded model runs the pieces a parallel rank calls ([`Self::attention_heads`],
+    /// [`Self::expert_forward`], [`Self::embed_tokens_rows`], [`Self::lm_head_rows`], …), not
+    /// the whole forward.
+    pub fn load_shard(
+        config: Qwen3MoeConfig,
+        weights: &Weights,
+        device: &Device,
+        shard: &BaseShard,
+    ) -> Result<Self> {
         let c = &config;
+        shard.check(c).map_err(|message| WeightsError::Slice {
+            name: "(the base model)".into(),
+            message: format!("shard {shard:?}: {message}"),
+        })?;
         let (h, d) = (c.hidden_size, c.head_dim());
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let embed = weights.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let (heads, kv) = (shard.heads.clone(), shard.kv_heads(c));
+        let vocab_cut = Cut::Rows(shard.vocab.clone());
+        let embed =
+            weights.tensor_cut("model.embed_tokens.weight", [c.vocab_size, h], &vocab_cut)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -467,11 +497,20 @@ impl Qwen3Moe {
                     name,
                 })
             };
+            let proj_cut = |name: String, out: usize, inp: usize, cut: Cut| -> Result<Proj> {
+                Ok(Proj {
+                    w: weights.base_weight_cut(&name, out, inp, &cut)?,
+                    name,
+                })
+            };
+            let q_rows = Cut::Rows(heads.start * d..heads.end * d);
+            let kv_rows = Cut::Rows(kv.start * d..kv.end * d);
+            let o_cols = Cut::Cols(heads.start * d..heads.end * d);
             let attn = Attention {
-                q: proj(format!("{p}.self_attn.q_proj"), nh * d, h)?,
-                k: proj(format!("{p}.self_attn.k_proj"), nkv * d, h)?,
-                v: proj(format!("{p}.self_attn.v_proj"), nkv * d, h)?,
-                o: proj(format!("{p}.self_attn.o_proj"), h, nh * d)?,
+                q: proj_cut(format!("{p}.self_attn.q_proj"), nh * d, h, q_rows)?,
+                k: proj_cut(format!("{p}.self_attn.k_proj"), nkv * d, h, kv_rows.clone())?,
+                v: proj_cut(format!("{p}.self_attn.v_proj"), nkv * d, h, kv_rows)?,
+                o: proj_cut(format!("{p}.self_attn.o_proj"), h, nh * d, o_cols)?,
                 q_norm: weights.tensor(&format!("{p}.self_attn.q_norm.weight"), &[d])?,
                 k_norm: weights.tensor(&format!("{p}.self_attn.k_norm.weight"), &[d])?,
             };
@@ -483,8 +522,18 @@ impl Qwen3Moe {
                 })
             };
             let mlp = if c.is_moe_layer(i) {
-                let mut experts: Vec<Expert> = (0..c.num_experts)
-                    .map(|e| expert(&format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size))
+                let mi = c.moe_intermediate_size;
+                // Experts of other shards: checked, never read.
+                for e in (0..c.num_experts).filter(|e| !shard.experts.contains(e)) {
+                    let prefix = format!("{p}.mlp.experts.{e}");
+                    weights.skip_base_weight(&format!("{prefix}.gate_proj"), mi, h)?;
+                    weights.skip_base_weight(&format!("{prefix}.up_proj"), mi, h)?;
+                    weights.skip_base_weight(&format!("{prefix}.down_proj"), h, mi)?;
+                }
+                let mut experts: Vec<Expert> = shard
+                    .experts
+                    .clone()
+                    .map(|e| expert(&format!("{p}.mlp.experts.{e}"), mi))
                     .collect::<Result<_>>()?;
                 let mut stack = |pick: fn(&mut Expert) -> &mut Proj| -> Result<BaseWeight> {
                     let parts: Vec<BaseWeight> =
@@ -519,10 +568,11 @@ impl Qwen3Moe {
         let lm_head = if c.tie_word_embeddings {
             BaseWeight::Dense(embed.clone())
         } else {
-            weights.base_weight("lm_head", c.vocab_size, h)?
+            weights.base_weight_cut("lm_head", c.vocab_size, h, &vocab_cut)?
         };
         weights.check_all_used()?;
         Ok(Self {
+            shard: shard.clone(),
             config,
             embed,
             layers,
@@ -686,8 +736,44 @@ impl Qwen3Moe {
         self.layers.len()
     }
 
+    /// What this model holds of the base weights ([`BaseShard::whole`] unless loaded by
+    /// [`Self::load_shard`]).
+    pub fn shard(&self) -> &BaseShard {
+        &self.shard
+    }
+
+    /// Fails, naming `what` and the shard, unless the model holds every expert and head.
+    fn require_whole(&self, what: &str) -> candle_core::Result<()> {
+        let c = &self.config;
+        if self.shard.experts != (0..c.num_experts)
+            || self.shard.heads != (0..c.num_attention_heads)
+        {
+            candle_core::bail!(
+                "{what} needs the whole model; this one holds only experts {:?} and heads {:?} \
+                 (a parallel rank's shard)",
+                self.shard.experts,
+                self.shard.heads
+            );
+        }
+        Ok(())
+    }
+
+    /// Fails, naming `what`, unless the model holds the whole vocabulary.
+    fn require_whole_vocab(&self, what: &str) -> candle_core::Result<()> {
+        if self.shard.vocab != (0..self.config.vocab_size) {
+            candle_core::bail!(
+                "{what} needs the whole vocabulary; this model holds rows {:?} of {} (a \
+                 vocabulary-parallel rank's shard)",
+                self.shard.vocab,
+                self.config.vocab_size
+            );
+        }
+        Ok(())
+    }
+
     /// Embeddings `[T, hidden]` (in the compute dtype) of `input_ids`; the embedding is frozen.
     pub fn embed_tokens(&self, input_ids: &[u32]) -> candle_core::Result<Tensor> {
+        self.require_whole_vocab("the embedding lookup")?;
         let ids = Tensor::new(input_ids, &self.device)?;
         self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)
     }
@@ -695,6 +781,7 @@ impl Qwen3Moe {
     /// Final norm and lm_head: logits `[T, vocab]` (f32 whatever the compute dtype, for the
     /// loss) of hidden states `[T, hidden]`.
     pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.require_whole_vocab("lm_head")?;
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
         linear(&x, &self.lm_head)?.to_dtype(DType::F32)
     }
@@ -703,6 +790,7 @@ impl Qwen3Moe {
     /// the final norm, then lm_head fused with the loss, chunked over the target tokens
     /// (finetune_kernels::linear_cross_entropy; differentiable in `x`, lm_head frozen).
     pub fn head_loss_sum(&self, x: &Tensor, labels: &[i64]) -> candle_core::Result<Tensor> {
+        self.require_whole_vocab("lm_head")?;
         let lm_head_trainable = matches!(&self.lm_head, BaseWeight::Dense(t) if t.is_variable());
         if lm_head_trainable || self.norm.is_variable() {
             // Full-parameter training: the fused loss treats lm_head as frozen.
@@ -717,15 +805,17 @@ impl Qwen3Moe {
 
     /// Embeddings of `input_ids` from the vocabulary rows `rows` only (a vocabulary-parallel
     /// rank's shard): an id outside `rows` gets a zero row, so that summing the shards' results
-    /// over the ranks gives [`Self::embed_tokens`] exactly (one non-zero term per row).
+    /// over the ranks gives [`Self::embed_tokens`] exactly (one non-zero term per row). The
+    /// model must hold `rows` (a rank's shard holds exactly its rows, a whole model all).
     pub fn embed_tokens_rows(
         &self,
         input_ids: &[u32],
         rows: std::ops::Range<usize>,
     ) -> candle_core::Result<Tensor> {
-        if rows.is_empty() || rows.end > self.config.vocab_size {
+        let held = &self.shard.vocab;
+        if rows.is_empty() || rows.start < held.start || rows.end > held.end {
             candle_core::bail!(
-                "embedding rows {rows:?} of a vocabulary of {}",
+                "embedding rows {rows:?} of a vocabulary of {}: this model holds rows {held:?}",
                 self.config.vocab_size
             );
         }
@@ -741,7 +831,12 @@ impl Qwen3Moe {
             })
             .collect();
         let mask: Vec<u8> = input_ids.iter().map(|&id| u8::from(inside(id))).collect();
-        let shard = self.embed.narrow(0, rows.start, rows.len())?;
+        // The held rows themselves when they are the ones asked for (a rank's shard).
+        let shard = if rows == *held {
+            self.embed.clone()
+        } else {
+            self.embed.narrow(0, rows.start - held.start, rows.len())?
+        };
         let vals = shard.index_select(&Tensor::new(local.as_slice(), &self.device)?, 0)?;
         let mask = Tensor::new(mask.as_slice(), &self.device)?
             .reshape((input_ids.len(), 1))?
@@ -756,23 +851,27 @@ impl Qwen3Moe {
         rms_norm(x, &self.norm, self.config.rms_norm_eps)
     }
 
-    /// Rows `rows` of lm_head (the embedding with tied embeddings) in `dtype`, frozen: a view
-    /// of a dense weight; an FP8 weight is dequantized whole first (checkpoints keep lm_head
-    /// in bf16, so this is not the 480B's path).
+    /// Rows `rows` of lm_head (the embedding with tied embeddings) in `dtype`, frozen: the held
+    /// rows of a rank's shard, else a view of a dense weight; an FP8 weight is dequantized (the
+    /// held rows: a rank's shard holds only its own) first (checkpoints keep lm_head in bf16,
+    /// so this is not the 480B's path).
     pub fn lm_head_rows(
         &self,
         rows: std::ops::Range<usize>,
         dtype: DType,
     ) -> candle_core::Result<Tensor> {
-        if rows.is_empty() || rows.end > self.config.vocab_size {
+        let held = &self.shard.vocab;
+        if rows.is_empty() || rows.start < held.start || rows.end > held.end {
             candle_core::bail!(
-                "lm_head rows {rows:?} of a vocabulary of {}",
+                "lm_head rows {rows:?} of a vocabulary of {}: this model holds rows {held:?}",
                 self.config.vocab_size
             );
         }
+        let local = rows.start - held.start;
         let w = match &self.lm_head {
-            BaseWeight::Dense(t) => t.narrow(0, rows.start, rows.len())?.to_dtype(dtype)?,
-            w => w.dequantize(dtype)?.narrow(0, rows.start, rows.len())?,
+            BaseWeight::Dense(t) if rows == *held => t.to_dtype(dtype)?,
+            BaseWeight::Dense(t) => t.narrow(0, local, rows.len())?.to_dtype(dtype)?,
+            w => w.dequantize(dtype)?.narrow(0, local, rows.len())?,
         };
         Ok(w.detach())
     }
@@ -839,6 +938,7 @@ impl Qwen3Moe {
         lora: Option<&Lora>,
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
+        self.require_whole("a whole decoder layer")?;
         let c = &self.config;
         let eps = c.rms_norm_eps;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
@@ -1115,8 +1215,12 @@ impl Qwen3Moe {
         })
     }
 
-    /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order.
+    /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order: those of
+    /// the whole model, also when this one holds a shard ([`Self::targets_of`]).
     pub fn lora_targets(&self) -> Vec<(String, usize, usize)> {
+        if !self.shard.is_whole(&self.config) {
+            return Self::targets_of(&self.config);
+        }
         let mut out = Vec::new();
         let mut push = |p: &Proj| {
             let s = p.w.shape();
@@ -1136,6 +1240,86 @@ impl Qwen3Moe {
                     push(p);
                 }
             }
+        }
+        out
+    }
+
+    /// [`Self::lora_targets`] of a whole model of `config`, from the configuration alone (a
+    /// parallel run's adapter is made before any rank loads its shard).
+    pub fn targets_of(c: &Qwen3MoeConfig) -> Vec<(String, usize, usize)> {
+        let (h, d) = (c.hidden_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let mut out = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), nh * d, h));
+            out.push((format!("{p}.self_attn.k_proj"), nkv * d, h));
+            out.push((format!("{p}.self_attn.v_proj"), nkv * d, h));
+            out.push((format!("{p}.self_attn.o_proj"), h, nh * d));
+            let mut mlp = |prefix: String, m: usize| {
+                out.push((format!("{prefix}.gate_proj"), m, h));
+                out.push((format!("{prefix}.up_proj"), m, h));
+                out.push((format!("{prefix}.down_proj"), h, m));
+            };
+            if c.is_moe_layer(i) {
+                for e in 0..c.num_experts {
+                    mlp(format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size);
+                }
+            } else {
+                mlp(format!("{p}.mlp"), c.intermediate_size);
+            }
+        }
+        out
+    }
+
+    /// The base tensors this model holds, under their checkpoint names (FP8 projections as
+    /// `….weight` E4M3 values — U8 bit patterns on a GPU — and `….weight_scale_inv`), each
+    /// expert's a view of its layer's stacked weights, a tied lm_head not listed twice: what a
+    /// rank's shard holds, for tests and memory accounting.
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let proj = |out: &mut Vec<(String, Tensor)>, name: &str, w: &BaseWeight| match w {
+            BaseWeight::Dense(t) => out.push((format!("{name}.weight"), t.clone())),
+            BaseWeight::Fp8 { q, scale_inv } => {
+                out.push((format!("{name}.weight"), q.clone()));
+                out.push((format!("{name}.weight_scale_inv"), scale_inv.clone()));
+            }
+        };
+        out.push(("model.embed_tokens.weight".to_string(), self.embed.clone()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_norm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_norm.clone(),
+            ));
+            let a = &layer.attn;
+            for pr in [&a.q, &a.k, &a.v, &a.o] {
+                proj(&mut out, &pr.name, &pr.w);
+            }
+            out.push((format!("{p}.self_attn.q_norm.weight"), a.q_norm.clone()));
+            out.push((format!("{p}.self_attn.k_norm.weight"), a.k_norm.clone()));
+            let experts: Vec<&Expert> = match &layer.mlp {
+                Mlp::Dense(e) => vec![e],
+                Mlp::Moe {
+                    experts, router, ..
+                } => {
+                    proj(&mut out, &format!("{p}.mlp.gate"), router);
+                    experts.iter().collect()
+                }
+            };
+            for e in experts {
+                for pr in [&e.gate, &e.up, &e.down] {
+                    proj(&mut out, &pr.name, &pr.w);
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.config.tie_word_embeddings {
+            proj(&mut out, "lm_head", &self.lm_head);
         }
         out
     }
@@ -1212,16 +1396,22 @@ pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
 // attention of `layer_forward`.
 // ---------------------------------------------------------------------------------------------
 
-/// `project` restricted to output rows `rows` of W (and of LoRA's B): the column-parallel
-/// half of a tensor-parallel projection.
+/// `project` restricted to output rows `rows` of the whole W (and of LoRA's B): the
+/// column-parallel half of a tensor-parallel projection. The model holds W's rows from `held`
+/// on (0 for a whole model): a rank's shard holds exactly `rows`, used as they are.
 fn project_rows(
     x: &Tensor,
     p: &Proj,
     lora: Option<&Lora>,
     rows: std::ops::Range<usize>,
+    held: usize,
 ) -> candle_core::Result<Tensor> {
     let w = p.w.dequantize(DType::F32)?;
-    let w = w.narrow(0, rows.start, rows.len())?.contiguous()?;
+    let w = if w.dim(0)? == rows.len() && held == rows.start {
+        w
+    } else {
+        w.narrow(0, rows.start - held, rows.len())?.contiguous()?
+    };
     let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
@@ -1234,18 +1424,24 @@ fn project_rows(
     }
 }
 
-/// `project` restricted to input columns `cols` of W (and of LoRA's A), for an input that
-/// holds only those columns: the row-parallel half of a tensor-parallel projection, whose
+/// `project` restricted to input columns `cols` of the whole W (and of LoRA's A), for an input
+/// that holds only those columns: the row-parallel half of a tensor-parallel projection, whose
 /// results summed over the column ranges give `project` of the whole input (LoRA included:
-/// (Σ xᵢAᵢᵀ)Bᵀ = Σ (xᵢAᵢᵀ)Bᵀ).
+/// (Σ xᵢAᵢᵀ)Bᵀ = Σ (xᵢAᵢᵀ)Bᵀ). The model holds W's columns from `held` on (as
+/// [`project_rows`]).
 fn project_cols(
     x: &Tensor,
     p: &Proj,
     lora: Option<&Lora>,
     cols: std::ops::Range<usize>,
+    held: usize,
 ) -> candle_core::Result<Tensor> {
     let w = p.w.dequantize(DType::F32)?;
-    let w = w.narrow(1, cols.start, cols.len())?.contiguous()?;
+    let w = if w.dim(1)? == cols.len() && held == cols.start {
+        w
+    } else {
+        w.narrow(1, cols.start - held, cols.len())?.contiguous()?
+    };
     let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
@@ -1267,6 +1463,7 @@ impl Qwen3Moe {
     /// heads: `heads` must cover whole query groups), projected by the matching columns of
     /// o_proj: o_proj's output before the residual, of which the sum over a partition of the
     /// heads is the layer's attention output. `x` is the layer input `[T, hidden]`; no cache.
+    /// The model must hold `heads` (a rank's shard holds exactly its heads' rows and columns).
     pub fn attention_heads(
         &self,
         index: usize,
@@ -1285,6 +1482,12 @@ impl Qwen3Moe {
                  key/value head ({nh} heads, {nkv} key/value heads)"
             );
         }
+        let held = &self.shard.heads;
+        if heads.start < held.start || heads.end > held.end {
+            candle_core::bail!("attention heads {heads:?}: this model holds heads {held:?}");
+        }
+        // Where the held rows (q) / columns (o) and key/value rows start in the whole weights.
+        let (held_q, held_kv) = (held.start * d, held.start / group * d);
         let kv = heads.start / group..heads.end / group;
         let (lh, lkv) = (heads.len(), kv.len());
         let t = ctx.t;
@@ -1298,10 +1501,12 @@ impl Qwen3Moe {
         let layer = &self.layers[index];
         let n = rms_norm(x, &layer.input_norm, eps)?;
         let a = &layer.attn;
-        let q =
-            project_rows(&n, &a.q, lora, heads.start * d..heads.end * d)?.reshape((t, lh, d))?;
-        let k = project_rows(&n, &a.k, lora, kv.start * d..kv.end * d)?.reshape((t, lkv, d))?;
-        let v = project_rows(&n, &a.v, lora, kv.start * d..kv.end * d)?.reshape((t, lkv, d))?;
+        let q = project_rows(&n, &a.q, lora, heads.start * d..heads.end * d, held_q)?
+            .reshape((t, lh, d))?;
+        let k = project_rows(&n, &a.k, lora, kv.start * d..kv.end * d, held_kv)?
+            .reshape((t, lkv, d))?;
+        let v = project_rows(&n, &a.v, lora, kv.start * d..kv.end * d, held_kv)?
+            .reshape((t, lkv, d))?;
         let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
         let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
         let k = k.transpose(0, 1)?.contiguous()?;
@@ -1320,7 +1525,7 @@ impl Qwen3Moe {
             .broadcast_add(ctx.mask()?)?;
         let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
         let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
-        project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d)
+        project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d, held_q)
     }
 
     /// The MLP input of layer `index`: post-attention RMSNorm of `h` (input + attention).
@@ -1377,16 +1582,15 @@ impl Qwen3Moe {
     /// `norm_topk_prob`) and, per expert, the tokens routed to it in token order — as the
     /// routing inside `layer_forward`.
     pub fn route(&self, index: usize, x: &Tensor) -> candle_core::Result<(Tensor, Vec<Vec<u32>>)> {
-        let Mlp::Moe {
-            router, experts, ..
-        } = &self.layers[index].mlp
-        else {
+        let Mlp::Moe { router, .. } = &self.layers[index].mlp else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
-        self.route_tokens(x, router, experts.len())
+        // The router is whole on every shard: all experts' logits.
+        self.route_tokens(x, router, self.config.num_experts)
     }
 
-    /// Expert `expert` of MoE layer `index` (a SwiGLU with its LoRA adapters) on rows `x`.
+    /// Expert `expert` (global index) of MoE layer `index` (a SwiGLU with its LoRA adapters)
+    /// on rows `x`; the model must hold it (a rank's shard holds its experts only).
     pub fn expert_forward(
         &self,
         index: usize,
@@ -1397,7 +1601,13 @@ impl Qwen3Moe {
         let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
-        experts[expert].forward(x, lora)
+        let held = &self.shard.experts;
+        if !held.contains(&expert) {
+            candle_core::bail!(
+                "expert {expert} of layer {index}: this model holds experts {held:?}"
+            );
+        }
+        experts[expert - held.start].forward(x, lora)
     }
 
     /// The adapters (gate, up, down) of experts `range` of MoE layer `index` for a forward that
@@ -1468,6 +1678,8 @@ impl Qwen3Moe {
     /// names, in [`crate::init::tensor_shapes`] order. With tied embeddings `lm_head` is the
     /// embedding's own variable. FP8 weights are dequantized.
     pub fn make_trainable(&mut self) -> candle_core::Result<Vec<(String, Var)>> {
+        self.require_whole("full-parameter training")?;
+        self.require_whole_vocab("full-parameter training")?;
         // The batched MoE path reads the stacked copies, which stay frozen.
         self.moe_path = MoePath::PerExpert;
         fn var(t: &Tensor) -> candle_core::Result<(Var, Tensor)> {

@@ -33,6 +33,8 @@ pub enum WeightsError {
         found: DType,
         expected: &'static str,
     },
+    #[error("tensor `{name}`: {message}")]
+    Slice { name: String, message: String },
     #[error("unexpected tensors not used by the model: {0}")]
     Unexpected(String),
     #[error("candle: {0}")]
@@ -173,10 +175,11 @@ fn from_f8_bits(bits: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The safetensors of one model directory.
 pub struct Weights {
-    st: candle_core::safetensors::MmapedSafetensors,
+    pub(crate) st: candle_core::safetensors::MmapedSafetensors,
     names: BTreeSet<String>,
-    used: std::cell::RefCell<BTreeSet<String>>,
-    device: Device,
+    /// Tensors read, or checked and left to other ranks ([`crate::shard`]).
+    pub(crate) used: std::cell::RefCell<BTreeSet<String>>,
+    pub(crate) device: Device,
 }
 
 impl Weights {

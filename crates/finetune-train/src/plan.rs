@@ -1,8 +1,9 @@
 //! The memory planner behind `finetune plan`: per-GPU memory of LoRA training for a model ×
 //! GPU count × recipe, the parallel layout chosen, and the largest micro-batch that fits.
 //!
-//! Layout (MoE parallel folding, as Megatron-Core does it): attention, dense MLPs, embedding and
-//! lm_head are sharded over `tp` ranks (heads; vocabulary) and replicated over the other N/tp;
+//! Layout (MoE parallel folding, as Megatron-Core does it): attention, embedding and lm_head are
+//! sharded over `tp` ranks (heads; vocabulary) and replicated over the other N/tp; dense MLPs
+//! (`mlp_only_layers`) are whole on every rank, as `parallel` runs and loads them;
 //! experts are sharded over `ep` ranks and replicated over N/ep; `tp` and `ep` divide the GPU
 //! count N and both groups span the same GPUs (8×H100: tp 8 for attention, ep 8 for experts).
 //! Replicas are data parallel.
@@ -10,17 +11,20 @@
 //! Per GPU, in bytes (T = micro_batch × seq_len tokens):
 //! - base weights: projections at 2 bytes (bf16) or 1 + 4/128² (FP8 E4M3 + one f32 scale per
 //!   128×128 block); router, norms, embedding and lm_head always bf16 (FP8 checkpoints keep
-//!   them so). Attention/dense/vocabulary parameters / tp (k and v over min(tp, kv heads)),
-//!   experts × E/ep.
-//! - LoRA: r·(in + out) per adapted projection, sharded like its base, 18 bytes each: f32
-//!   master (4), f32 gradient (4), Adam m and v (8), bf16 compute copy (2).
-//! - activations (bf16, the fused kernels of the GPU issue: flash attention without T² scores,
-//!   cross-entropy chunked over 4,096 vocabulary entries): per token and MoE layer
-//!   2h + 2(n_h·d + n_kv·d)/tp + 2E + k(h + 3·m) elements (norm inputs, q/k/v and attention
-//!   output, router logits in f32, per routed expert its input, gate, up and activation), dense
-//!   layers h + 3·i/tp in place of the expert term; all layers kept, or with recompute each
+//!   them so). Attention/vocabulary parameters / tp (k and v over min(tp, kv heads)), dense
+//!   MLPs whole, experts × E/ep: the bytes each rank's sharded load holds
+//!   (`parallel::load_rank_model`; tested against it in tests/shard_load.rs).
+//! - LoRA: r·(in + out) per adapted projection, 18 bytes each: f32 master (4), f32 gradient
+//!   (4), Adam m and v (8), bf16 compute copy (2). Attention (and dense-MLP) adapters whole on
+//!   every rank, as the parallel trainer keeps them; expert adapters × E/ep.
+//! - activations, `a` bytes per element: 2 on one GPU (bf16 compute), 4 on several (the
+//!   parallel trainer computes in f32); the fused kernels of the GPU issue (flash attention
+//!   without T² scores, cross-entropy chunked over 4,096 vocabulary entries): per token and MoE
+//!   layer 2h + 2(n_h·d + n_kv·d)/tp + k(h + 3·m) elements (norm inputs, q/k/v and attention
+//!   output, per routed expert its input, gate, up and activation) plus E router logits in f32,
+//!   dense layers h + 3·i in place of the expert term; all layers kept, or with recompute each
 //!   layer's input (h) plus one layer's; plus T × 4,096 × 4 bytes of logits chunk.
-//! - communication: all-to-all dispatch + combine 2·T·k·h·2 bytes when ep > 1, a T·h·2 buffer
+//! - communication: all-to-all dispatch + combine 2·T·k·h·a bytes when ep > 1, a T·h·a buffer
 //!   for tensor-parallel all-reduce when tp > 1.
 //! - workspace: 3 GiB (CUDA context, cuBLAS/cuBLASLt workspaces, NCCL, allocator slack) —
 //!   an assumption, not a measurement.
@@ -61,6 +65,18 @@ pub struct PlanInput {
     pub targets: Vec<String>,
     pub seq_len: usize,
     pub micro_batch: usize,
+}
+
+impl PlanInput {
+    /// Bytes per activation element: 2 on one GPU (bf16 compute), 4 on several (the parallel
+    /// trainer runs its ranks in f32).
+    pub fn activation_bytes(&self) -> f64 {
+        if self.gpus > 1 {
+            4.0
+        } else {
+            2.0
+        }
+    }
 }
 
 /// Per-GPU memory of one layout, bytes.
@@ -117,20 +133,24 @@ pub fn budget(input: &PlanInput, tp: usize, ep: usize, recompute: bool) -> Budge
     let kv_shards = (tp.min(c.num_key_value_heads)) as f64;
     let proj = input.weights.bytes_per_param();
     let tokens = (input.micro_batch * input.seq_len) as f64;
+    // Bytes per activation element: bf16 on one GPU; the parallel trainer computes in f32.
+    let act = input.activation_bytes();
 
     let (mut weights, mut lora_params, mut act_all, mut act_max) = (0.0, 0.0, 0.0, 0.0f64);
     for layer in 0..c.num_hidden_layers {
         // Attention: q and o over tp, k and v over min(tp, kv heads); norms replicated.
         let (q, kv, o) = (h * nh * d / tpf, h * nkv * d / kv_shards, nh * d * h / tpf);
         weights += (q + 2.0 * kv + o) * proj + (2.0 * h + 2.0 * d) * 2.0;
-        for (m, inp, out, shards) in [
-            ("q_proj", h, nh * d, tpf),
-            ("k_proj", h, nkv * d, kv_shards),
-            ("v_proj", h, nkv * d, kv_shards),
-            ("o_proj", nh * d, h, tpf),
+        for (m, inp, out) in [
+            ("q_proj", h, nh * d),
+            ("k_proj", h, nkv * d),
+            ("v_proj", h, nkv * d),
+            ("o_proj", nh * d, h),
         ] {
+            // Kept whole on every rank (each computes its heads' share of the gradient and
+            // the world sums them), whatever the base's sharding.
             if targeted(input, m) {
-                lora_params += r * (inp + out) / shards;
+                lora_params += r * (inp + out);
             }
         }
         let attn_act = 2.0 * h + 2.0 * (nh * d + nkv * d) / tpf;
@@ -142,16 +162,17 @@ pub fn budget(input: &PlanInput, tp: usize, ep: usize, recompute: bool) -> Budge
                     lora_params += local * r * (h + mi);
                 }
             }
-            attn_act + 2.0 * e + k * (h + 3.0 * mi)
+            (attn_act + k * (h + 3.0 * mi)) * act + e * 4.0
         } else {
-            weights += 3.0 * h * inter / tpf * proj;
+            // Dense MLPs run whole on every tensor-parallel rank (weights, adapters, activations).
+            weights += 3.0 * h * inter * proj;
             for m in ["gate_proj", "up_proj", "down_proj"] {
                 if targeted(input, m) {
-                    lora_params += r * (h + inter) / tpf;
+                    lora_params += r * (h + inter);
                 }
             }
-            attn_act + h + 3.0 * inter / tpf
-        } * 2.0;
+            (attn_act + h + 3.0 * inter) * act
+        };
         act_all += layer_act;
         act_max = act_max.max(layer_act);
     }
@@ -160,12 +181,12 @@ pub fn budget(input: &PlanInput, tp: usize, ep: usize, recompute: bool) -> Budge
     weights += heads * v * h / tpf * 2.0 + h * 2.0;
 
     let per_layer_tokens = if recompute {
-        c.num_hidden_layers as f64 * h * 2.0 + act_max
+        c.num_hidden_layers as f64 * h * act + act_max
     } else {
         act_all
     };
     let logits = LOGITS_CHUNK * 4.0;
-    let comm = if ep > 1 { 2.0 * k * h * 2.0 } else { 0.0 } + if tp > 1 { h * 2.0 } else { 0.0 };
+    let comm = if ep > 1 { 2.0 * k * h * act } else { 0.0 } + if tp > 1 { h * act } else { 0.0 };
     let per_token = per_layer_tokens + logits + comm;
     Budget {
         tp,
@@ -310,10 +331,20 @@ mod tests {
         assert_eq!((best.tp, best.ep), (8, 8), "{best:?}");
         // Experts on one GPU each (ep 1) can never fit: ~470 GB of FP8 experts.
         assert!(budget(&input(80.0), 8, 1, true).total() > 80.0 * GIB);
-        // 80 GiB needs per-layer recompute; 140 GiB holds every layer's activations.
+        // 80 GiB needs per-layer recompute; so does 140 GiB while the ranks compute in f32
+        // (every layer's f32 activations: ~190 GiB), with far more tokens per micro-batch.
         assert!(best.recompute, "{best:?}");
         assert!(!budget(&input(80.0), 8, 8, false).total().le(&(80.0 * GIB)));
         let h200 = &layouts(&input(140.0))[0];
-        assert!(!h200.recompute && h200.total() <= 140.0 * GIB, "{h200:?}");
+        assert!(h200.recompute && h200.total() <= 140.0 * GIB, "{h200:?}");
+        assert!(budget(&input(140.0), 8, 8, false).total() > 140.0 * GIB);
+        assert!(h200.max_tokens(140.0 * GIB) > 4 * best.max_tokens(80.0 * GIB));
+        // Attention adapters are whole on every rank (as the trainer keeps them), experts' × 1/8:
+        // 62 layers × 16 × [(6144 + 12288) + 2·(6144 + 1024) + (12288 + 6144)
+        //                   + 20 experts × 3 × (6144 + 2560)].
+        let per_layer = 16.0 * (2.0 * 18432.0 + 2.0 * 7168.0 + 20.0 * 3.0 * 8704.0);
+        assert_eq!(best.lora_params, 62.0 * per_layer);
+        // Activations in f32 on several GPUs.
+        assert_eq!(input(80.0).activation_bytes(), 4.0);
     }
 }

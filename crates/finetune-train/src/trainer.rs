@@ -246,6 +246,16 @@ impl<'m> Trainer<'m> {
                 full.dropout_p()
             )));
         }
+        // The model must hold what this rank computes with (its shard, or the whole model).
+        let need = rank.base_shard(&model.config);
+        if !model.shard().covers(&need) {
+            return Err(TrainError::Options(format!(
+                "rank {}: the base model holds {:?}, this rank needs {need:?} (load it with \
+                 parallel::load_rank_model)",
+                rank.rank(),
+                model.shard()
+            )));
+        }
         let lora = rank.local_lora(full)?;
         let mut t = Self::new(model, lora, train, heldout, options)?;
         t.parallel = Some(rank);

@@ -66,11 +66,19 @@ pub fn command(args: &PlanArgs) -> Result<crate::Outcome> {
             best.lora,
         ),
         (
-            if best.recompute {
-                "activations (per-layer recompute)"
-            } else {
-                "activations"
-            },
+            &*format!(
+                "activations ({}{})",
+                if input.activation_bytes() == 4.0 {
+                    "f32: the parallel trainer's ranks compute in f32"
+                } else {
+                    "bf16"
+                },
+                if best.recompute {
+                    ", per-layer recompute"
+                } else {
+                    ""
+                }
+            ),
             best.activations,
         ),
         ("communication buffers", best.communication),

@@ -342,27 +342,42 @@ pub fn train_into(
     let train_seqs = pack(&train_examples, seq_len);
     let heldout_seqs = pack(&heldout_examples, seq_len);
 
-    // Model and adapter. Several ranks (--gpus, a launcher): loaded on the CPU here, each GPU
-    // rank loads its own copy (train_parallel).
+    // Model and adapter. Several ranks (--gpus, a launcher): nothing of the base is loaded
+    // here, each rank loads its own shard (train_parallel); the adapter is made on the CPU.
     let world = crate::train_parallel::world(t.gpus, t.tp, t.ep, &config)?;
     let device = if world.is_some() {
         Device::Cpu
     } else {
         device()
     };
-    let weights = Weights::open(&base, &device)?;
-    let mut model = Qwen3Moe::load(config, &weights, &device)?;
-    // train.dtype: auto = bf16 on a GPU, f32 on the CPU.
+    // train.dtype: auto = bf16 on a GPU, f32 on the CPU (and for parallel runs, whose engine
+    // computes in f32).
     let compute = match t.dtype {
         ComputeDtype::F32 => candle_core::DType::F32,
         ComputeDtype::Bf16 => candle_core::DType::BF16,
         ComputeDtype::Auto if device.is_cuda() => candle_core::DType::BF16,
         ComputeDtype::Auto => candle_core::DType::F32,
     };
-    model
-        .set_compute_dtype(compute)
-        .context("flag --dtype / train.dtype")?;
-    let targets = model.lora_targets();
+    let model = if world.is_some() {
+        if compute != candle_core::DType::F32 {
+            bail!(
+                "flag --dtype / train.dtype: {compute:?} compute is not supported with several \
+                 ranks yet (the parallel engine computes in f32); use f32 or auto"
+            );
+        }
+        None
+    } else {
+        let weights = Weights::open(&base, &device)?;
+        let mut model = Qwen3Moe::load(config.clone(), &weights, &device)?;
+        model
+            .set_compute_dtype(compute)
+            .context("flag --dtype / train.dtype")?;
+        Some(model)
+    };
+    let targets = match &model {
+        Some(m) => m.lora_targets(),
+        None => Qwen3Moe::targets_of(&config),
+    };
     let rank = r.lora.r as usize;
     let scale = lora_scale(rank, r.lora.lora_alpha, r.lora.use_rslora);
     let mut lora = match init_adapter {
@@ -419,7 +434,7 @@ pub fn train_into(
             crate::train_parallel::ParallelRun {
                 world,
                 base: &base,
-                model,
+                config,
                 lora: &lora,
                 train: train_seqs,
                 heldout: heldout_seqs,
@@ -457,6 +472,7 @@ pub fn train_into(
         );
     }
     let summary = on_large_stack(|| -> Result<TrainSummary> {
+        let model = model.context("the single-device run loads the model")?;
         let mut trainer = Trainer::new(&model, lora, train_seqs, heldout_seqs, options)?;
         if let Some(dir) = &resume_dir {
             trainer.resume(checkpoint::load(dir, &targets)?)?;

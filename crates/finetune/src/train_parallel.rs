@@ -3,14 +3,16 @@
 //! with the in-process collectives, which runs every layout on any machine), times the
 //! processes a launcher started (torchrun-style `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/
 //! `MASTER_PORT` or Slurm's `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`, CUDA builds only).
-//! The layout is `train.tp` × `train.ep` (finetune-train's `parallel::layout`); rank 0 reports
+//! The layout is `train.tp` × `train.ep` (finetune-train's `parallel::layout`); each rank loads
+//! only its shard of the base weights (its experts, heads and vocabulary rows:
+//! `parallel::load_rank_model`), on its GPU or, on the CPU, into its own memory; rank 0 reports
 //! progress and writes metrics, checkpoints and the final adapter.
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use finetune_data::Sequence;
 use finetune_model::peft::{self, AdapterMeta};
-use finetune_model::{Lora, Qwen3Moe, Weights};
+use finetune_model::{Lora, Qwen3Moe, Qwen3MoeConfig};
 use finetune_train::parallel::launch::{self, LaunchEnv};
 use finetune_train::parallel::{Layout, RankContext};
 use finetune_train::{checkpoint, RunOutput, StepMetrics, TrainOptions, TrainSummary, Trainer};
@@ -76,9 +78,9 @@ fn device_of(world: &World, i: usize) -> Result<Device> {
 /// Everything a rank needs, shared by the threads.
 pub struct ParallelRun<'a> {
     pub world: World,
+    /// The base model's directory: each rank reads its shard from it.
     pub base: &'a Path,
-    /// The model loaded on the CPU (shared by CPU ranks; GPU ranks load their own copy).
-    pub model: Qwen3Moe,
+    pub config: Qwen3MoeConfig,
     /// The whole adapter, on the CPU.
     pub lora: &'a Lora,
     pub train: Vec<Sequence>,
@@ -118,19 +120,7 @@ pub fn run(
             w.layout.world, w.layout.tp, w.layout.ep
         );
     }
-    // The model: one copy shared by CPU ranks, one per GPU.
-    let models: Vec<Qwen3Moe> = if on_gpu {
-        devices
-            .iter()
-            .map(|d| -> Result<Qwen3Moe> {
-                let weights = Weights::open(p.base, d)?;
-                Ok(Qwen3Moe::load(p.model.config.clone(), &weights, d)?)
-            })
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
-    };
-    let n_experts = p.model.config.num_experts;
+    let n_experts = p.config.num_experts;
     let layout = w.layout;
     // Communicators: in-process CPU groups, or NCCL ids made by process 0.
     let mut cpu = if on_gpu {
@@ -144,10 +134,9 @@ pub fn run(
     let nccl_ids: Vec<u8> = if on_gpu { nccl_ids(w)? } else { Vec::new() };
     let results: Vec<Result<TrainSummary>> = std::thread::scope(|s| {
         let mut joins = Vec::new();
-        for i in 0..w.local {
+        for (i, device) in devices.iter().enumerate() {
             let rank = w.first_rank + i;
-            let device = devices[i].clone();
-            let model = if on_gpu { &models[i] } else { &p.model };
+            let device = device.clone();
             let cpu_comms = cpu.get_mut(rank).and_then(Option::take);
             let ids = &nccl_ids;
             let p = &p;
@@ -172,8 +161,42 @@ pub fn run(
                         .collect::<candle_core::Result<Vec<_>>>()?,
                 )?;
                 let ctx = RankContext::new(layout, rank, comms, &full, n_experts)?;
+                // This rank's shard of the base weights only, read from the files.
+                let model: Qwen3Moe = match finetune_train::parallel::load_rank_model(
+                    p.base, &p.config, &ctx, &device,
+                ) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if on_gpu {
+                            // NCCL calls cannot be interrupted (as below).
+                            eprintln!("finetune: error: rank {rank}: {e:#}");
+                            std::process::exit(1);
+                        }
+                        ctx.abort(&format!("rank {rank}: {e:#}"));
+                        return Err(e.into());
+                    }
+                };
+                if i == 0 {
+                    let s = model.shard();
+                    let bytes: usize = model
+                        .base_tensors()
+                        .iter()
+                        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+                        .sum();
+                    eprintln!(
+                        "train: rank {rank} loaded experts {:?} of {}, heads {:?} of {}, \
+                         vocabulary rows {:?} of {}: {:.1} MiB of base weights",
+                        s.experts,
+                        p.config.num_experts,
+                        s.heads,
+                        p.config.num_attention_heads,
+                        s.vocab,
+                        p.config.vocab_size,
+                        bytes as f64 / (1u64 << 20) as f64
+                    );
+                }
                 let mut trainer = Trainer::new_parallel(
-                    model,
+                    &model,
                     &full,
                     p.train.clone(),
                     p.heldout.clone(),

@@ -438,6 +438,18 @@ fn two_ranks_train_like_one_and_their_checkpoint_resumes_on_one() {
         &[&steps[..], &["--gpus", "2", "--ep", "2"]].concat(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // Each rank loads only its shard: rank 0 the first half of the experts.
+    let err = stderr(&o);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("train: rank 0 loaded experts 0.."))
+        .unwrap_or_else(|| panic!("no shard line in {err}"));
+    let (half, all) = line["train: rank 0 loaded experts 0..".len()..]
+        .split_once(" of ")
+        .unwrap();
+    let all: usize = all.split(',').next().unwrap().parse().unwrap();
+    assert_eq!(half.parse::<usize>().unwrap() * 2, all, "{line}");
+    assert!(line.ends_with("MiB of base weights"), "{line}");
     let losses = |run: &Path| -> Vec<f64> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()

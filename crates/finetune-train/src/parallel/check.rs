@@ -3,7 +3,8 @@
 //!
 //! - [`layouts_on`]: one training step's loss and LoRA gradients of a tiny random Qwen3-MoE
 //!   (the `tiny` preset's shapes, 2 layers) under several layouts, ranks as threads with the
-//!   in-process collectives and tensors on the device, against the single-device CPU run.
+//!   in-process collectives and tensors on the device, each rank loading only its shard of the
+//!   base weights, against the single-device CPU run.
 //! - [`nccl_ops`] (cuda): every NCCL collective over one rank per GPU, against the CPU backend
 //!   on the same inputs; [`nccl_step`]: the same training step over an NCCL world of one GPU.
 
@@ -21,13 +22,20 @@ pub struct CheckLine {
     pub ok: bool,
 }
 
-/// A tiny random model (on `device` and on the CPU), an adapter with A and B non-zero, and
-/// four packed sequences.
+/// A tiny random model (its checkpoint directory, removed on drop; loaded whole on `device` and
+/// on the CPU), an adapter with A and B non-zero, and four packed sequences.
 pub struct Fixture {
+    pub dir: std::path::PathBuf,
     pub cpu: Qwen3Moe,
     pub dev: Qwen3Moe,
     pub lora: Lora,
     pub sequences: Vec<Sequence>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Fixture {
@@ -49,9 +57,13 @@ impl Fixture {
             let w = Weights::open(&dir, d).map_err(|e| io(&e))?;
             Qwen3Moe::load(config.clone(), &w, d).map_err(|e| io(&e))
         };
-        let (cpu, dev) = (load(&Device::Cpu), load(device));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (cpu, dev) = (cpu?, dev?);
+        let (cpu, dev) = match (load(&Device::Cpu), load(device)) {
+            (Ok(cpu), Ok(dev)) => (cpu, dev),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let modules: Vec<String> = [
             "q_proj",
             "k_proj",
@@ -114,6 +126,7 @@ impl Fixture {
             })
             .collect();
         Ok(Self {
+            dir,
             cpu,
             dev,
             lora,
@@ -211,7 +224,8 @@ pub fn layouts_on(device: &Device, tolerance: f32) -> Result<Vec<CheckLine>, Tra
         let layout = Layout::new(world, tp, ep, &fx.dev.config)?;
         let ranks = simulate(
             layout,
-            &fx.dev,
+            &fx.dir,
+            &fx.dev.config,
             &fx.lora,
             &fx.sequences,
             &[],

@@ -23,6 +23,11 @@
 //! sums them over the right groups, bucket by bucket as the backward finishes the layers
 //! (the `layer_done` callback, `buckets`).
 //!
+//! Base weights: the rank's model holds only its shard (`super::load_rank_model`): the engine
+//! asks for its heads (`attention_heads`), its experts (`expert_forward`, global indices) and
+//! its vocabulary rows (`vocab`), and the model computes with the rows it holds, no whole
+//! tensor narrowed.
+//!
 //! Around the layers: under tensor parallelism the embedding and the head + loss are
 //! vocabulary-parallel (`vocab`: embedding = all_reduce_tp(my rows' lookup); loss from the
 //! local logits with all-reduced max, Σ exp and target logit; ∂x = norm backward of

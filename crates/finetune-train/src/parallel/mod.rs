@@ -21,6 +21,13 @@
 //! Every rank keeps the attention and dense adapters whole and only its experts' adapters, with
 //! their AdamW state; a checkpoint gathers the experts' adapters and moments on rank 0 and is
 //! written whole (PEFT names, full tensors), so any layout resumes it ([`RankContext::restrict`]).
+//!
+//! Base weights: each rank loads only its shard ([`RankContext::base_shard`],
+//! [`load_rank_model`]): the experts of its expert shard, the q/k/v rows and o_proj columns of
+//! its heads, under vocabulary parallelism its rows of embed_tokens and lm_head, the rest (norms,
+//! routers, dense MLPs) whole — read alone from the memory-mapped safetensors
+//! (`finetune_model::shard`). The engine asks the model for its pieces in global indices and the
+//! model uses the rows it holds.
 
 pub mod buckets;
 pub mod check;
@@ -39,7 +46,8 @@ use crate::checkpoint::Checkpoint;
 use crate::TrainError;
 use candle_core::{Tensor, Var};
 use finetune_data::Sequence;
-use finetune_model::Lora;
+use finetune_model::{BaseShard, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
+use std::path::Path;
 use std::time::Duration;
 
 /// A rank's communicators, one per [`GroupKind`].
@@ -202,6 +210,22 @@ impl RankContext {
             bucket_elements: BUCKET_ELEMENTS,
             last_overlap: Default::default(),
         })
+    }
+
+    /// The part of the base weights this rank computes with: the experts of its expert shard,
+    /// the query heads of its tensor-parallel index (with their key/value heads), and its
+    /// vocabulary rows when [`Self::vocab_parallel_active`] (else every row).
+    pub fn base_shard(&self, config: &Qwen3MoeConfig) -> BaseShard {
+        let (l, k) = (&self.layout, self.coords);
+        BaseShard {
+            experts: l.experts_of_shard(l.shard(k), config.num_experts),
+            heads: l.heads(k.t, config.num_attention_heads),
+            vocab: if self.vocab_parallel_active() {
+                vocab::shard(config.vocab_size, l.tp, k.t)
+            } else {
+                0..config.vocab_size
+            },
+        }
     }
 
     /// Whether this rank runs the embedding and the loss vocabulary-parallel (tp > 1 and
@@ -609,14 +633,33 @@ pub mod nccl_setup {
     }
 }
 
+/// Loads rank `ctx`'s shard ([`RankContext::base_shard`]) of the base model in `dir` (config
+/// `config`) onto `device`: only the shard's bytes are read from the files.
+pub fn load_rank_model(
+    dir: &Path,
+    config: &Qwen3MoeConfig,
+    ctx: &RankContext,
+    device: &candle_core::Device,
+) -> Result<Qwen3Moe, TrainError> {
+    let io = |e: &dyn std::fmt::Display| TrainError::Io {
+        path: dir.to_path_buf(),
+        message: format!("rank {}: {e}", ctx.rank()),
+    };
+    let weights = Weights::open(dir, device).map_err(|e| io(&e))?;
+    Qwen3Moe::load_shard(config.clone(), &weights, device, &ctx.base_shard(config))
+        .map_err(|e| io(&e))
+}
+
 /// Runs `f` on a trainer for every rank of `layout` as threads of this process (1 GiB stacks),
 /// with the in-process CPU collectives; tensors live on `device` (the CPU collectives copy
-/// through the host, so this also runs a layout on one GPU). Each rank gets its own copy of
-/// `full`. Returns the results by rank; the first error fails the whole run.
+/// through the host, so this also runs a layout on one GPU). Each rank loads its own shard of
+/// the base model in `base` ([`load_rank_model`]) and gets its own copy of `full`. Returns the
+/// results by rank; the first error fails the whole run.
 #[allow(clippy::too_many_arguments)]
 pub fn simulate<T: Send>(
     layout: Layout,
-    model: &finetune_model::Qwen3Moe,
+    base: &Path,
+    config: &Qwen3MoeConfig,
     full: &Lora,
     train: &[Sequence],
     heldout: &[Sequence],
@@ -625,7 +668,7 @@ pub fn simulate<T: Send>(
     f: impl Fn(&mut crate::Trainer) -> Result<T, TrainError> + Sync,
 ) -> Result<Vec<T>, TrainError> {
     let comms = CpuComms::for_layout(&layout, Duration::from_secs(600));
-    let n_experts = model.config.num_experts;
+    let n_experts = config.num_experts;
     let results: Vec<Result<T, TrainError>> = std::thread::scope(|s| {
         let f = &f;
         let joins: Vec<_> = comms
@@ -638,8 +681,15 @@ pub fn simulate<T: Send>(
                     .spawn_scoped(s, move || -> Result<T, TrainError> {
                         let own = copy_lora(full, device)?;
                         let ctx = RankContext::new(layout, rank, c.into_comms(), &own, n_experts)?;
+                        let model = match load_rank_model(base, config, &ctx, device) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                ctx.abort(&format!("rank {rank}: {e}"));
+                                return Err(e);
+                            }
+                        };
                         let mut t = crate::Trainer::new_parallel(
-                            model,
+                            &model,
                             &own,
                             train.to_vec(),
                             heldout.to_vec(),

@@ -16,6 +16,9 @@
 //!   rank's partial ∂/∂norm(x); one all-reduce over the group sums the partials (once, after
 //!   the chunks), and the final norm's backward turns it into ∂/∂x.
 //!
+//! A rank's model holds only its rows of embed_tokens and lm_head (`super::load_rank_model`);
+//! [`embed`] and [`loss_and_grad`] ask for exactly those rows.
+//!
 //! Every rank of a tp group holds the same hidden states and labels, so they run the same
 //! number of chunks (sized on the largest shard) and the same collectives in the same order.
 
@@ -158,7 +161,9 @@ mod tests {
 
     /// tp 3 over a vocabulary of 301 (101 + 100 + 100 rows), tied embeddings, 2-row chunks:
     /// every rank's loss and ∂loss/∂x equal the single-device fused head + loss
-    /// (`Qwen3Moe::head_loss_sum`), and the sharded embedding equals the whole lookup exactly.
+    /// (`Qwen3Moe::head_loss_sum`), and the sharded embedding equals the whole lookup exactly;
+    /// each rank's model holds only its rows (a sharded load), and gives bit for bit what the
+    /// whole model's rows give.
     #[test]
     fn three_shards_give_the_whole_head_loss_and_embedding() {
         let dir = tempfile::tempdir().unwrap();
@@ -169,6 +174,17 @@ mod tests {
         finetune_model::init::write_random_checkpoint(&c, 5, dir.path()).unwrap();
         let weights = Weights::open(dir.path(), &Device::Cpu).unwrap();
         let model = Qwen3Moe::load(c.clone(), &weights, &Device::Cpu).unwrap();
+        let shards: Vec<Qwen3Moe> = (0..3)
+            .map(|r| {
+                let mut s = finetune_model::BaseShard::whole(&c);
+                s.vocab = shard(301, 3, r);
+                let w = Weights::open(dir.path(), &Device::Cpu).unwrap();
+                Qwen3Moe::load_shard(c.clone(), &w, &Device::Cpu, &s).unwrap()
+            })
+            .collect();
+        // Sharded models hold only their rows: the whole-vocabulary paths refuse.
+        let e = shards[1].embed_tokens(&[0]).unwrap_err().to_string();
+        assert!(e.contains("151..") || e.contains("101..201"), "{e}");
         let t = 9;
         // Deterministic hidden states of unit scale.
         let x = (Tensor::arange(0f32, (t * c.hidden_size) as f32, &Device::Cpu).unwrap() * 0.37)
@@ -197,18 +213,27 @@ mod tests {
                 .into_iter()
                 .map(|comm| {
                     let (model, x, labels, ids) = (&model, &x, &labels, &ids);
+                    let own = &shards[comm.rank()];
                     s.spawn(move || {
                         let (loss, g) =
                             loss_and_grad(model, &comm, x, labels, Some(0.5), 2 * 101).unwrap();
+                        // The rank's own shard: the same numbers, bit for bit.
+                        let (l2, g2) =
+                            loss_and_grad(own, &comm, x, labels, Some(0.5), 2 * 101).unwrap();
+                        assert_eq!(l2.to_bits(), loss.to_bits());
+                        let (g, g2) = (g.unwrap(), g2.unwrap());
+                        let bits = |t: &Tensor| -> Vec<u32> {
+                            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                            v.into_iter().map(f32::to_bits).collect()
+                        };
+                        assert!(bits(&g) == bits(&g2), "rank {}: ∂x", comm.rank());
+                        let e1 = embed(model, &comm, ids).unwrap();
+                        let e2 = embed(own, &comm, ids).unwrap();
+                        assert!(bits(&e1) == bits(&e2), "rank {}: embedding", comm.rank());
                         let (loss_only, none) =
                             loss_and_grad(model, &comm, x, labels, None, 1 << 20).unwrap();
                         assert!(none.is_none());
-                        (
-                            loss,
-                            g.unwrap(),
-                            loss_only,
-                            embed(model, &comm, ids).unwrap(),
-                        )
+                        (loss, g, loss_only, embed(model, &comm, ids).unwrap())
                     })
                 })
                 .collect();
