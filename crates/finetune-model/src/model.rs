@@ -1626,7 +1626,15 @@ impl Qwen3Moe {
         let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
-        let Some(experts) = experts.get(range.clone()) else {
+        // This model may hold a shard of the experts (`self.shard.experts`).
+        let held = &self.shard.experts;
+        if range.start < held.start || range.end > held.end {
+            candle_core::bail!(
+                "experts {range:?} of layer {index}: this model holds experts {held:?}"
+            );
+        }
+        let local = range.start - held.start..range.end - held.start;
+        let Some(experts) = experts.get(local) else {
             candle_core::bail!(
                 "experts {range:?} of layer {index}: it has {}",
                 experts.len()
@@ -1648,7 +1656,13 @@ impl Qwen3Moe {
         let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
-        experts[expert].forward_with(x, lora, adapters)
+        let held = &self.shard.experts;
+        if !held.contains(&expert) {
+            candle_core::bail!(
+                "expert {expert} of layer {index}: this model holds experts {held:?}"
+            );
+        }
+        experts[expert - held.start].forward_with(x, lora, adapters)
     }
 
     /// The dense MLP of layer `index` on `x` (layers in `mlp_only_layers`).
