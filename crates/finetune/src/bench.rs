@@ -261,8 +261,14 @@ fn forward_backward_secs(
         device.synchronize()?;
         let before = mib();
         let started = std::time::Instant::now();
-        let logits = model.forward_with(&sequence.ids, &sequence.position_ids, Some(lora))?;
-        let loss = Qwen3Moe::loss_sum_tensor(&logits, &sequence.labels)?;
+        // The trainer's forward (Trainer::run without recompute): layers, then lm_head fused
+        // with the loss, so that no [T, vocab] logits distort the times and the memory.
+        let ctx = model.sequence_context(&sequence.position_ids, 0)?;
+        let mut x = model.embed_tokens(&sequence.ids)?;
+        for layer in 0..model.num_layers() {
+            x = model.layer_forward(layer, &x, &ctx, Some(lora), None)?;
+        }
+        let loss = model.head_loss_sum(&x, &sequence.labels)?;
         device.synchronize()?;
         let forward = started.elapsed().as_secs_f64();
         let after_forward = mib();
