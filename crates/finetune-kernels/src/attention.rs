@@ -54,8 +54,73 @@ pub fn causal_attention(
     past: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    causal_attention_docs(
+        q,
+        k,
+        v,
+        &Documents::new(doc_start, q.device())?,
+        past,
+        scale,
+    )
+}
+
+/// [`causal_attention`] with the sequence's [`Documents`] made once (the model makes them per
+/// sequence and uses them in every layer).
+pub fn causal_attention_docs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    docs: &Documents,
+    past: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let tc = tensor_cores() && tensor_cores_cover(q.dims3()?.2, q.dtype()) && q.device().is_cuda();
-    causal_attention_blocked(q, k, v, doc_start, past, scale, BLOCK, tc)
+    causal_attention_blocked(q, k, v, docs, past, scale, BLOCK, tc)
+}
+
+/// The documents of one packed sequence: each token's document start, and on a GPU the starts
+/// and ends in device memory — uploaded once per sequence rather than once per layer (a copy
+/// from pageable host memory first waits for everything queued on the stream).
+#[derive(Clone, Debug)]
+pub struct Documents {
+    start: std::sync::Arc<[u32]>,
+    start_dev: Option<Tensor>,
+    end_dev: Option<Tensor>,
+}
+
+impl Documents {
+    /// `doc_start[i]`: the index of token i's document's first token (non-decreasing,
+    /// `doc_start[i] ≤ i`); device copies when `device` is not the CPU.
+    pub fn new(doc_start: &[u32], device: &candle_core::Device) -> candle_core::Result<Self> {
+        let t = doc_start.len();
+        if doc_start
+            .iter()
+            .enumerate()
+            .any(|(i, &s)| s as usize > i || (i > 0 && s < doc_start[i - 1]))
+        {
+            candle_core::bail!(
+                "attention: doc_start must hold {t} non-decreasing values with doc_start[i] ≤ i"
+            );
+        }
+        let (start_dev, end_dev) = if device.is_cpu() {
+            (None, None)
+        } else {
+            (
+                Some(Tensor::new(doc_start, device)?),
+                Some(Tensor::new(doc_ends(doc_start).as_slice(), device)?),
+            )
+        };
+        Ok(Self {
+            start: doc_start.into(),
+            start_dev,
+            end_dev,
+        })
+    }
+
+    /// The document start of each token.
+    pub fn starts(&self) -> &[u32] {
+        &self.start
+    }
 }
 
 /// Whether the tensor-core kernels are on: `FINETUNE_ATTENTION_TENSOR_CORES=1` in the
@@ -93,7 +158,7 @@ fn causal_attention_blocked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    doc_start: &[u32],
+    docs: &Documents,
     past: usize,
     scale: f64,
     block: usize,
@@ -109,29 +174,21 @@ fn causal_attention_blocked(
             v.dims()
         );
     }
-    if doc_start.len() != t
-        || doc_start
-            .iter()
-            .enumerate()
-            .any(|(i, &s)| s as usize > i || (i > 0 && s < doc_start[i - 1]))
-    {
+    if docs.start.len() != t {
         candle_core::bail!(
-            "attention: doc_start must hold {t} non-decreasing values with doc_start[i] ≤ i"
+            "attention: doc_start must hold {t} non-decreasing values with doc_start[i] ≤ i, got {} values",
+            docs.start.len()
         );
     }
-    // On the GPU the kernels read the document starts and ends from device memory.
-    let (doc_start_dev, doc_end_dev) = if q.device().is_cpu() {
-        (None, None)
-    } else {
-        (
-            Some(Tensor::new(doc_start, q.device())?),
-            Some(Tensor::new(doc_ends(doc_start).as_slice(), q.device())?),
-        )
-    };
+    if !q.device().is_cpu() && docs.start_dev.is_none() {
+        // Documents made for the CPU, attention on a GPU: upload them for this call.
+        let on = Documents::new(&docs.start, q.device())?;
+        return causal_attention_blocked(q, k, v, &on, past, scale, block, tensor_cores);
+    }
     let op = Attention {
-        doc_start: doc_start.to_vec(),
-        doc_start_dev,
-        doc_end_dev,
+        doc_start: docs.start.clone(),
+        doc_start_dev: docs.start_dev.clone(),
+        doc_end_dev: docs.end_dev.clone(),
         past,
         scale: scale as f32,
         block: block.max(1),
@@ -173,7 +230,7 @@ enum Lse {
 /// The op; `lse` keeps the forward's row logsumexps for the backward. On the GPU the document
 /// starts and ends are also on the device.
 pub struct Attention {
-    doc_start: Vec<u32>,
+    doc_start: std::sync::Arc<[u32]>,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     doc_start_dev: Option<Tensor>,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -1000,7 +1057,8 @@ mod tests {
                     .backward()
                     .unwrap();
                 for block in [1, 3, 4, 16, 64] {
-                    let y = causal_attention_blocked(qv, kv, vv, &ds, past, scale, block, false)
+                    let docs = Documents::new(&ds, &Device::Cpu).unwrap();
+                    let y = causal_attention_blocked(qv, kv, vv, &docs, past, scale, block, false)
                         .unwrap();
                     let dy = rel_diff(&y, &want_y);
                     assert!(dy < 1e-6, "past {past} block {block}: y {dy}");
@@ -1049,10 +1107,11 @@ mod tests {
                         let vars: Vec<Var> =
                             [q, k, v].map(|x| Var::from_tensor(x).unwrap()).to_vec();
                         let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
-                        let y = causal_attention_blocked(
-                            qv, kv, vv, &doc_start, past, scale, BLOCK, tc,
-                        )
-                        .unwrap();
+                        // The documents made on q's device, once per call here (the model
+                        // makes them once per sequence).
+                        let docs = Documents::new(&doc_start, qv.device()).unwrap();
+                        let y = causal_attention_blocked(qv, kv, vv, &docs, past, scale, BLOCK, tc)
+                            .unwrap();
                         let grads = (y.to_dtype(DType::F32).unwrap()
                             * g.to_dtype(DType::F32).unwrap())
                         .unwrap()
@@ -1092,6 +1151,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Documents made once serve every call (as the model uses them for all its layers) and
+    /// give what the per-call form gives; a sequence of another length is refused.
+    #[test]
+    fn documents_made_once_equal_the_per_call_form() {
+        let (q, k, v, ds, _) = long_sample(5);
+        let docs = Documents::new(&ds, &Device::Cpu).unwrap();
+        assert_eq!(docs.starts(), ds.as_slice());
+        let once = causal_attention_docs(&q, &k, &v, &docs, 5, 0.25).unwrap();
+        let per_call = causal_attention(&q, &k, &v, &ds, 5, 0.25).unwrap();
+        assert_eq!(rel_diff(&once, &per_call), 0.0);
+        let short = Documents::new(&ds[..10], &Device::Cpu).unwrap();
+        let err = causal_attention_docs(&q, &k, &v, &short, 5, 0.25)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("got 10 values"), "{err}");
     }
 
     #[test]

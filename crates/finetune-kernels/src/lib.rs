@@ -37,7 +37,7 @@ pub(crate) mod ptx {
 }
 
 pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_attention_docs};
 pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use frozen_batched_linear::frozen_batched_linear;

@@ -120,12 +120,24 @@ pub struct SequenceContext {
     /// The additive `[1, T, past + T]` mask of the plain attention path, built on first use
     /// (the fused path never needs it: at T = 4,096 it is 64 MB and a dozen launches).
     mask: std::sync::OnceLock<Tensor>,
+    /// The fused attention's documents (on a GPU also in device memory), made on first use and
+    /// shared by every layer.
+    documents: std::sync::OnceLock<finetune_kernels::attention::Documents>,
     device: Device,
     cos: Tensor,
     sin: Tensor,
 }
 
 impl SequenceContext {
+    /// The fused attention's documents, uploaded to the device once per sequence.
+    fn documents(&self) -> candle_core::Result<&finetune_kernels::attention::Documents> {
+        if let Some(d) = self.documents.get() {
+            return Ok(d);
+        }
+        let docs = finetune_kernels::attention::Documents::new(&self.doc_start, &self.device)?;
+        Ok(self.documents.get_or_init(|| docs))
+    }
+
     /// The additive mask: 0 where token i may attend to key j (a cached key, or one of its own
     /// document's keys up to itself), −∞ elsewhere.
     fn mask(&self) -> candle_core::Result<&Tensor> {
@@ -922,6 +934,7 @@ impl Qwen3Moe {
             past,
             doc_start,
             mask: std::sync::OnceLock::new(),
+            documents: std::sync::OnceLock::new(),
             device: self.device.clone(),
             cos,
             sin,
@@ -980,11 +993,11 @@ impl Qwen3Moe {
                     // no scores, mask or probabilities tensors. The plain ops below remain for head
                     // dims the CUDA kernels do not cover.
                     let scale = 1.0 / (d as f64).sqrt();
-                    break 'attn finetune_kernels::causal_attention(
+                    break 'attn finetune_kernels::causal_attention_docs(
                         &q,
                         &k,
                         &v,
-                        &ctx.doc_start,
+                        ctx.documents()?,
                         past,
                         scale,
                     )?;
