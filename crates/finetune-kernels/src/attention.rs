@@ -125,25 +125,18 @@ impl Documents {
 
 /// Whether the tensor-core kernels are on: `FINETUNE_ATTENTION_TENSOR_CORES=1` in the
 /// environment, or [`set_tensor_cores`].
-static TENSOR_CORES: std::sync::OnceLock<std::sync::atomic::AtomicBool> =
-    std::sync::OnceLock::new();
-
-fn tensor_cores_flag() -> &'static std::sync::atomic::AtomicBool {
-    TENSOR_CORES.get_or_init(|| {
-        let on = std::env::var("FINETUNE_ATTENTION_TENSOR_CORES").is_ok_and(|v| v == "1");
-        std::sync::atomic::AtomicBool::new(on)
-    })
-}
+static TENSOR_CORES: crate::common::EnvSwitch =
+    crate::common::EnvSwitch::new("FINETUNE_ATTENTION_TENSOR_CORES");
 
 /// Turns the tensor-core CUDA kernels on or off for later calls (bf16, head dims 64 and 128;
 /// other cases keep the scalar kernels).
 pub fn set_tensor_cores(on: bool) {
-    tensor_cores_flag().store(on, std::sync::atomic::Ordering::Relaxed);
+    TENSOR_CORES.set(on)
 }
 
 /// Whether later calls use the tensor-core kernels where they apply.
 pub fn tensor_cores() -> bool {
-    tensor_cores_flag().load(std::sync::atomic::Ordering::Relaxed)
+    TENSOR_CORES.get()
 }
 
 /// Whether the tensor-core kernels cover head dimension `d` and `dtype`.

@@ -5,6 +5,37 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout};
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+/// A process-wide on/off switch for an opt-in kernel path: off unless the environment variable
+/// `var` is `1`, or until [`EnvSwitch::set`].
+pub(crate) struct EnvSwitch {
+    var: &'static str,
+    on: OnceLock<AtomicBool>,
+}
+
+impl EnvSwitch {
+    pub(crate) const fn new(var: &'static str) -> Self {
+        Self {
+            var,
+            on: OnceLock::new(),
+        }
+    }
+
+    fn flag(&self) -> &AtomicBool {
+        self.on
+            .get_or_init(|| AtomicBool::new(std::env::var(self.var).is_ok_and(|v| v == "1")))
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        self.flag().load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.flag().store(on, Ordering::Relaxed)
+    }
+}
 
 /// The contiguous f32 values of `s` under `l` (borrowed for f32, converted for bf16).
 pub(crate) fn cpu_f32<'a>(
@@ -260,6 +291,17 @@ pub(crate) mod cuda {
 #[cfg(test)]
 mod simd_tests {
     use super::*;
+
+    /// Off when its variable is not `1` (here: not set), then whatever `set` says.
+    #[test]
+    fn an_env_switch_is_off_without_its_variable_and_follows_set() {
+        static SWITCH: EnvSwitch = EnvSwitch::new("FINETUNE_TEST_SWITCH_NEVER_SET");
+        assert!(!SWITCH.get());
+        SWITCH.set(true);
+        assert!(SWITCH.get());
+        SWITCH.set(false);
+        assert!(!SWITCH.get());
+    }
 
     #[test]
     fn polynomial_exp_is_within_a_few_ulp_of_exp() {

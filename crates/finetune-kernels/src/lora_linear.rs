@@ -26,24 +26,17 @@ use crate::common::gemm_f32;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
-static ON_GPU: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
-
-fn on_gpu_flag() -> &'static std::sync::atomic::AtomicBool {
-    ON_GPU.get_or_init(|| {
-        let on = std::env::var("FINETUNE_LORA_LINEAR_GPU").is_ok_and(|v| v == "1");
-        std::sync::atomic::AtomicBool::new(on)
-    })
-}
+static ON_GPU: crate::common::EnvSwitch = crate::common::EnvSwitch::new("FINETUNE_LORA_LINEAR_GPU");
 
 /// Turns the fused op on or off for GPU tensors (the model asks [`on_gpu`]).
 pub fn set_on_gpu(on: bool) {
-    on_gpu_flag().store(on, std::sync::atomic::Ordering::Relaxed);
+    ON_GPU.set(on)
 }
 
 /// Whether the model should use this op for GPU tensors: `FINETUNE_LORA_LINEAR_GPU=1` or
 /// [`set_on_gpu`].
 pub fn on_gpu() -> bool {
-    on_gpu_flag().load(std::sync::atomic::Ordering::Relaxed)
+    ON_GPU.get()
 }
 
 /// y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ over the last dimension of x (f32, CPU), differentiable in x, A

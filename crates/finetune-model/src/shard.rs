@@ -153,7 +153,7 @@ fn cut_bytes(data: &[u8], rows: usize, cols: usize, elem: usize, cut: &Cut) -> V
 
 impl Weights {
     /// The stored view of `name`, checked against `expected` and marked used.
-    fn checked_view(
+    pub(crate) fn checked_view(
         &self,
         name: &str,
         expected: &[usize],

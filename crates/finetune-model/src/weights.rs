@@ -261,21 +261,8 @@ impl Weights {
         expected: &[usize],
         device: &Device,
     ) -> Result<Tensor, WeightsError> {
-        if !self.contains(name) {
-            return Err(WeightsError::Missing {
-                name: name.into(),
-                expected: expected.to_vec(),
-            });
-        }
-        let view = self.st.get(name)?;
-        if view.shape() != expected {
-            return Err(WeightsError::Shape {
-                name: name.into(),
-                found: view.shape().to_vec(),
-                expected: expected.to_vec(),
-            });
-        }
-        self.used.borrow_mut().insert(name.into());
+        // Presence and shape checked (and the name marked used) as for a shard's reads.
+        self.checked_view(name, expected)?;
         Ok(self.st.load(name, device)?)
     }
 
