@@ -266,16 +266,7 @@ mod tests {
         let y = frozen_linear_lazy(x.as_tensor(), make).unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let want = frozen_linear(x.as_tensor(), &w).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::common::test::rel_diff;
         assert_eq!(diff(&y, &want), 0.0);
         let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);

@@ -1611,6 +1611,11 @@ impl Qwen3Moe {
         x: &Tensor,
         lora: Option<&Lora>,
     ) -> candle_core::Result<Tensor> {
+        self.held_expert(index, expert)?.forward(x, lora)
+    }
+
+    /// Expert `expert` (global index) of MoE layer `index`, if this model holds it.
+    fn held_expert(&self, index: usize, expert: usize) -> candle_core::Result<&Expert> {
         let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
             candle_core::bail!("layer {index} has a dense MLP, not experts");
         };
@@ -1620,7 +1625,7 @@ impl Qwen3Moe {
                 "expert {expert} of layer {index}: this model holds experts {held:?}"
             );
         }
-        experts[expert - held.start].forward(x, lora)
+        Ok(&experts[expert - held.start])
     }
 
     /// The adapters (gate, up, down) of experts `range` of MoE layer `index` for a forward that
@@ -1666,16 +1671,8 @@ impl Qwen3Moe {
         lora: Option<&Lora>,
         adapters: ExpertLora,
     ) -> candle_core::Result<Tensor> {
-        let Mlp::Moe { experts, .. } = &self.layers[index].mlp else {
-            candle_core::bail!("layer {index} has a dense MLP, not experts");
-        };
-        let held = &self.shard.experts;
-        if !held.contains(&expert) {
-            candle_core::bail!(
-                "expert {expert} of layer {index}: this model holds experts {held:?}"
-            );
-        }
-        experts[expert - held.start].forward_with(x, lora, adapters)
+        self.held_expert(index, expert)?
+            .forward_with(x, lora, adapters)
     }
 
     /// The dense MLP of layer `index` on `x` (layers in `mlp_only_layers`).

@@ -220,6 +220,33 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// One rank's loss, gradient norm and LoRA gradients against the single-device step's (loss and
+/// every gradient within 1e-5, the norm within 1e-5 relative); returns its largest gradient
+/// difference.
+fn check_rank(
+    what: &str,
+    rank: usize,
+    (l, n, grads): &(f64, f64, Vec<(String, Tensor)>),
+    (loss, norm): (f64, f64),
+    want: &HashMap<String, Tensor>,
+) -> f32 {
+    assert!(
+        (l - loss).abs() <= 1e-5,
+        "{what} rank {rank}: loss {l} vs {loss}"
+    );
+    assert!(
+        (n - norm).abs() <= 1e-5 * norm.max(1.0),
+        "{what} rank {rank}: norm {n} vs {norm}"
+    );
+    let mut worst = 0f32;
+    for (name, g) in grads {
+        let d = max_diff(g, &want[name]);
+        worst = worst.max(d);
+        assert!(d <= 1e-5, "{what} rank {rank}: {name} differs by {d}");
+    }
+    worst
+}
+
 /// How a test runs the embedding and the loss under tensor parallelism.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vp {
@@ -314,19 +341,10 @@ fn every_layout_gives_the_single_device_loss_and_gradients() {
             );
             let mut seen: HashMap<String, usize> = HashMap::new();
             let mut worst = 0f32;
-            for (rank, (l, n, grads)) in ranks.iter().enumerate() {
-                assert!(
-                    (l - loss).abs() <= 1e-5,
-                    "{layout:?} rank {rank}: loss {l} vs {loss}"
-                );
-                assert!(
-                    (n - norm).abs() <= 1e-5 * norm.max(1.0),
-                    "{layout:?} rank {rank}: norm {n} vs {norm}"
-                );
-                for (name, g) in grads {
-                    let d = max_diff(g, &want[name]);
-                    worst = worst.max(d);
-                    assert!(d <= 1e-5, "{layout:?} rank {rank}: {name} differs by {d}");
+            for (rank, got) in ranks.iter().enumerate() {
+                let what = format!("{layout:?}");
+                worst = worst.max(check_rank(&what, rank, got, (loss, norm), &want));
+                for (name, _) in &got.2 {
                     *seen.entry(name.clone()).or_default() += 1;
                 }
             }
@@ -402,28 +420,14 @@ fn vocabulary_parallel_handles_tied_embeddings_and_an_uneven_vocabulary() {
             },
         );
         let mut worst = 0f32;
-        for (rank, ((l, n, grads), h)) in ranks.iter().enumerate() {
-            assert!(
-                (l - loss).abs() <= 1e-5,
-                "{layout:?} rank {rank}: loss {l} vs {loss}"
-            );
-            assert!(
-                (n - norm).abs() <= 1e-5 * norm.max(1.0),
-                "{layout:?} rank {rank}: norm {n} vs {norm}"
-            );
+        for (rank, (got, h)) in ranks.iter().enumerate() {
             assert!(
                 (h - want_heldout).abs() <= 1e-5,
                 "{layout:?} rank {rank}: held-out {h} vs {want_heldout}"
             );
-            assert!(!grads.is_empty());
-            for (name, g) in grads {
-                let d = max_diff(g, &want[name]);
-                worst = worst.max(d);
-                assert!(
-                    d <= 1e-5,
-                    "{layout:?} {vp:?} rank {rank}: {name} differs by {d}"
-                );
-            }
+            assert!(!got.2.is_empty());
+            let what = format!("{layout:?} {vp:?}");
+            worst = worst.max(check_rank(&what, rank, got, (loss, norm), &want));
         }
         eprintln!(
             "vocab 301 tied, world {world} tp {tp} ep {ep} {vp:?}: loss {loss:.6}, max |Δgrad| {worst:.2e}"
@@ -713,20 +717,9 @@ fn fp8_shards_give_the_single_device_step() {
             t.step_gradients(&batch).unwrap()
         });
         let mut worst = 0f32;
-        for (rank, (l, n, grads)) in ranks.iter().enumerate() {
-            assert!(
-                (l - loss).abs() <= 1e-5,
-                "{layout:?} rank {rank}: {l} vs {loss}"
-            );
-            assert!(
-                (n - norm).abs() <= 1e-5 * norm.max(1.0),
-                "{layout:?}: {n} vs {norm}"
-            );
-            for (name, g) in grads {
-                let d = max_diff(g, &want[name]);
-                worst = worst.max(d);
-                assert!(d <= 1e-5, "{layout:?} rank {rank}: {name} differs by {d}");
-            }
+        for (rank, got) in ranks.iter().enumerate() {
+            let what = format!("{layout:?}");
+            worst = worst.max(check_rank(&what, rank, got, (loss, norm), &want));
         }
         eprintln!("fp8 world {world} tp {tp} ep {ep}: loss {loss:.6}, max |Δgrad| {worst:.2e}");
     }
