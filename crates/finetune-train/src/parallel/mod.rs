@@ -340,10 +340,16 @@ impl RankContext {
     pub fn local_slice(&self, batch: &[usize]) -> Vec<Option<usize>> {
         let d = self.layout.data_ranks();
         let per = batch.len().div_ceil(d);
-        let start = self.layout.data_index(self.coords) * per;
+        let start = self.local_offset(batch.len());
         (start..start + per)
             .map(|i| batch.get(i).copied())
             .collect()
+    }
+
+    /// The place in a step's batch of `n` sequences of this rank's first slot
+    /// ([`Self::local_slice`]).
+    pub fn local_offset(&self, n: usize) -> usize {
+        self.layout.data_index(self.coords) * n.div_ceil(self.layout.data_ranks())
     }
 
     /// A sequence without targets: loss 0 and zero gradients, for padding.
