@@ -13,7 +13,13 @@
 //!
 //! - CPU (the reference): f32 loops per row, rayon over rows (dw over experts).
 //! - CUDA: one cuBLAS GEMM per non-empty expert on views of one output buffer (f32 or bf16 with
-//!   f32 accumulation); no custom kernel.
+//!   f32 accumulation); no custom kernel. Opt-in (`FINETUNE_GROUPED_GEMM_CUBLAS=1` or
+//!   [`set_cublas_grouped`]): the same GEMMs in one `cublasGemmGroupedBatchedEx` call (cuBLAS ≥
+//!   12.5: one group per expert, each with its own m, n, k, leading dimensions and pointers), so
+//!   that cuBLAS may schedule the experts together instead of 128 launches of a 256-row GEMM
+//!   (37 TFLOPS each on the H200, session 4's `bench_gpu_train.py gemm`). Off by default until a
+//!   GPU session has run its test (`cuda_grouped_call_equals_the_per_expert_loop`) and
+//!   `finetune bench kernels` shows it faster.
 //!
 //! [`grouped_linear_frozen`] is the same map for a frozen weight that the op materializes itself
 //! when it needs it (forward and backward) and drops right after: an FP8 expert stack
@@ -58,6 +64,20 @@ pub fn grouped_linear(
 }
 
 pub use crate::WeightFn;
+
+static CUBLAS_GROUPED: crate::common::EnvSwitch =
+    crate::common::EnvSwitch::new("FINETUNE_GROUPED_GEMM_CUBLAS");
+
+/// The GPU path issues its per-expert GEMMs as one `cublasGemmGroupedBatchedEx` call (`true`)
+/// or one cuBLAS GEMM each (`false`, the default; `FINETUNE_GROUPED_GEMM_CUBLAS=1` sets it).
+pub fn set_cublas_grouped(on: bool) {
+    CUBLAS_GROUPED.set(on)
+}
+
+/// Whether the GPU path uses one grouped cuBLAS call ([`set_cublas_grouped`]).
+pub fn cublas_grouped() -> bool {
+    CUBLAS_GROUPED.get()
+}
 
 /// y = x·w[e]ᵀ per row group with a frozen weight materialized by `weight` for the forward and
 /// again for the backward (never held by the graph); `dims` = (E, out, in) of what it returns.
@@ -315,11 +335,15 @@ impl CustomOp2 for GroupedLinear {
 mod cuda {
     use super::{GroupedLinear, Kind};
     use crate::common::cuda::view;
+    use candle_core::cuda_backend::cudarc::cublas::sys as cublas_sys;
     use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::{
         CUBLAS_OP_N, CUBLAS_OP_T,
     };
+    use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t;
     use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Shape, WithDType};
 
@@ -346,13 +370,15 @@ mod cuda {
         let blas = dev.cublas_handle();
         let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
         let a_cols = a.1.shape().dims2()?.1;
+        // Each non-empty group: its GEMM and the element ranges of its A, B and C operands.
+        let mut groups: Vec<Group<T>> = Vec::new();
         for e in 0..op.offsets.len() - 1 {
             let (start, end) = (op.offsets[e], op.offsets[e + 1]);
             let rows = end - start;
             if rows == 0 {
                 continue;
             }
-            let (cfg, a_part, b_part, y_part) = match op.kind {
+            groups.push(match op.kind {
                 Kind::Forward | Kind::InputGrad => {
                     let cols = out.dims2()?.1;
                     // w[e]: [out, in] row-major.
@@ -377,12 +403,12 @@ mod cuda {
                         beta: zero,
                         ldc: cols as i32,
                     };
-                    (
+                    Group {
                         cfg,
-                        bv.slice(e * w_out * w_in..(e + 1) * w_out * w_in),
-                        av.slice(start * a_cols..end * a_cols),
-                        (start * cols, end * cols),
-                    )
+                        a: (Operand::B, e * w_out * w_in..(e + 1) * w_out * w_in),
+                        b: (Operand::A, start * a_cols..end * a_cols),
+                        c: start * cols..end * cols,
+                    }
                 }
                 Kind::WeightGrad => {
                     let (_, o, i) = out.dims3()?;
@@ -399,20 +425,139 @@ mod cuda {
                         ldc: i as i32,
                     };
                     // A = x rows (b operand), B = dy rows (a operand).
-                    (
+                    Group {
                         cfg,
-                        bv.slice(start * i..end * i),
-                        av.slice(start * o..end * o),
-                        (e * o * i, (e + 1) * o * i),
-                    )
+                        a: (Operand::B, start * i..end * i),
+                        b: (Operand::A, start * o..end * o),
+                        c: e * o * i..(e + 1) * o * i,
+                    }
                 }
-            };
-            let mut y_view = y.slice_mut(y_part.0..y_part.1);
-            // SAFETY: the views hold the m×k, k×n and m×n column-major operands the config
-            // describes (checked shapes above), all on candle's stream.
-            unsafe { blas.gemm(cfg, &a_part, &b_part, &mut y_view) }.w()?;
+            });
+        }
+        let pick = |(which, range): &(Operand, std::ops::Range<usize>)| match which {
+            Operand::A => av.slice(range.clone()),
+            Operand::B => bv.slice(range.clone()),
+        };
+        if super::cublas_grouped() && groups.len() > 1 {
+            grouped_call::<T>(&dev, &blas, &groups, &av, &bv, &mut y)?;
+        } else {
+            for g in &groups {
+                let mut y_view = y.slice_mut(g.c.clone());
+                // SAFETY: the views hold the m×k, k×n and m×n column-major operands the config
+                // describes (checked shapes above), all on candle's stream.
+                unsafe { blas.gemm(g.cfg, &pick(&g.a), &pick(&g.b), &mut y_view) }.w()?;
+            }
         }
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    /// Which input of the op an operand is a view of.
+    #[derive(Clone, Copy)]
+    enum Operand {
+        A,
+        B,
+    }
+
+    /// One expert's GEMM: its configuration and the element ranges of its operands.
+    struct Group<T> {
+        cfg: GemmConfig<T>,
+        a: (Operand, std::ops::Range<usize>),
+        b: (Operand, std::ops::Range<usize>),
+        c: std::ops::Range<usize>,
+    }
+
+    /// The cuBLAS data type of T (f32 or bf16; both computed in f32 with f32 alpha/beta).
+    fn data_type<T: WithDType>() -> candle_core::Result<cudaDataType_t> {
+        match T::DTYPE {
+            candle_core::DType::F32 => Ok(cudaDataType_t::CUDA_R_32F),
+            candle_core::DType::BF16 => Ok(cudaDataType_t::CUDA_R_16BF),
+            other => candle_core::bail!("grouped-linear (cuda): {other:?}, expected f32 or bf16"),
+        }
+    }
+
+    /// `groups` as one `cublasGemmGroupedBatchedEx` call: group g is one GEMM (group size 1)
+    /// with its own transposes, m, n, k, leading dimensions (host arrays) and operand pointers
+    /// (device arrays of pointers into the two inputs and the output, uploaded on the stream
+    /// before the call and freed, stream-ordered, after it). Alpha 1 and beta 0 in f32
+    /// (CUBLAS_COMPUTE_32F: the per-expert `gemm` path's compute type for f32 and bf16).
+    fn grouped_call<T>(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        blas: &candle_core::cuda_backend::cudarc::cublas::CudaBlas,
+        groups: &[Group<T>],
+        av: &CudaView<'_, T>,
+        bv: &CudaView<'_, T>,
+        y: &mut CudaSlice<T>,
+    ) -> candle_core::Result<()>
+    where
+        T: CudaDType + DeviceRepr + WithDType,
+    {
+        let stream = dev.cuda_stream();
+        let dtype = data_type::<T>()?;
+        let size = std::mem::size_of::<T>() as u64;
+        let (a_base, _a_guard) = av.device_ptr(&stream);
+        let (b_base, _b_guard) = bv.device_ptr(&stream);
+        let (c_base, _c_guard) = y.device_ptr_mut(&stream);
+        let base = |which: Operand| match which {
+            Operand::A => a_base,
+            Operand::B => b_base,
+        };
+        let n = groups.len();
+        let mut pointers: Vec<u64> = Vec::with_capacity(3 * n);
+        pointers.extend(
+            groups
+                .iter()
+                .map(|g| base(g.a.0) + g.a.1.start as u64 * size),
+        );
+        pointers.extend(
+            groups
+                .iter()
+                .map(|g| base(g.b.0) + g.b.1.start as u64 * size),
+        );
+        pointers.extend(groups.iter().map(|g| c_base + g.c.start as u64 * size));
+        let on_device = stream.clone_htod(&pointers).w()?;
+        let (p, _p_guard) = on_device.device_ptr(&stream);
+        let ptr_size = std::mem::size_of::<u64>() as u64;
+        let (a_ptrs, b_ptrs, c_ptrs) = (p, p + n as u64 * ptr_size, p + 2 * n as u64 * ptr_size);
+        let ints = |f: fn(&GemmConfig<T>) -> i32| -> Vec<i32> {
+            groups.iter().map(|g| f(&g.cfg)).collect()
+        };
+        let (m, nn, k) = (ints(|c| c.m), ints(|c| c.n), ints(|c| c.k));
+        let (lda, ldb, ldc) = (ints(|c| c.lda), ints(|c| c.ldb), ints(|c| c.ldc));
+        let transa: Vec<_> = groups.iter().map(|g| g.cfg.transa).collect();
+        let transb: Vec<_> = groups.iter().map(|g| g.cfg.transb).collect();
+        let (alpha, beta, sizes) = (vec![1f32; n], vec![0f32; n], vec![1i32; n]);
+        // SAFETY: every array has one entry per group; the pointers address the operands the
+        // configurations describe (the per-expert path's views), on candle's stream, which the
+        // handle uses; the pointer arrays stay allocated until after the call (stream-ordered
+        // free).
+        let status = unsafe {
+            cublas_sys::cublasGemmGroupedBatchedEx(
+                *blas.handle(),
+                transa.as_ptr(),
+                transb.as_ptr(),
+                m.as_ptr(),
+                nn.as_ptr(),
+                k.as_ptr(),
+                alpha.as_ptr() as *const std::ffi::c_void,
+                a_ptrs as *const *const std::ffi::c_void,
+                dtype,
+                lda.as_ptr(),
+                b_ptrs as *const *const std::ffi::c_void,
+                dtype,
+                ldb.as_ptr(),
+                beta.as_ptr() as *const std::ffi::c_void,
+                c_ptrs as *const *mut std::ffi::c_void,
+                dtype,
+                ldc.as_ptr(),
+                n as i32,
+                sizes.as_ptr(),
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
+        };
+        if status != cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            candle_core::bail!("grouped-linear (cuda): cublasGemmGroupedBatchedEx: {status:?}");
+        }
+        Ok(())
     }
 }
 
@@ -592,6 +737,67 @@ mod tests {
             let dx = rel_diff(grads.get(xg.as_tensor()).unwrap(), &want.1);
             eprintln!("grouped-linear-frozen cuda {dtype:?}: y {dy:e}, dx {dx:e}");
             assert!(dy < tol && dx < tol, "{dtype:?}: frozen y {dy}, dx {dx}");
+        }
+    }
+
+    /// The opt-in grouped cuBLAS call (`set_cublas_grouped`) against the per-expert GEMM loop on
+    /// the GPU and the CPU reference: y, dx and dw, f32 and bf16, on the small sample (an empty
+    /// expert) and on 8 experts with 0 to 300 rows of 256 → 192.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_grouped_call_equals_the_per_expert_loop() {
+        use candle_core::DType;
+        let Some(gpu) = crate::common::test::gpu() else {
+            return;
+        };
+        let rows = [37usize, 0, 300, 1, 128, 129, 0, 64];
+        let mut offsets = vec![0usize];
+        for r in rows {
+            offsets.push(offsets.last().unwrap() + r);
+        }
+        let n = *offsets.last().unwrap();
+        let big = (
+            tensor(&[n, 256], 71),
+            tensor(&[8, 192, 256], 72),
+            Arc::new(offsets),
+            tensor(&[n, 192], 73),
+        );
+        for (x, w, offsets, g) in [sample(), big] {
+            let run = |x: &Tensor, w: &Tensor, g: &Tensor| {
+                let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+                let y = grouped_linear(xv.as_tensor(), wv.as_tensor(), &offsets, true).unwrap();
+                let grads = (y.to_dtype(DType::F32).unwrap() * g.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                [
+                    y.to_dtype(DType::F32).unwrap(),
+                    grads.get(xv.as_tensor()).unwrap().clone(),
+                    grads.get(wv.as_tensor()).unwrap().clone(),
+                ]
+            };
+            let want = run(&x, &w, &g);
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+                set_cublas_grouped(true);
+                let grouped = run(&on(&x), &on(&w), &on(&g));
+                set_cublas_grouped(false);
+                let looped = run(&on(&x), &on(&w), &on(&g));
+                for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+                    let vs_loop = rel_diff(&grouped[i], &looped[i]);
+                    let vs_cpu = rel_diff(&grouped[i], &want[i]);
+                    eprintln!(
+                        "grouped cuBLAS call {dtype:?} {what} (N {}): vs loop {vs_loop:e}, vs CPU {vs_cpu:e}",
+                        x.dim(0).unwrap()
+                    );
+                    assert!(
+                        vs_loop < tol && vs_cpu < tol,
+                        "{dtype:?} {what}: {vs_loop} / {vs_cpu}"
+                    );
+                }
+            }
         }
     }
 }
