@@ -11,7 +11,8 @@
 //! as transformers' grouped_mm does. Used for the frozen base experts (`weight_grad = false`:
 //! dx only) and for the stacked LoRA A and B of the experts (dx and dw).
 //!
-//! - CPU (the reference): f32 loops per row, rayon over rows (dw over experts).
+//! - CPU (the reference): one GEMM of the `gemm` crate per non-empty expert, in place on its
+//!   rows (tested against candle's matmul expert by expert).
 //! - CUDA: one cuBLAS GEMM per non-empty expert on views of one output buffer (f32 or bf16 with
 //!   f32 accumulation); no custom kernel. Opt-in (`FINETUNE_GROUPED_GEMM_CUBLAS=1` or
 //!   [`set_cublas_grouped`]): the same GEMMs in one `cublasGemmGroupedBatchedEx` call (cuBLAS ≥
@@ -26,7 +27,7 @@
 //! dequantized to bf16 is then a transient buffer instead of a graph input kept alive until the
 //! backward (1.2 GB per layer of the 30B-A3B shape, ~58 GB over its 48 layers).
 
-use crate::common::{cpu_f32, cpu_out, same_dtype};
+use crate::common::{cpu_f32, cpu_out, gemm_f32, same_dtype};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -219,58 +220,97 @@ impl GroupedLinear {
         })
     }
 
+    /// The CPU reference: one GEMM of the `gemm` crate (candle's CPU matmul) per non-empty
+    /// group, on the group's rows in place; groups in parallel (one thread each) when there are
+    /// at least as many as threads, else one after the other with every thread in each GEMM.
     fn cpu(&self, a: &[f32], b: &[f32], a_cols: usize, out: &Shape) -> Vec<f32> {
-        let group_of = |row: usize| self.offsets.partition_point(|&o| o <= row) - 1;
-        match self.kind {
+        let groups = self.offsets.len() - 1;
+        let threads = rayon::current_num_threads();
+        let (per_gemm, parallel) = if groups >= threads {
+            (1, true)
+        } else {
+            (threads, false)
+        };
+        let mut y = vec![0f32; out.elem_count()];
+        // Each group's part of the output: its rows (Forward, InputGrad) or its [out, in] slab
+        // (WeightGrad), in group order.
+        let sizes: Vec<usize> = match self.kind {
             Kind::Forward | Kind::InputGrad => {
-                let (_, cols) = out.dims2().expect("2-d");
-                let mut y = vec![0f32; out.elem_count()];
-                y.par_chunks_mut(cols.max(1))
-                    .enumerate()
-                    .for_each(|(row, yr)| {
-                        let e = group_of(row);
-                        let ar = &a[row * a_cols..][..a_cols];
-                        // w[e] is [out, in]: Forward reads rows of w (cols = out, k = in),
-                        // InputGrad columns (cols = in, k = out).
-                        let (w_out, w_in) = if self.kind == Kind::Forward {
-                            (cols, a_cols)
-                        } else {
-                            (a_cols, cols)
-                        };
-                        let we = &b[e * w_out * w_in..][..w_out * w_in];
-                        for (c, yc) in yr.iter_mut().enumerate() {
-                            *yc = (0..a_cols)
-                                .map(|k| {
-                                    let wv = if self.kind == Kind::Forward {
-                                        we[c * w_in + k]
-                                    } else {
-                                        we[k * w_in + c]
-                                    };
-                                    ar[k] * wv
-                                })
-                                .sum();
-                        }
-                    });
-                y
+                let cols = out.dims2().expect("2-d").1;
+                self.offsets
+                    .windows(2)
+                    .map(|w| (w[1] - w[0]) * cols)
+                    .collect()
             }
             Kind::WeightGrad => {
                 let (_, o, i) = out.dims3().expect("3-d");
-                let mut dw = vec![0f32; out.elem_count()];
-                dw.par_chunks_mut((o * i).max(1))
-                    .enumerate()
-                    .for_each(|(e, dwe)| {
-                        for row in self.offsets[e]..self.offsets[e + 1] {
-                            let (dy, x) = (&a[row * o..][..o], &b[row * i..][..i]);
-                            for (r, dyr) in dy.iter().enumerate() {
-                                for (c, xc) in x.iter().enumerate() {
-                                    dwe[r * i + c] += dyr * xc;
-                                }
-                            }
-                        }
-                    });
-                dw
+                vec![o * i; groups]
             }
+        };
+        let mut parts: Vec<(usize, &mut [f32])> = Vec::with_capacity(groups);
+        let mut rest = y.as_mut_slice();
+        for (e, &size) in sizes.iter().enumerate() {
+            let (part, tail) = rest.split_at_mut(size);
+            parts.push((e, part));
+            rest = tail;
         }
+        let run = |(e, part): (usize, &mut [f32])| {
+            let (start, end) = (self.offsets[e], self.offsets[e + 1]);
+            let rows = end - start;
+            if rows == 0 {
+                return; // no rows: no output rows, and a zero weight gradient
+            }
+            match self.kind {
+                Kind::Forward => {
+                    // y[rows, out] = x[rows, in] · w[e]ᵀ (w[e] [out, in]: element (k, n) at n·in + k)
+                    let cols = part.len() / rows;
+                    let we = &b[e * cols * a_cols..][..cols * a_cols];
+                    let x = &a[start * a_cols..end * a_cols];
+                    gemm_f32(
+                        (rows, cols, a_cols),
+                        (part, cols, false),
+                        (x, a_cols, 1),
+                        (we, 1, a_cols),
+                        1.0,
+                        per_gemm,
+                    );
+                }
+                Kind::InputGrad => {
+                    // dx[rows, in] = dy[rows, out] · w[e] (w[e] [out, in]: element (k, n) at k·in + n)
+                    let cols = part.len() / rows;
+                    let we = &b[e * a_cols * cols..][..a_cols * cols];
+                    let dy = &a[start * a_cols..end * a_cols];
+                    gemm_f32(
+                        (rows, cols, a_cols),
+                        (part, cols, false),
+                        (dy, a_cols, 1),
+                        (we, cols, 1),
+                        1.0,
+                        per_gemm,
+                    );
+                }
+                Kind::WeightGrad => {
+                    // dw[e][out, in] = dy[rows, out]ᵀ · x[rows, in]
+                    let (_, o, i) = out.dims3().expect("3-d");
+                    let dy = &a[start * o..end * o];
+                    let x = &b[start * i..end * i];
+                    gemm_f32(
+                        (o, i, rows),
+                        (part, i, false),
+                        (dy, 1, o),
+                        (x, i, 1),
+                        1.0,
+                        per_gemm,
+                    );
+                }
+            }
+        };
+        if parallel {
+            parts.into_par_iter().for_each(run);
+        } else {
+            parts.into_iter().for_each(run);
+        }
+        y
     }
 }
 
@@ -621,6 +661,32 @@ mod tests {
                 .unwrap(),
             0.0
         );
+    }
+
+    /// Fewer groups than threads: the GEMMs run one after the other with every thread (the
+    /// other branch of the CPU reference); one group is a plain matmul.
+    #[test]
+    fn a_single_group_equals_a_matmul_with_its_gradients() {
+        let (x, w, g) = (
+            tensor(&[70, 33], 81),
+            tensor(&[1, 17, 33], 82),
+            tensor(&[70, 17], 83),
+        );
+        let offsets = Arc::new(vec![0, 70]);
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let ours = grouped_linear(xv.as_tensor(), wv.as_tensor(), &offsets, true).unwrap();
+        let theirs = plain(xv.as_tensor(), wv.as_tensor(), &offsets);
+        assert!(rel_diff(&ours, &theirs) < 1e-6);
+        let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [xv.as_tensor(), wv.as_tensor()] {
+            assert!(rel_diff(go.get(v).unwrap(), gt.get(v).unwrap()) < 1e-6);
+        }
     }
 
     #[test]
