@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu-check.sh: the GPU checks of issue #9 in one call on the GPU machine: the CUDA kernel and
-# model parity test executables, `finetune bench kernels`, the GPU-vs-CPU loss curve of `finetune train` on the embedded
+# model parity test executables, `finetune doctor`, `finetune bench kernels`, the GPU-vs-CPU loss curve of `finetune train` on the embedded
 # tiny base, then scripts/bench-gpu.sh. Results under $OUT.
 #
 #   here:  scripts/device-run.sh build && scripts/device-run.sh build-tests finetune-kernels finetune-model
@@ -28,6 +28,11 @@ for t in dist/cuda-tests/cuda_parity-*; do
 done
 grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda" "$OUT"/*.log | head -60
 fi
+# Every device and NCCL self-check, including the parallel step over NCCL with the gradient
+# all-reduce on a second stream overlapping the backward (world = the GPUs lent).
+timeout 300 bash scripts/device-run.sh exec dist/cuda/finetune doctor > "$OUT/doctor.txt" 2>&1
+echo "doctor rc $?" >> "$OUT/rc.txt"
+grep -E "FAIL|nccl" "$OUT/doctor.txt" | head -40
 # Per-kernel TFLOPS / GB/s against cuBLAS and a copy of the same size (30B-A3B layer shapes).
 timeout 180 bash scripts/device-run.sh exec dist/cuda/finetune bench kernels --json "$OUT/kernels.jsonl" \
   > "$OUT/bench-kernels.txt" 2>&1

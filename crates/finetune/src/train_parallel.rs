@@ -262,7 +262,10 @@ pub fn run(
 fn nccl_ids(w: &World) -> Result<Vec<u8>> {
     use finetune_train::parallel::nccl_setup;
     let mine = if w.first_rank == 0 {
-        Some(nccl_setup::ids(&w.layout)?)
+        Some(nccl_setup::ids(
+            &w.layout,
+            finetune_train::parallel::nccl_side_stream_enabled(),
+        )?)
     } else {
         None
     };
