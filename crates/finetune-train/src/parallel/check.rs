@@ -364,7 +364,7 @@ mod cuda_checks {
     use super::super::collective::{Collective, CpuCollective};
     use super::super::nccl::{unique_id, NcclCollective};
     use super::super::{nccl_setup, Layout, RankContext};
-    use super::{compare, CheckLine, Fixture};
+    use super::{compare, compare_relative, CheckLine, Fixture};
     use crate::{TrainError, Trainer};
     use candle_core::{DType, Device, Tensor};
     use std::time::Duration;
