@@ -35,7 +35,7 @@
 //! them on — opt-in until a GPU session has run their test (written without a GPU).
 
 use crate::common::{cpu_f32, exp_sub_sum, gemm_f32, max, simd};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -531,7 +531,12 @@ impl CustomOp3 for Attention {
             .lock()
             .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))? =
             Some(Lse::Cpu(lse));
-        Ok((CpuStorage::F32(o), Shape::from((n.t, n.h * n.d))))
+        // bf16 inputs (read exactly as f32 above): the output rounded once to bf16.
+        let dtype = candle_core::backend::BackendStorage::dtype(qs);
+        Ok((
+            crate::common::cpu_out(o, dtype),
+            Shape::from((n.t, n.h * n.d)),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -573,7 +578,8 @@ impl CustomOp3 for Attention {
         if q.device().is_cuda() {
             return cuda::backward(self, q, k, v, o, d_o, lse, &n);
         }
-        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        // In f32 whatever the inputs' dtype (bf16 exactly widened); gradients back in it.
+        let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let (qv, kv, vv) = (host(q)?, host(k)?, host(v)?);
         let lse = match lse {
             Some(Lse::Cpu(l)) => l,
@@ -585,11 +591,11 @@ impl CustomOp3 for Attention {
         if let Ok(mut l) = self.lse.lock() {
             *l = Some(Lse::Cpu(lse));
         }
-        let dev = q.device();
+        let (dev, dt) = (q.device(), q.dtype());
         Ok((
-            Some(Tensor::from_vec(dq, (t, h, d), dev)?),
-            Some(Tensor::from_vec(dk, (g, s, d), dev)?),
-            Some(Tensor::from_vec(dv, (g, s, d), dev)?),
+            Some(Tensor::from_vec(dq, (t, h, d), dev)?.to_dtype(dt)?),
+            Some(Tensor::from_vec(dk, (g, s, d), dev)?.to_dtype(dt)?),
+            Some(Tensor::from_vec(dv, (g, s, d), dev)?.to_dtype(dt)?),
         ))
     }
 }
@@ -1012,6 +1018,41 @@ mod tests {
                 let d = rel_diff(ours.get(x).unwrap(), theirs.get(x).unwrap());
                 assert!(d < 1e-5, "past {past} {what}: {d}");
             }
+        }
+    }
+
+    /// bf16 inputs on the CPU (a bf16 model's attention there): the output and the gradients
+    /// come back in bf16; the output is the f32 computation on the same (bf16) values rounded
+    /// once (read exactly as f32, computed in f32), the gradients within bf16's precision of it.
+    #[test]
+    fn bf16_inputs_give_the_f32_result_rounded_once_on_the_cpu() {
+        use candle_core::DType;
+        let (q, k, v, ds, g) = sample(3);
+        let round = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+        let (qb, kb, vb, gb) = (round(&q), round(&k), round(&v), round(&g));
+        let widen = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let run = |q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor| {
+            let vars: Vec<Var> = [q, k, v].map(|x| Var::from_tensor(x).unwrap()).to_vec();
+            let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let y = causal_attention(qv, kv, vv, &ds, 3, 1.0 / 8f64.sqrt()).unwrap();
+            let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = [qv, kv, vv].map(|x| grads.get(x).unwrap().clone());
+            (y, d)
+        };
+        let (y, d) = run(&qb, &kb, &vb, &gb);
+        let (y32, d32) = run(&widen(&qb), &widen(&kb), &widen(&vb), &widen(&gb));
+        assert_eq!(y.dtype(), DType::BF16);
+        let bits = |t: &Tensor| -> Vec<u16> {
+            let v: Vec<half::bf16> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&y), bits(&round(&y32)), "output");
+        // The backward reads the bf16-rounded output (as the GPU kernels do): within bf16's
+        // rounding of the f32 gradients, not bit for bit.
+        for (what, (a, b)) in ["dq", "dk", "dv"].iter().zip(d.iter().zip(&d32)) {
+            assert_eq!(a.dtype(), DType::BF16, "{what}");
+            let r = rel_diff(&widen(a), b);
+            assert!(r < 1e-2, "{what}: {r}");
         }
     }
 

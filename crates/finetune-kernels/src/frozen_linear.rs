@@ -64,16 +64,16 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: input not contiguous".into()))?;
-        let data = storage.as_slice::<f32>()?[start..end].to_vec();
-        let w = self.weight()?;
+        use candle_core::backend::BackendStorage;
+        // f32 or bf16 (the compute dtypes): the product in f32 on the exact values, rounded
+        // once to x's dtype (what candle's CPU matmul does with bf16 operands).
+        let data = crate::common::cpu_f32(storage, layout, "frozen-linear", "input")?.into_owned();
+        let w = self.weight()?.to_dtype(DType::F32)?;
         let x = Tensor::from_vec(data, layout.shape(), w.device())?;
         let y = x.broadcast_matmul(&w.t()?)?;
         let shape = y.shape().clone();
         let values = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(values), shape))
+        Ok((crate::common::cpu_out(values, storage.dtype()), shape))
     }
 
     /// y = x·Wᵀ as one cuBLAS GEMM: candle's CUDA matmul of x `[1, T, in]` (contiguous) with the
@@ -243,6 +243,34 @@ mod tests {
         (0..n)
             .map(|i| (((i * 37 + salt * 11) % 23) as f32 - 11.0) / 7.0)
             .collect()
+    }
+
+    /// bf16 x and W on the CPU (a bf16 model there): y in bf16, the f32 product of the same
+    /// values rounded once.
+    #[test]
+    fn bf16_on_the_cpu_is_the_f32_product_rounded_once() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(data(5 * 6, 1), (5, 6), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let w = Tensor::from_vec(data(4 * 6, 2), (4, 6), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let y = frozen_linear(&x, &w).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = widen(&x)
+            .matmul(&widen(&w).t().unwrap())
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            let v: Vec<half::bf16> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&y), bits(&want));
     }
 
     /// The lazy variant: the same y and dX as the held weight, the weight made once for the

@@ -14,8 +14,8 @@
 //! p = softmax(gate(x)), the top-k experts per token weighted by p (renormalised to sum to 1
 //! when `norm_topk_prob`), each expert a SwiGLU.
 //!
-//! Compute dtype ([`Qwen3Moe::set_compute_dtype`]): f32 (the default, and the only one on the
-//! CPU), or bf16 on a GPU, following transformers' bf16 path: activations, frozen projections
+//! Compute dtype ([`Qwen3Moe::set_compute_dtype`]): f32 (the default, and the CPU's), or bf16
+//! (a GPU's; on the CPU for tests), following transformers' bf16 path: activations, frozen projections
 //! and residuals in bf16; RMSNorm statistics, the attention softmax, the router softmax and the
 //! loss in f32; the LoRA path in f32 (as PEFT with f32 adapters: x cast to f32, s·(x·Aᵀ)·Bᵀ cast
 //! back before the add), so LoRA gradients arrive in f32 for the f32 master weights.
@@ -777,16 +777,14 @@ impl Qwen3Moe {
         self.head(&x)
     }
 
-    /// Computes in `dtype` from now on: f32 (the default) or bf16 (GPU only: candle's CPU
-    /// matmul has no bf16).
+    /// Computes in `dtype` from now on: f32 (the default) or bf16. bf16 is the GPU's compute
+    /// dtype; on the CPU it runs too (candle 0.11's CPU matmul widens bf16 operands to f32 and
+    /// rounds the product once; the fused ops read bf16 as f32 and round their results once),
+    /// slower than f32 and for comparisons (tests of the bf16 paths on a machine without GPU).
     pub fn set_compute_dtype(&mut self, dtype: DType) -> candle_core::Result<()> {
-        match (dtype, &self.device) {
-            (DType::F32, _) => {}
-            (DType::BF16, Device::Cuda(_)) => {}
-            (DType::BF16, _) => candle_core::bail!(
-                "bf16 compute needs a GPU (candle's CPU matmul has no bf16); use f32"
-            ),
-            (other, _) => candle_core::bail!("compute dtype {other:?}: expected f32 or bf16"),
+        match dtype {
+            DType::F32 | DType::BF16 => {}
+            other => candle_core::bail!("compute dtype {other:?}: expected f32 or bf16"),
         }
         self.dtype = dtype;
         Ok(())
@@ -1016,7 +1014,7 @@ impl Qwen3Moe {
         let c = &self.config;
         let eps = c.rms_norm_eps;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let (t, past) = (ctx.t, ctx.past);
+        let t = ctx.t;
         // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
         let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
@@ -1044,47 +1042,7 @@ impl Qwen3Moe {
             }
             cache.layers[index] = Some((k.clone(), v.clone()));
         }
-        let attn = self.timed("attn.core", || {
-            Ok('attn: {
-                if x.device().is_cpu()
-                    || (self.fused_attention
-                        && finetune_kernels::attention::cuda_supported(d, q.dtype()))
-                {
-                    // One fused op (finetune_kernels::causal_attention, a flash-attention kernel on
-                    // the GPU): keys in a token's future or in another document are never visited;
-                    // no scores, mask or probabilities tensors. The plain ops below remain for head
-                    // dims the CUDA kernels do not cover.
-                    let scale = 1.0 / (d as f64).sqrt();
-                    break 'attn finetune_kernels::causal_attention_docs(
-                        &q,
-                        &k,
-                        &v,
-                        ctx.documents()?,
-                        past,
-                        scale,
-                    )?;
-                }
-                let keys = past + t;
-                // [heads, T, d], key/value heads repeated for their query group.
-                let group = nh / nkv;
-                let q = q.transpose(0, 1)?.contiguous()?;
-                let k = k
-                    .unsqueeze(1)?
-                    .broadcast_as((nkv, group, keys, d))?
-                    .reshape((nh, keys, d))?;
-                let v = v
-                    .unsqueeze(1)?
-                    .broadcast_as((nkv, group, keys, d))?
-                    .reshape((nh, keys, d))?;
-                // Scores in the compute dtype, the softmax in f32, the weights back in the compute
-                // dtype for ·V (transformers' eager attention).
-                let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
-                    .to_dtype(DType::F32)?
-                    .broadcast_add(ctx.mask()?)?;
-                let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
-                attn.transpose(0, 1)?.reshape((t, nh * d))?
-            })
-        })?;
+        let attn = self.timed("attn.core", || self.attend(&q, &k, &v, ctx))?;
         let x = self.timed("attn.o_proj", || x + project(&attn, &a.o, lora, &rows)?)?;
 
         // MLP.
@@ -1108,6 +1066,51 @@ impl Qwen3Moe {
             },
         };
         x + y
+    }
+
+    /// Causal grouped-query attention of q `[T, H, d]` (after RoPE) over k, v `[G, past + T,
+    /// d]` (H a multiple of G: query head h reads key/value head h / (H/G)), each token seeing
+    /// the cached keys and its own document's keys up to itself → `[T, H·d]` in q's dtype. The
+    /// whole layer's heads ([`Self::layer_forward`]) or a tensor-parallel rank's whole groups
+    /// of them ([`Self::attention_heads`]): the same ordinary GQA problem, smaller.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &SequenceContext,
+    ) -> candle_core::Result<Tensor> {
+        let (t, nh, d) = q.dims3()?;
+        let (nkv, keys, _) = k.dims3()?;
+        let past = ctx.past;
+        if q.device().is_cpu()
+            || (self.fused_attention && finetune_kernels::attention::cuda_supported(d, q.dtype()))
+        {
+            // One fused op (finetune_kernels::causal_attention, a flash-attention kernel on
+            // the GPU): keys in a token's future or in another document are never visited;
+            // no scores, mask or probabilities tensors. The plain ops below remain for head
+            // dims the CUDA kernels do not cover.
+            let scale = 1.0 / (d as f64).sqrt();
+            return finetune_kernels::causal_attention_docs(q, k, v, ctx.documents()?, past, scale);
+        }
+        // [heads, T, d], key/value heads repeated for their query group.
+        let group = nh / nkv;
+        let q = q.transpose(0, 1)?.contiguous()?;
+        let k = k
+            .unsqueeze(1)?
+            .broadcast_as((nkv, group, keys, d))?
+            .reshape((nh, keys, d))?;
+        let v = v
+            .unsqueeze(1)?
+            .broadcast_as((nkv, group, keys, d))?
+            .reshape((nh, keys, d))?;
+        // Scores in the compute dtype, the softmax in f32, the weights back in the compute
+        // dtype for ·V (transformers' eager attention).
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
+            .to_dtype(DType::F32)?
+            .broadcast_add(ctx.mask()?)?;
+        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?; // [nh, T, d]
+        attn.transpose(0, 1)?.reshape((t, nh * d))
     }
 
     fn moe(
@@ -1516,19 +1519,24 @@ fn project_rows(
     held: usize,
     tokens: &Rows<'_>,
 ) -> candle_core::Result<Tensor> {
-    let w = p.w.dequantize(DType::F32)?;
-    let w = if w.dim(0)? == rows.len() && held == rows.start {
-        w
+    // The frozen product in x's dtype (the compute dtype): `linear` itself when the held rows
+    // are the ones asked for (a rank's shard: on a GPU dequantized by the op, not kept).
+    let y = if p.w.shape()[0] == rows.len() && held == rows.start {
+        linear(x, &p.w)?
     } else {
-        w.narrow(0, rows.start - held, rows.len())?.contiguous()?
+        let w = p.w.dequantize(x.dtype())?;
+        let w = w.narrow(0, rows.start - held, rows.len())?.contiguous()?;
+        finetune_kernels::frozen_linear(&x.contiguous()?, &w)?
     };
-    let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
-            let x = l.dropout_input(x, &p.name, tokens, 0)?;
+            // The adapter's path in f32 whatever x's dtype, rounded once (as `project_with`).
+            let x = l.dropout_input(&x.to_dtype(DType::F32)?, &p.name, tokens, 0)?;
             // Narrowed views are copied: CUDA's matmul takes only contiguous operands.
             let b = b.narrow(0, rows.start, rows.len())?.contiguous()?;
-            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+            let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?;
+            let dtype = y.dtype();
+            y + delta.to_dtype(dtype)?
         }
         None => Ok(y),
     }
@@ -1547,19 +1555,21 @@ fn project_cols(
     held: usize,
     tokens: &Rows<'_>,
 ) -> candle_core::Result<Tensor> {
-    let w = p.w.dequantize(DType::F32)?;
-    let w = if w.dim(1)? == cols.len() && held == cols.start {
-        w
+    let y = if p.w.shape()[1] == cols.len() && held == cols.start {
+        linear(x, &p.w)?
     } else {
-        w.narrow(1, cols.start - held, cols.len())?.contiguous()?
+        let w = p.w.dequantize(x.dtype())?;
+        let w = w.narrow(1, cols.start - held, cols.len())?.contiguous()?;
+        finetune_kernels::frozen_linear(&x.contiguous()?, &w)?
     };
-    let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
             // x holds features cols of the module's input: their masks.
-            let x = l.dropout_input(x, &p.name, tokens, cols.start)?;
+            let x = l.dropout_input(&x.to_dtype(DType::F32)?, &p.name, tokens, cols.start)?;
             let a = a.narrow(1, cols.start, cols.len())?.contiguous()?;
-            y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
+            let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?;
+            let dtype = y.dtype();
+            y + delta.to_dtype(dtype)?
         }
         None => Ok(y),
     }
@@ -1603,13 +1613,7 @@ impl Qwen3Moe {
         let kv = heads.start / group..heads.end / group;
         let (lh, lkv) = (heads.len(), kv.len());
         let t = ctx.t;
-        let half = d / 2;
-        let rope = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(&ctx.cos)? + rotated.broadcast_mul(&ctx.sin)?
-        };
+        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
         let n = rms_norm(x, &layer.input_norm, eps)?;
         let a = &layer.attn;
@@ -1629,22 +1633,10 @@ impl Qwen3Moe {
             .reshape((t, lkv, d))?;
         let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
         let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+        // The rank's lh query heads over its lkv key/value heads: an ordinary GQA problem.
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
-        let q = q.transpose(0, 1)?.contiguous()?;
-        let k = k
-            .unsqueeze(1)?
-            .broadcast_as((lkv, group, t, d))?
-            .reshape((lh, t, d))?;
-        let v = v
-            .unsqueeze(1)?
-            .broadcast_as((lkv, group, t, d))?
-            .reshape((lh, t, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
-            .to_dtype(DType::F32)?
-            .broadcast_add(ctx.mask()?)?;
-        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
-        let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
+        let attn = self.attend(&q, &k, &v, ctx)?;
         project_cols(
             &attn,
             &a.o,

@@ -305,18 +305,53 @@ fn ten_lora_training_steps_follow_pytorch() {
     }
 }
 
-/// bf16 compute is a GPU feature (candle's CPU matmul has no bf16): asking for it on the CPU is
-/// refused with the reason, and f32 stays the default.
+/// bf16 compute on the CPU (the GPU's compute dtype, run here to test the bf16 paths without a
+/// GPU): the LoRA forward's logits come back in f32 within bf16's precision of transformers'
+/// f32 logits (10% of the largest logit, as the GPU's bf16 test) and the loss within 1e-2,
+/// while not equal to the f32 compute's (bf16 really computed); dtypes other than f32 and bf16
+/// are refused, naming the dtype.
 #[test]
-fn bf16_compute_is_refused_on_the_cpu() {
+fn bf16_compute_runs_on_the_cpu_within_bf16_precision() {
+    let r = reference();
     let mut model = load(&fixtures().join("bf16")).unwrap();
     assert_eq!(model.compute_dtype(), candle_core::DType::F32);
+    let lora = reference_lora(&r, &model.lora_targets());
+    let (input, pos) = (ids(&r["input_ids"]), ids(&r["position_ids"]));
+    let f32_logits = model.forward_with(&input, &pos, Some(&lora)).unwrap();
+    model.set_compute_dtype(candle_core::DType::BF16).unwrap();
+    assert_eq!(model.compute_dtype(), candle_core::DType::BF16);
+    let logits = model.forward_with(&input, &pos, Some(&lora)).unwrap();
+    assert_eq!(logits.dtype(), candle_core::DType::F32);
+    let want = &r["logits_lora"];
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = max_abs_diff(&logits, want);
+    let labels = r["labels"].to_vec1::<i64>().unwrap();
+    let loss = Qwen3Moe::loss(&logits, &labels).unwrap();
+    let want_loss = r["loss_lora"].to_vec1::<f32>().unwrap()[0];
+    eprintln!(
+        "cpu bf16 compute: logits max abs diff {diff:e} (largest logit {scale:e}); loss {loss} vs {want_loss}"
+    );
+    assert!(diff <= 0.1 * scale, "logits differ by {diff}");
+    assert!(
+        (loss - want_loss).abs() <= 1e-2,
+        "loss {loss} vs {want_loss}"
+    );
+    assert!(
+        max_abs_diff(&logits, &f32_logits) > 1e-4,
+        "bf16 changed nothing"
+    );
     let err = model
-        .set_compute_dtype(candle_core::DType::BF16)
+        .set_compute_dtype(candle_core::DType::F16)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("needs a GPU"), "{err}");
-    assert_eq!(model.compute_dtype(), candle_core::DType::F32);
+    assert!(err.contains("F16") && err.contains("f32 or bf16"), "{err}");
+    assert_eq!(model.compute_dtype(), candle_core::DType::BF16);
 }
 
 /// The batched MoE path (stacked experts, one padded `[E, C, hidden]` GEMM per projection) and

@@ -17,8 +17,9 @@
 //! - LoRA: r·(in + out) per adapted projection, 18 bytes each: f32 master (4), f32 gradient
 //!   (4), Adam m and v (8), bf16 compute copy (2). Attention (and dense-MLP) adapters whole on
 //!   every rank, as the parallel trainer keeps them; expert adapters × E/ep.
-//! - activations, `a` bytes per element: 2 on one GPU (bf16 compute), 4 on several (the
-//!   parallel trainer computes in f32); the fused kernels of the GPU issue (flash attention
+//! - activations, `a` = 2 bytes per element: bf16, the compute dtype of a GPU run on one GPU
+//!   and of every rank on several (`parallel` ranks compute in the model's compute dtype);
+//!   the fused kernels of the GPU issue (flash attention
 //!   without T² scores, cross-entropy chunked over 4,096 vocabulary entries): per token and MoE
 //!   layer 2h + 2(n_h·d + n_kv·d)/tp + k(h + 3·m) elements (norm inputs, q/k/v and attention
 //!   output, per routed expert its input, gate, up and activation) plus E router logits in f32,
@@ -68,14 +69,10 @@ pub struct PlanInput {
 }
 
 impl PlanInput {
-    /// Bytes per activation element: 2 on one GPU (bf16 compute), 4 on several (the parallel
-    /// trainer runs its ranks in f32).
+    /// Bytes per activation element: 2, bf16 — the compute dtype on GPUs, on one GPU and on
+    /// every rank of several (the parallel engine computes in the model's compute dtype).
     pub fn activation_bytes(&self) -> f64 {
-        if self.gpus > 1 {
-            4.0
-        } else {
-            2.0
-        }
+        2.0
     }
 }
 
@@ -133,7 +130,7 @@ pub fn budget(input: &PlanInput, tp: usize, ep: usize, recompute: bool) -> Budge
     let kv_shards = (tp.min(c.num_key_value_heads)) as f64;
     let proj = input.weights.bytes_per_param();
     let tokens = (input.micro_batch * input.seq_len) as f64;
-    // Bytes per activation element: bf16 on one GPU; the parallel trainer computes in f32.
+    // Bytes per activation element: bf16, on one GPU or several.
     let act = input.activation_bytes();
 
     let (mut weights, mut lora_params, mut act_all, mut act_max) = (0.0, 0.0, 0.0, 0.0f64);
@@ -307,7 +304,16 @@ mod tests {
         );
     }
 
-    /// The seed's question: Qwen3-Coder-480B-A35B-FP8, r = 16 on attention + all experts.
+    /// The seed's question: Qwen3-Coder-480B-A35B-FP8, r = 16 on attention + all experts, 8 GPUs,
+    /// 1 × 4,096 tokens, activations in bf16 (the ranks' compute dtype). By hand, at tp 8 × ep 8
+    /// (h 6144, 62 layers, 96 heads / 8 kv of 128, 160 experts of 2560, top 8):
+    /// - activations per token and layer: 2·6144 + 2·(12288 + 1024)/8 + 8·(6144 + 3·2560) =
+    ///   126,208 elements × 2 bytes + 160 router logits × 4 = 253,056 bytes; × 62 = 15,689,472;
+    ///   plus the logits chunk, 16,384: 15,705,856 bytes per token × 4,096 = 64,331,186,176 (59.9 GiB).
+    ///   With recompute: 62·6144·2 + 253,056 + 16,384 = 1,031,296 per token × 4,096 =
+    ///   4,224,188,416 (3.9 GiB).
+    /// - communication: all-to-all 2·8·6144·2 + tp all-reduce 6144·2 = 208,896 bytes per token
+    ///   × 4,096 = 855,638,016.
     #[test]
     fn the_480b_fp8_fits_8_h100_only_sharded_and_8_h200_comfortably() {
         let input = |mem_gib: f64| PlanInput {
@@ -320,6 +326,14 @@ mod tests {
             seq_len: 4096,
             micro_batch: 1,
         };
+        // Activations in bf16 on several GPUs, as on one.
+        assert_eq!(input(80.0).activation_bytes(), 2.0);
+        let plain = budget(&input(80.0), 8, 8, false);
+        assert_eq!(plain.activations, 64_331_186_176.0);
+        assert_eq!(plain.communication, 855_638_016.0);
+        let re = budget(&input(80.0), 8, 8, true);
+        assert_eq!(re.activations, 4_224_188_416.0);
+        assert_eq!(re.per_token, 1_031_296.0 + 208_896.0);
         let h100 = layouts(&input(80.0));
         // Every layout the planner offers is one the trainer runs.
         for b in &h100 {
@@ -331,20 +345,20 @@ mod tests {
         assert_eq!((best.tp, best.ep), (8, 8), "{best:?}");
         // Experts on one GPU each (ep 1) can never fit: ~470 GB of FP8 experts.
         assert!(budget(&input(80.0), 8, 1, true).total() > 80.0 * GIB);
-        // 80 GiB needs per-layer recompute; so does 140 GiB while the ranks compute in f32
-        // (every layer's f32 activations: ~190 GiB), with far more tokens per micro-batch.
+        // 80 GiB needs per-layer recompute (without: 129.5 GiB); 140 GiB fits without it now
+        // that the ranks compute in bf16, with more than the 4,096 tokens asked for.
         assert!(best.recompute, "{best:?}");
-        assert!(!budget(&input(80.0), 8, 8, false).total().le(&(80.0 * GIB)));
+        assert!(plain.total() > 80.0 * GIB && plain.total() <= 140.0 * GIB);
         let h200 = &layouts(&input(140.0))[0];
-        assert!(h200.recompute && h200.total() <= 140.0 * GIB, "{h200:?}");
-        assert!(budget(&input(140.0), 8, 8, false).total() > 140.0 * GIB);
-        assert!(h200.max_tokens(140.0 * GIB) > 4 * best.max_tokens(80.0 * GIB));
+        assert!(!h200.recompute && h200.total() <= 140.0 * GIB, "{h200:?}");
+        assert_eq!((h200.tp, h200.ep), (8, 8), "{h200:?}");
+        assert!(h200.max_tokens(140.0 * GIB) >= 4096, "{h200:?}");
+        // With recompute on 8×H200 the micro-batch could be about 6× the H100's.
+        assert!(re.max_tokens(140.0 * GIB) > 6 * best.max_tokens(80.0 * GIB));
         // Attention adapters are whole on every rank (as the trainer keeps them), experts' × 1/8:
         // 62 layers × 16 × [(6144 + 12288) + 2·(6144 + 1024) + (12288 + 6144)
         //                   + 20 experts × 3 × (6144 + 2560)].
         let per_layer = 16.0 * (2.0 * 18432.0 + 2.0 * 7168.0 + 20.0 * 3.0 * 8704.0);
         assert_eq!(best.lora_params, 62.0 * per_layer);
-        // Activations in f32 on several GPUs.
-        assert_eq!(input(80.0).activation_bytes(), 4.0);
     }
 }

@@ -1,12 +1,14 @@
 //! Parallel layouts against the single-device run, with the world as threads of this process
 //! (the CPU collectives): every layout gives the single-device loss, gradient norm and LoRA
-//! gradients (≤ 1e-5, f32), and a checkpoint written at one layout resumes at another.
+//! gradients (≤ 1e-5, f32), ranks computing in bf16 (a GPU's compute dtype) give the bf16
+//! single-device step within bf16's precision, and a checkpoint written at one layout resumes at
+//! another.
 //!
 //! Model: the tiny fixture (3 layers, 4 heads over 2 key/value heads, 4 experts of which 2 are
 //! active per token, layer 2 dense), the trainer fixture's 4 packed sequences, and the adapter
 //! PyTorch trained (B ≠ 0, so every A and B gets a gradient).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use finetune_data::Sequence;
 use finetune_model::peft::AdapterMeta;
 use finetune_model::{Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
@@ -150,6 +152,32 @@ fn on_world_with<T: Send>(
     setup: impl Fn(&mut RankContext) + Sync,
     f: impl Fn(&mut Trainer) -> T + Sync,
 ) -> Vec<T> {
+    on_world_in(
+        layout,
+        base,
+        full,
+        train,
+        heldout,
+        opts,
+        DType::F32,
+        setup,
+        f,
+    )
+}
+
+/// [`on_world_with`], the ranks computing in `dtype` (`Qwen3Moe::set_compute_dtype`).
+#[allow(clippy::too_many_arguments)]
+fn on_world_in<T: Send>(
+    layout: Layout,
+    base: &Path,
+    full: &Lora,
+    train: &[Sequence],
+    heldout: &[Sequence],
+    opts: &TrainOptions,
+    dtype: DType,
+    setup: impl Fn(&mut RankContext) + Sync,
+    f: impl Fn(&mut Trainer) -> T + Sync,
+) -> Vec<T> {
     let comms = CpuComms::for_layout(&layout, Duration::from_secs(120));
     let config = Qwen3MoeConfig::from_file(&base.join("config.json")).unwrap();
     let n_experts = config.num_experts;
@@ -181,7 +209,8 @@ fn on_world_with<T: Send>(
                             RankContext::new(layout, rank, c.into_comms(), &full, n_experts)
                                 .unwrap();
                         setup(&mut ctx);
-                        let model = load_rank_model(base, config, &ctx, &Device::Cpu).unwrap();
+                        let mut model = load_rank_model(base, config, &ctx, &Device::Cpu).unwrap();
+                        model.set_compute_dtype(dtype).unwrap();
                         let shard = ctx.base_shard(config);
                         assert_eq!(model.shard(), &shard);
                         // Sharded wherever the layout shards: experts over ep, heads (and,
@@ -785,5 +814,141 @@ fn fp8_shards_give_the_single_device_step() {
             worst = worst.max(check_rank(&what, rank, got, (loss, norm), &want));
         }
         eprintln!("fp8 world {world} tp {tp} ep {ep}: loss {loss:.6}, max |Δgrad| {worst:.2e}");
+    }
+}
+
+/// Ranks computing in bf16 (the compute dtype of GPU runs, here on the CPU) at ep 2, tp 2 (ep 2),
+/// dp 2 and tp 2 × ep 2 (world 4, with recompute) against the single-device bf16 step and the
+/// f32 step. The logic of every layout is checked exactly in f32 above; this checks that the
+/// bf16 paths (bf16 projections, attention, all-reduces and all-to-alls, f32 LoRA) compute the
+/// same step within bf16's precision. Bounds, from what bf16 itself does here: bf16 keeps 8
+/// significant bits, and the single-device bf16 step is 6.7e-4 (loss) and 5.8e-2 (all LoRA
+/// gradients together, ‖Δg‖/‖g‖) from the f32 step, per tensor up to 31% (a gradient that
+/// nearly cancels, or an expert whose near-tied top-k choice flips). Ranks round in other places
+/// than the single device (under tp each rank's o_proj and expert partial sums are rounded
+/// before the all-reduce, which sums in f32 and rounds once), so they differ from it by bf16
+/// noise of that size; a wrong share of a gradient (missing, doubled, another expert's) would
+/// be off by O(1). Asked: the loss within 1e-3 of the bf16 step's (2e-3 of the f32 one's), the
+/// norm within 1e-2; all gradients together within 1e-2 (tp 1: the same products, only the
+/// backward's accumulation order differs) or 5e-2 (tp 2) of the bf16 step's, each within
+/// 2e-2 (tp 1) or 0.25 (tp 2); and no further from the f32 gradients than 1.5 × the
+/// single-device bf16 step is. (Per-tensor 1e-2 does not hold under tp: bf16's own per-tensor
+/// noise is larger.) The LoRA gradients are f32, and the ranks really computed in bf16.
+#[test]
+fn bf16_ranks_give_the_bf16_single_device_step() {
+    use finetune_train::parallel::check::relative_norm_diff;
+    let r = reference();
+    let base = base_dir();
+    let f32_model = model();
+    let mut bf16_model = model();
+    bf16_model.set_compute_dtype(DType::BF16).unwrap();
+    let full = adapter(&r, &f32_model);
+    let train = sequences(&r);
+    let batch = vec![0usize, 1, 2, 3];
+    let single = |m: &Qwen3Moe| {
+        let t = Trainer::new(m, adapter(&r, m), train.clone(), vec![], options(1)).unwrap();
+        finetune_train::on_large_stack(|| t.step_gradients(&batch)).unwrap()
+    };
+    let (loss, norm, grads) = single(&bf16_model);
+    let want: HashMap<String, Tensor> = grads.into_iter().collect();
+    let (loss32, _, grads32) = single(&f32_model);
+    let want32: HashMap<String, Tensor> = grads32.into_iter().collect();
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    // ‖got − want‖ / ‖want‖ over all gradients together.
+    let global = |got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>| -> f64 {
+        let (mut d, mut n) = (0f64, 0f64);
+        for (name, g) in got {
+            let a: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = want[name].flatten_all().unwrap().to_vec1().unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                d += (*x as f64 - *y as f64).powi(2);
+                n += (*y as f64).powi(2);
+            }
+        }
+        (d / n).sqrt()
+    };
+    for g in want.values() {
+        assert_eq!(
+            g.dtype(),
+            DType::F32,
+            "LoRA gradients are f32 in bf16 compute"
+        );
+    }
+    let bf16_off32 = global(&want, &want32);
+    assert!(
+        rel(loss, loss32) <= 2e-3,
+        "bf16 loss {loss} vs f32 {loss32}"
+    );
+    assert!(
+        bf16_off32 <= 0.1,
+        "single-device bf16 gradients {bf16_off32} from f32"
+    );
+    for (world, tp, ep, recompute) in [
+        (2, 1, 2, false),
+        (2, 2, 2, false),
+        (2, 1, 1, false),
+        (4, 2, 2, true),
+    ] {
+        let mut opts = options(1);
+        opts.recompute = recompute;
+        let layout = Layout::new(world, tp, ep, &f32_model.config).unwrap();
+        let ranks = on_world_in(
+            layout,
+            &base,
+            &full,
+            &train,
+            &[],
+            &opts,
+            DType::BF16,
+            |_| {},
+            |t| t.step_gradients(&batch).unwrap(),
+        );
+        let (per_tensor, all) = if tp == 1 { (2e-2, 1e-2) } else { (0.25, 5e-2) };
+        let (mut worst, mut worst_name) = (0f32, String::new());
+        // One copy of each gradient (experts are spread over the ranks).
+        let mut gathered: HashMap<String, Tensor> = HashMap::new();
+        for (rank, (l, n, grads)) in ranks.iter().enumerate() {
+            assert!(
+                rel(*l, loss) <= 1e-3,
+                "{layout:?} rank {rank}: loss {l} vs {loss}"
+            );
+            assert!(
+                rel(*l, loss32) <= 2e-3,
+                "{layout:?} rank {rank}: loss {l} vs f32 {loss32}"
+            );
+            assert!(
+                rel(*n, norm) <= 1e-2,
+                "{layout:?} rank {rank}: norm {n} vs {norm}"
+            );
+            for (name, g) in grads {
+                let d = relative_norm_diff(g, &want[name]).unwrap();
+                if d > worst {
+                    (worst, worst_name) = (d, name.clone());
+                }
+                assert!(
+                    d <= per_tensor,
+                    "{layout:?} rank {rank}: {name} off by {d} relative"
+                );
+                gathered.insert(name.clone(), g.clone());
+            }
+        }
+        assert_eq!(gathered.len(), want.len(), "{layout:?}");
+        let (off, off32) = (global(&gathered, &want), global(&gathered, &want32));
+        assert!(
+            off <= all,
+            "{layout:?}: gradients {off} from the bf16 step's"
+        );
+        assert!(
+            off32 <= 1.5 * bf16_off32,
+            "{layout:?}: gradients {off32} from the f32 step's (single-device bf16: {bf16_off32})"
+        );
+        // Really bf16: not the f32 step.
+        assert!(rel(ranks[0].0, loss32) > 1e-6, "{layout:?}: the f32 loss");
+        eprintln!(
+            "bf16 world {world} tp {tp} ep {ep} recompute {recompute}: loss {:.6} (single-device \
+             bf16 {loss:.6}, f32 {loss32:.6}); all gradients {off:.2e} from bf16's, worst \
+             {worst:.2e} ({worst_name}); {off32:.2e} from f32's (single-device bf16 {bf16_off32:.2e})",
+            ranks[0].0
+        );
     }
 }

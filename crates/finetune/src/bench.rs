@@ -55,6 +55,11 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     let weights = Weights::open(&args.model, &device)?;
     let mut model = Qwen3Moe::load(config.clone(), &weights, &device)?;
     let dtype = if args.bf16 {
+        // bf16 runs on the CPU only for comparisons (candle widens each product to f32): no
+        // speed worth benchmarking.
+        if device.is_cpu() {
+            bail!("flag --bf16: bf16 compute needs a GPU to be benchmarked (on the CPU it is a slow emulation for tests); drop --bf16 or --cpu");
+        }
         candle_core::DType::BF16
     } else {
         candle_core::DType::F32

@@ -336,15 +336,24 @@ fn frozen_linear_checks(ordinal: usize, dev: &candle_core::Device) -> usize {
 const PARALLEL_GPU_TOLERANCE: f32 = 1e-4;
 
 /// One training step of a tiny random model under parallel layouts (ranks as threads with the
-/// in-process collectives, tensors on `dev`) against the single-device CPU step.
+/// in-process collectives, tensors on `dev`): in f32 against the single-device CPU step, and in
+/// bf16 (a GPU's compute dtype, which `finetune train --gpus N` ranks use there) against the
+/// single-device bf16 step on `dev`.
 fn parallel_checks(label: &str, dev: &candle_core::Device, tolerance: f32) -> usize {
-    match finetune_train::parallel::check::layouts_on(dev, tolerance) {
-        Ok(lines) => report_lines(label, "parallel step", &lines, tolerance),
-        Err(e) => {
-            println!("{label}: parallel step: FAILED: {e}");
-            1
-        }
+    use candle_core::DType;
+    use finetune_train::parallel::check::{layouts_on, BF16_TOLERANCE};
+    let mut failures = 0;
+    for (dtype, tol) in [(DType::F32, tolerance), (DType::BF16, BF16_TOLERANCE)] {
+        let what = format!("parallel step {dtype:?}");
+        failures += match layouts_on(dev, dtype, tol) {
+            Ok(lines) => report_lines(label, &what, &lines, tol),
+            Err(e) => {
+                println!("{label}: {what}: FAILED: {e}");
+                1
+            }
+        };
     }
+    failures
 }
 
 fn report_lines(
@@ -355,15 +364,23 @@ fn report_lines(
 ) -> usize {
     let mut failures = 0;
     for l in lines {
+        let (diff, against) = if l.relative {
+            (
+                "max relative diff",
+                "single-device step, same device and dtype",
+            )
+        } else {
+            ("max abs diff", "single-device CPU")
+        };
         if l.ok {
             println!(
-                "{label}: {what}, {}: ok (max abs diff {:.1e} vs single-device CPU)",
+                "{label}: {what}, {}: ok ({diff} {:.1e} vs {against})",
                 l.name, l.max_abs_diff
             );
         } else {
             failures += 1;
             println!(
-                "{label}: {what}, {}: FAILED: max abs diff {:.1e} > {tolerance:.0e}",
+                "{label}: {what}, {}: FAILED: {diff} {:.1e} > {tolerance:.0e}",
                 l.name, l.max_abs_diff
             );
         }
@@ -394,11 +411,16 @@ fn nccl_checks() -> usize {
             println!("{label}: FAILED: {e}");
         }
     }
-    match check::nccl_step(&devices, PARALLEL_GPU_TOLERANCE) {
-        Ok(l) => failures += report_lines(&label, "step", &l, PARALLEL_GPU_TOLERANCE),
-        Err(e) => {
-            failures += 1;
-            println!("nccl: parallel step over NCCL: FAILED: {e}");
+    for (dtype, tol) in [
+        (candle_core::DType::F32, PARALLEL_GPU_TOLERANCE),
+        (candle_core::DType::BF16, check::BF16_TOLERANCE),
+    ] {
+        match check::nccl_step(&devices, dtype, tol) {
+            Ok(l) => failures += report_lines(&label, "step", &l, tol),
+            Err(e) => {
+                failures += 1;
+                println!("nccl: parallel step over NCCL ({dtype:?}): FAILED: {e}");
+            }
         }
     }
     failures

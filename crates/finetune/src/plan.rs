@@ -68,10 +68,11 @@ pub fn command(args: &PlanArgs) -> Result<crate::Outcome> {
         (
             &*format!(
                 "activations ({}{})",
-                if input.activation_bytes() == 4.0 {
-                    "f32: the parallel trainer's ranks compute in f32"
-                } else {
+                // Every rank computes in the GPU's compute dtype, bf16 (2 bytes).
+                if input.activation_bytes() == 2.0 {
                     "bf16"
+                } else {
+                    "f32"
                 },
                 if best.recompute {
                     ", per-layer recompute"

@@ -256,8 +256,11 @@ pub fn train_into(
 ) -> Result<TrainReport> {
     let r = &resolved.recipe;
     let t = &r.train;
-    if t.dtype == ComputeDtype::Bf16 && !finetune_kernels::BUILT_WITH_CUDA {
-        bail!("flag --dtype / train.dtype = bf16: the CPU build computes in f32 only (CPU matmul has no bf16); use auto or f32");
+    if t.dtype == ComputeDtype::Bf16 && !finetune_kernels::BUILT_WITH_CUDA && !quiet {
+        eprintln!(
+            "train: --dtype bf16 on the CPU: computed in bf16 as on a GPU (bf16 products widened \
+             to f32 and rounded), slower than f32; for comparisons with GPU runs"
+        );
     }
     // The data.
     let train_path = data.join("train.jsonl");
@@ -350,21 +353,10 @@ pub fn train_into(
     } else {
         device()
     };
-    // train.dtype: auto = bf16 on a GPU, f32 on the CPU (and for parallel runs, whose engine
-    // computes in f32).
-    let compute = match t.dtype {
-        ComputeDtype::F32 => candle_core::DType::F32,
-        ComputeDtype::Bf16 => candle_core::DType::BF16,
-        ComputeDtype::Auto if device.is_cuda() => candle_core::DType::BF16,
-        ComputeDtype::Auto => candle_core::DType::F32,
-    };
+    // train.dtype: auto = bf16 on a GPU, f32 on the CPU; several ranks choose per rank device
+    // (train_parallel), the same way.
+    let compute = compute_dtype(t.dtype, &device);
     let model = if world.is_some() {
-        if compute != candle_core::DType::F32 {
-            bail!(
-                "flag --dtype / train.dtype: {compute:?} compute is not supported with several \
-                 ranks yet (the parallel engine computes in f32); use f32 or auto"
-            );
-        }
         None
     } else {
         let weights = Weights::open(&base, &device)?;
@@ -444,6 +436,7 @@ pub fn train_into(
                 run_dir,
                 resume: resume_dir.clone(),
                 targets: targets.clone(),
+                dtype: t.dtype,
             },
             &stop,
             &|m| {
@@ -618,4 +611,15 @@ pub fn command(args: &TrainArgs) -> Result<crate::Outcome> {
     } else {
         crate::Outcome::Done
     })
+}
+
+/// The compute dtype of a model on `device` for `train.dtype`: auto = bf16 on a GPU, f32 on the
+/// CPU (single device, and each rank of a parallel run on its own device).
+pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> candle_core::DType {
+    match choice {
+        ComputeDtype::F32 => candle_core::DType::F32,
+        ComputeDtype::Bf16 => candle_core::DType::BF16,
+        ComputeDtype::Auto if device.is_cuda() => candle_core::DType::BF16,
+        ComputeDtype::Auto => candle_core::DType::F32,
+    }
 }

@@ -6,8 +6,10 @@
 //! The layout is `train.tp` × `train.ep` (finetune-train's `parallel::layout`); each rank loads
 //! only its shard of the base weights (its experts, heads and vocabulary rows:
 //! `parallel::load_rank_model`), on its GPU or, on the CPU, into its own memory; rank 0 reports
-//! progress and writes metrics, checkpoints and the final adapter.
+//! progress and writes metrics, checkpoints and the final adapter. Each rank computes in
+//! `train.dtype` on its device (auto: bf16 on a GPU, f32 on the CPU), as a single-device run.
 
+use crate::recipe::ComputeDtype;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use finetune_data::Sequence;
@@ -91,6 +93,9 @@ pub struct ParallelRun<'a> {
     pub run_dir: &'a Path,
     pub resume: Option<PathBuf>,
     pub targets: Vec<(String, usize, usize)>,
+    /// `train.dtype`: each rank computes in it on its device (auto: bf16 on a GPU, f32 on
+    /// the CPU), as a single-device run does.
+    pub dtype: ComputeDtype,
 }
 
 /// Trains on every rank of this process; returns rank 0's summary (on the process that holds
@@ -157,9 +162,18 @@ pub fn run(
                 full.copy_dropout(p.lora);
                 let ctx = RankContext::new(layout, rank, comms, &full, n_experts)?;
                 // This rank's shard of the base weights only, read from the files.
-                let model: Qwen3Moe = match finetune_train::parallel::load_rank_model(
-                    p.base, &p.config, &ctx, &device,
-                ) {
+                let compute = crate::train::compute_dtype(p.dtype, &device);
+                let loaded =
+                    finetune_train::parallel::load_rank_model(p.base, &p.config, &ctx, &device)
+                        .and_then(|mut m| {
+                            m.set_compute_dtype(compute).map_err(|e| {
+                                finetune_train::TrainError::Options(format!(
+                                    "flag --dtype / train.dtype: {e}"
+                                ))
+                            })?;
+                            Ok(m)
+                        });
+                let model: Qwen3Moe = match loaded {
                     Ok(m) => m,
                     Err(e) => {
                         if on_gpu {
@@ -180,7 +194,8 @@ pub fn run(
                         .sum();
                     eprintln!(
                         "train: rank {rank} loaded experts {:?} of {}, heads {:?} of {}, \
-                         vocabulary rows {:?} of {}: {:.1} MiB of base weights",
+                         vocabulary rows {:?} of {}: {:.1} MiB of base weights; computes in \
+                         {compute:?}",
                         s.experts,
                         p.config.num_experts,
                         s.heads,

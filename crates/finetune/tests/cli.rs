@@ -421,6 +421,14 @@ fn doctor_checks_the_cpu() {
     let text = stdout(&o);
     assert!(text.contains("cpu: f32 matmul check ok"), "{text}");
     assert!(text.contains("cuda: not in this build"), "{text}");
+    // The parallel step in f32 and, as GPU ranks compute, in bf16 (relative to the bf16 step).
+    for dtype in ["F32", "BF16"] {
+        for layout in ["single rank", "ep 2", "tp 2 × ep 2", "dp 2"] {
+            let want = format!("cpu: parallel step {dtype}, {layout}: ok");
+            assert!(text.contains(&want), "{want}\n{text}");
+        }
+    }
+    assert!(text.contains("max relative diff"), "{text}");
 }
 
 #[test]

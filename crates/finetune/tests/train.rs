@@ -450,7 +450,11 @@ fn two_ranks_train_like_one_and_their_checkpoint_resumes_on_one() {
         .unwrap();
     let all: usize = all.split(',').next().unwrap().parse().unwrap();
     assert_eq!(half.parse::<usize>().unwrap() * 2, all, "{line}");
-    assert!(line.ends_with("MiB of base weights"), "{line}");
+    // The CPU's compute dtype (auto), as a single-device run on the CPU.
+    assert!(
+        line.ends_with("MiB of base weights; computes in F32"),
+        "{line}"
+    );
     let losses = |run: &Path| -> Vec<f64> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -506,4 +510,59 @@ fn two_ranks_train_like_one_and_their_checkpoint_resumes_on_one() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("8 experts") && e.contains("ep 3"), "{e}");
+}
+
+/// `--dtype bf16` on the CPU (the compute dtype GPU runs get from auto): one rank and two ranks
+/// (`--gpus 2 --ep 2`, each rank computing in bf16, said in its shard line) train, and the two
+/// ranks' losses follow the one rank's within 2e-3 relative (bf16 noise: the ranks' backward
+/// accumulates in another order; the step itself is checked in finetune-train's
+/// tests/parallel.rs), while differing from the f32 run's (bf16 really used).
+#[test]
+fn two_bf16_ranks_train_like_one_bf16_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mined(dir.path());
+    let steps = [
+        "--max-steps",
+        "2",
+        "--lora-dropout",
+        "0",
+        "--micro-batch",
+        "2",
+    ];
+    let losses = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let run = |name: &str, extra: &[&str]| -> (Vec<f64>, String) {
+        let out = dir.path().join(name);
+        let o = train(&data, &out, &[&steps[..], extra].concat());
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        (losses(&out), stderr(&o))
+    };
+    let (f32_one, _) = run("f32", &["--gpus", "1"]);
+    let (one, _) = run("one", &["--gpus", "1", "--dtype", "bf16"]);
+    let (two, err) = run("two", &["--gpus", "2", "--ep", "2", "--dtype", "bf16"]);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("train: rank 0 loaded experts"))
+        .unwrap_or_else(|| panic!("no shard line in {err}"));
+    assert!(line.ends_with("computes in BF16"), "{line}");
+    assert_eq!((one.len(), two.len()), (2, 2));
+    for (x, y) in one.iter().zip(&two) {
+        assert!(
+            (x - y).abs() <= 2e-3 * x.abs(),
+            "bf16 losses {one:?} vs {two:?}"
+        );
+    }
+    assert!(
+        one.iter().zip(&f32_one).any(|(x, y)| x != y),
+        "bf16 {one:?} equals f32 {f32_one:?}"
+    );
 }

@@ -14,6 +14,13 @@
 //!
 //! The CPU backend sums in rank order 0, 1, …, size−1 on every rank, so all ranks get
 //! bit-identical results and a run is reproducible.
+//!
+//! Dtypes: tensors are f32 or bf16 (the ranks' compute dtype), and every result comes back in
+//! its input's dtype. The CPU backend moves values as f32 (exact for bf16) and sums in f32,
+//! rounding each element once to bf16 at the end (for a sum of two bf16 values, exactly the
+//! correctly rounded bf16 sum); NCCL moves bf16 as `ncclBfloat16` and reduces in its own order
+//! and precision (a bf16 sum over several ranks may differ from the CPU backend's in the last
+//! bit).
 
 use candle_core::{DType, Tensor};
 use std::sync::{Arc, Condvar, Mutex};
@@ -43,7 +50,8 @@ pub enum CollectiveError {
 
 pub type Result<T> = std::result::Result<T, CollectiveError>;
 
-/// Collective operations over one group of ranks (see the module doc). Tensors are f32.
+/// Collective operations over one group of ranks (see the module doc). Tensors are f32 or
+/// bf16; results come back in the input's dtype.
 /// Send + Sync so that a trainer holding its communicators can move to a large-stack thread.
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
@@ -245,8 +253,14 @@ impl CpuCollective {
         Ok(st.result.clone())
     }
 
+    /// `x`'s values as f32 on the host (exact for bf16).
     fn host(x: &Tensor) -> Result<Vec<f32>> {
         Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// A result made in f32, in `like`'s dtype (rounded once; a no-op for f32).
+    fn back(out: Tensor, like: &Tensor) -> Result<Tensor> {
+        Ok(out.to_dtype(like.dtype())?)
     }
 }
 
@@ -293,7 +307,7 @@ impl Collective for CpuCollective {
                 *s += v;
             }
         }
-        Ok(Tensor::from_vec(sum, x.shape(), x.device())?)
+        Self::back(Tensor::from_vec(sum, x.shape(), x.device())?, x)
     }
 
     fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
@@ -314,7 +328,7 @@ impl Collective for CpuCollective {
         }
         dims[0] = total;
         debug_assert_eq!(data.len(), total * w);
-        Ok(Tensor::from_vec(data, dims, x.device())?)
+        Self::back(Tensor::from_vec(data, dims, x.device())?, x)
     }
 
     fn reduce_scatter_sum(&self, x: &Tensor) -> Result<Tensor> {
@@ -353,7 +367,10 @@ impl Collective for CpuCollective {
         }
         let mut dims = x.dims().to_vec();
         dims[0] = recv.iter().sum();
-        Ok((Tensor::from_vec(data, dims, x.device())?, recv))
+        Ok((
+            Self::back(Tensor::from_vec(data, dims, x.device())?, x)?,
+            recv,
+        ))
     }
 
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
@@ -369,11 +386,10 @@ impl Collective for CpuCollective {
                 ..Default::default()
             },
         )?;
-        Ok(Tensor::from_vec(
-            all[root].data.clone(),
-            x.shape(),
-            x.device(),
-        )?)
+        Self::back(
+            Tensor::from_vec(all[root].data.clone(), x.shape(), x.device())?,
+            x,
+        )
     }
 
     fn barrier(&self) -> Result<()> {
@@ -488,6 +504,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// bf16 tensors come back in bf16 from every operation, moved exactly, and a sum is
+    /// rounded once: 1 + 2⁻⁸ + 2⁻⁸ over three ranks is 1 + 2⁻⁷ (exact in bf16), where adding in
+    /// bf16 one rank at a time would give 1 (1 + 2⁻⁸ is a tie that rounds to even, twice).
+    #[test]
+    fn bf16_tensors_stay_bf16_and_sums_round_once() {
+        let tiny = 2f32.powi(-8);
+        let out = world(3, |r, c| {
+            let v = if r == 0 { 1.0 } else { tiny };
+            let x = Tensor::from_vec(vec![v, r as f32 + 0.5, -3.0], (3, 1), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let as_f32 = |t: Tensor| -> (DType, Vec<f32>) {
+                let dt = t.dtype();
+                let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                (dt, v.to_vec1().unwrap())
+            };
+            let counts = match r {
+                0 => vec![1, 1, 1],
+                1 => vec![0, 3, 0],
+                _ => vec![2, 0, 1],
+            };
+            vec![
+                as_f32(c.all_reduce_sum(&x).unwrap()),
+                as_f32(c.all_gather(&x).unwrap()),
+                as_f32(c.all_to_all(&x, &counts).unwrap().0),
+                as_f32(c.broadcast(&x, 1).unwrap()),
+            ]
+        });
+        for (r, ops) in out.iter().enumerate() {
+            for (dt, _) in ops {
+                assert_eq!(*dt, DType::BF16, "rank {r}");
+            }
+            assert_eq!(ops[0].1, vec![1.0 + 2.0 * tiny, 4.5, -9.0], "rank {r}");
+            assert_eq!(
+                ops[1].1,
+                vec![1.0, 0.5, -3.0, tiny, 1.5, -3.0, tiny, 2.5, -3.0]
+            );
+            assert_eq!(ops[3].1, vec![tiny, 1.5, -3.0]);
+        }
+        // Rank 0 gets rank 0's first row and rank 2's first two; rank 1 all of rank 1's
+        // and rank 0's second; rank 2 rank 0's third and rank 2's third.
+        assert_eq!(out[0][2].1, vec![1.0, tiny, 2.5]);
+        assert_eq!(out[1][2].1, vec![0.5, tiny, 1.5, -3.0]);
+        assert_eq!(out[2][2].1, vec![-3.0, -3.0]);
     }
 
     #[test]

@@ -28,6 +28,13 @@
 //! its vocabulary rows (`vocab`), and the model computes with the rows it holds, no whole
 //! tensor narrowed.
 //!
+//! Dtypes: a rank computes in its model's compute dtype (`Qwen3Moe::compute_dtype`: bf16 on a
+//! GPU, f32 on the CPU unless asked otherwise), as the single-device path does: hidden states,
+//! the all-reduced attention and MoE partial sums, the all-to-all payloads and their gradients
+//! are in that dtype (the CPU collectives sum in f32 and round once); the LoRA paths run in f32
+//! (their gradients arrive in f32 for the f32 master weights), the expert counts travel in f32,
+//! and the loss is f32.
+//!
 //! Around the layers: under tensor parallelism the embedding and the head + loss are
 //! vocabulary-parallel (`vocab`: embedding = all_reduce_tp(my rows' lookup); loss from the
 //! local logits with all-reduced max, Σ exp and target logit; ∂x = norm backward of
@@ -37,7 +44,7 @@ use super::layout::{Coords, Layout};
 use super::{vocab, RankContext};
 use crate::TrainError;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use finetune_data::Sequence;
 use finetune_model::{Lora, Qwen3Moe, SequenceContext};
 
@@ -221,8 +228,10 @@ fn moe_forward(
     let counts = Tensor::from_vec(expert_counts, (a2a * per, 1), dev)?;
     let (counts, _) = rc.comms.a2a.all_to_all(&counts, &vec![per; a2a])?;
     let counts: Vec<f32> = counts.flatten_all()?.to_vec1()?;
+    // Rows travel in the compute dtype (n2's); the expert counts above in f32 (exact).
+    let dtype = n2.dtype();
     let send = if tok_idx.is_empty() {
-        Tensor::zeros((0, hidden), DType::F32, dev)?
+        Tensor::zeros((0, hidden), dtype, dev)?
     } else {
         n2.index_select(&tensor_u32(&tok_idx, dev)?, 0)?
     };
@@ -282,14 +291,14 @@ fn moe_forward(
     let (yback, _) = rc.comms.a2a.all_to_all(&yrecv.detach(), &recv_counts)?;
     let yback = Var::from_tensor(&yback)?;
     let out = if tok_idx.is_empty() {
-        Tensor::zeros((t_len, hidden), DType::F32, dev)?
+        Tensor::zeros((t_len, hidden), dtype, dev)?
     } else {
         let w = weights
             .flatten_all()?
             .index_select(&tensor_u32(&w_idx, dev)?, 0)?
             .unsqueeze(1)?;
         let contrib = yback.as_tensor().broadcast_mul(&w)?;
-        Tensor::zeros((t_len, hidden), DType::F32, dev)?.index_add(
+        Tensor::zeros((t_len, hidden), dtype, dev)?.index_add(
             &tensor_u32(&tok_idx, dev)?,
             &contrib,
             0,

@@ -22,6 +22,11 @@
 //! their AdamW state; a checkpoint gathers the experts' adapters and moments on rank 0 and is
 //! written whole (PEFT names, full tensors), so any layout resumes it ([`RankContext::restrict`]).
 //!
+//! Compute dtype: each rank computes in its model's (`Qwen3Moe::compute_dtype`: bf16 on a GPU,
+//! f32 on the CPU unless asked otherwise), as the single-device trainer does; the collectives
+//! move and sum tensors of that dtype ([`collective`]); LoRA gradients, their all-reduce, the
+//! loss and the optimizer stay f32 ([`engine`]).
+//!
 //! Base weights: each rank loads only its shard ([`RankContext::base_shard`],
 //! [`load_rank_model`]): the experts of its expert shard, the q/k/v rows and o_proj columns of
 //! its heads, under vocabulary parallelism its rows of embed_tokens and lm_head, the rest (norms,
@@ -722,8 +727,9 @@ pub fn load_rank_model(
 /// Runs `f` on a trainer for every rank of `layout` as threads of this process (1 GiB stacks),
 /// with the in-process CPU collectives; tensors live on `device` (the CPU collectives copy
 /// through the host, so this also runs a layout on one GPU). Each rank loads its own shard of
-/// the base model in `base` ([`load_rank_model`]) and gets its own copy of `full`. Returns the
-/// results by rank; the first error fails the whole run.
+/// the base model in `base` ([`load_rank_model`]), computes in `dtype` (the compute dtype, as
+/// `Qwen3Moe::set_compute_dtype`) and gets its own copy of `full`. Returns the results by rank;
+/// the first error fails the whole run.
 #[allow(clippy::too_many_arguments)]
 pub fn simulate<T: Send>(
     layout: Layout,
@@ -734,6 +740,7 @@ pub fn simulate<T: Send>(
     heldout: &[Sequence],
     options: &crate::TrainOptions,
     device: &candle_core::Device,
+    dtype: candle_core::DType,
     f: impl Fn(&mut crate::Trainer) -> Result<T, TrainError> + Sync,
 ) -> Result<Vec<T>, TrainError> {
     let comms = CpuComms::for_layout(&layout, Duration::from_secs(600));
@@ -750,7 +757,12 @@ pub fn simulate<T: Send>(
                     .spawn_scoped(s, move || -> Result<T, TrainError> {
                         let own = copy_lora(full, device)?;
                         let ctx = RankContext::new(layout, rank, c.into_comms(), &own, n_experts)?;
-                        let model = match load_rank_model(base, config, &ctx, device) {
+                        let loaded =
+                            load_rank_model(base, config, &ctx, device).and_then(|mut m| {
+                                m.set_compute_dtype(dtype)?;
+                                Ok(m)
+                            });
+                        let model = match loaded {
                             Ok(m) => m,
                             Err(e) => {
                                 ctx.abort(&format!("rank {rank}: {e}"));

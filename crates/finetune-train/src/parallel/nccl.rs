@@ -52,15 +52,18 @@
 //!
 //! `all_to_all` with uneven splits first all-gathers every rank's send counts, then sends and
 //! receives each peer's rows inside one NCCL group (rows for itself are copied, not sent).
+//!
+//! Element types: bf16 tensors (the ranks' compute dtype on a GPU) move as `ncclBfloat16`,
+//! everything else as f32; results come back in the input's dtype.
 
 use super::buckets::{InFlight, Over, SideReduce};
 use super::collective::{check_counts, rows_of, Collective, CollectiveError, Result};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaStream;
-use cudarc::nccl::safe::{group_end, group_start, Comm, Id, ReduceOp};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType, ReduceOp};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -181,56 +184,28 @@ impl NcclCollective {
         Ok(self.comm.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// `x` as a contiguous f32 CUDA tensor on this communicator's device.
+    /// `x` as a contiguous CUDA tensor on this communicator's device, in bf16 if it is bf16
+    /// and in f32 otherwise (the element types moved: [`Elem`]).
     fn prepare(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = match x.dtype() {
+            DType::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
         Ok(x.to_device(&Device::Cuda(self.device.clone()))?
-            .to_dtype(DType::F32)?
+            .to_dtype(dtype)?
             .contiguous()?)
     }
 
-    fn wrap(&self, out: cudarc::driver::CudaSlice<f32>, dims: Vec<usize>) -> Tensor {
+    fn wrap<T: Elem>(&self, out: CudaSlice<T>, dims: Vec<usize>) -> Tensor {
         let storage = CudaStorage::wrap_cuda_slice(out, self.device.clone());
         Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false)
     }
-}
 
-/// Runs `f` on the f32 device buffer of contiguous CUDA tensor `x` (its elements only).
-fn with_view<T>(
-    x: &Tensor,
-    f: impl FnOnce(&cudarc::driver::CudaView<'_, f32>) -> Result<T>,
-) -> Result<T> {
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(CollectiveError::Invalid {
-            op: "nccl",
-            message: "tensor is not on a CUDA device".into(),
-        });
-    };
-    let slice = cs.as_cuda_slice::<f32>()?;
-    let start = layout.start_offset();
-    let view = slice.slice(start..start + x.elem_count());
-    f(&view)
-}
-
-impl Collective for NcclCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn enqueues(&self) -> bool {
-        true
-    }
-
-    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.prepare(x)?;
-        let mut out = self.device.alloc_zeros::<f32>(x.elem_count().max(1))?;
+    fn all_reduce_t<T: Elem>(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out = self.device.alloc_zeros::<T>(x.elem_count().max(1))?;
         if x.elem_count() > 0 {
             let c = self.lock()?;
-            with_view(&x, |v| {
+            with_view::<T, _>(x, |v| {
                 c.0.all_reduce(v, &mut out, &ReduceOp::Sum).map_err(nccl)?;
                 Ok(())
             })?;
@@ -241,18 +216,17 @@ impl Collective for NcclCollective {
             .reshape(x.shape())?)
     }
 
-    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.prepare(x)?;
+    fn all_gather_t<T: Elem>(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.elem_count();
-        let mut out = self.device.alloc_zeros::<f32>((n * self.size).max(1))?;
+        let mut out = self.device.alloc_zeros::<T>((n * self.size).max(1))?;
         if n > 0 {
             let c = self.lock()?;
-            with_view(&x, |v| {
+            with_view::<T, _>(x, |v| {
                 c.0.all_gather(v, &mut out).map_err(nccl)?;
                 Ok(())
             })?;
         }
-        let (rows, w) = rows_of(&x);
+        let (rows, w) = rows_of(x);
         let mut dims = x.dims().to_vec();
         if dims.is_empty() {
             dims.push(1);
@@ -264,9 +238,8 @@ impl Collective for NcclCollective {
             .reshape(dims)?)
     }
 
-    fn reduce_scatter_sum(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.prepare(x)?;
-        let (rows, w) = rows_of(&x);
+    fn reduce_scatter_t<T: Elem>(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, w) = rows_of(x);
         if rows % self.size != 0 {
             return Err(CollectiveError::Invalid {
                 op: "reduce_scatter",
@@ -274,10 +247,10 @@ impl Collective for NcclCollective {
             });
         }
         let n = rows / self.size * w;
-        let mut out = self.device.alloc_zeros::<f32>(n.max(1))?;
+        let mut out = self.device.alloc_zeros::<T>(n.max(1))?;
         if n > 0 {
             let c = self.lock()?;
-            with_view(&x, |v| {
+            with_view::<T, _>(x, |v| {
                 c.0.reduce_scatter(v, &mut out, &ReduceOp::Sum)
                     .map_err(nccl)?;
                 Ok(())
@@ -291,18 +264,14 @@ impl Collective for NcclCollective {
             .reshape(dims)?)
     }
 
-    fn all_to_all(&self, x: &Tensor, send_counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
-        check_counts("all_to_all", x, send_counts, self.size)?;
-        let x = self.prepare(x)?;
-        let (_, w) = rows_of(&x);
-        // Everyone's send counts, so that each rank knows what it receives.
-        let counts = Tensor::from_vec(
-            send_counts.iter().map(|&c| c as f32).collect::<Vec<_>>(),
-            (1, self.size),
-            &Device::Cuda(self.device.clone()),
-        )?;
-        let all: Vec<Vec<f32>> = self.all_gather(&counts)?.to_vec2()?;
-        let recv: Vec<usize> = all.iter().map(|row| row[self.rank] as usize).collect();
+    /// The rows exchange of `all_to_all`: `recv[j]` rows come from rank j.
+    fn all_to_all_t<T: Elem>(
+        &self,
+        x: &Tensor,
+        send_counts: &[usize],
+        recv: &[usize],
+    ) -> Result<Tensor> {
+        let (_, w) = rows_of(x);
         let offsets: Vec<usize> = send_counts
             .iter()
             .scan(0, |acc, &c| {
@@ -311,17 +280,17 @@ impl Collective for NcclCollective {
                 Some(o)
             })
             .collect();
-        let mut bufs: Vec<Option<cudarc::driver::CudaSlice<f32>>> = Vec::new();
+        let mut bufs: Vec<Option<CudaSlice<T>>> = Vec::new();
         for (peer, &n) in recv.iter().enumerate() {
             bufs.push(if n > 0 && peer != self.rank {
-                Some(self.device.alloc_zeros::<f32>(n * w)?)
+                Some(self.device.alloc_zeros::<T>(n * w)?)
             } else {
                 None
             });
         }
         {
             let c = self.lock()?;
-            with_view(&x, |v| {
+            with_view::<T, _>(x, |v| {
                 group_start().map_err(nccl)?;
                 let mut result = Ok(());
                 for peer in 0..self.size {
@@ -358,21 +327,19 @@ impl Collective for NcclCollective {
         }
         let mut dims = x.dims().to_vec();
         dims[0] = recv.iter().sum();
-        let out = if parts.is_empty() {
-            Tensor::zeros(dims, DType::F32, x.device())?
+        Ok(if parts.is_empty() {
+            Tensor::zeros(dims, x.dtype(), x.device())?
         } else {
             Tensor::cat(&parts, 0)?.reshape(dims)?
-        };
-        Ok((out, recv))
+        })
     }
 
-    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
-        let x = self.prepare(x)?;
+    fn broadcast_t<T: Elem>(&self, x: &Tensor, root: usize) -> Result<Tensor> {
         let n = x.elem_count();
-        let mut out = self.device.alloc_zeros::<f32>(n.max(1))?;
+        let mut out = self.device.alloc_zeros::<T>(n.max(1))?;
         if n > 0 {
             let c = self.lock()?;
-            with_view(&x, |v| {
+            with_view::<T, _>(x, |v| {
                 let send = (self.rank == root).then_some(v);
                 c.0.broadcast(send, &mut out, root as i32).map_err(nccl)?;
                 Ok(())
@@ -382,6 +349,102 @@ impl Collective for NcclCollective {
             .wrap(out, vec![n.max(1)])
             .narrow(0, 0, n)?
             .reshape(x.shape())?)
+    }
+}
+
+/// The element types the collectives move: f32, and bf16 (the ranks' compute dtype on a GPU)
+/// as `ncclBfloat16`.
+trait Elem: NcclType + CudaDType + DeviceRepr + ValidAsZeroBits {}
+impl Elem for f32 {}
+impl Elem for half::bf16 {}
+
+/// Runs `f(self, x)` with the element type of prepared tensor `x` (f32 or bf16), and returns
+/// the result in `dtype` (the caller's input dtype).
+macro_rules! typed {
+    ($x:expr, $dtype:expr, |$t:ident| $body:expr) => {{
+        let out: Tensor = match $x.dtype() {
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            _ => {
+                type $t = f32;
+                $body
+            }
+        };
+        Ok(out.to_dtype($dtype)?)
+    }};
+}
+
+/// Runs `f` on the device buffer of contiguous CUDA tensor `x` (its elements only), of element
+/// type `T` (x's dtype).
+fn with_view<T: Elem, R>(
+    x: &Tensor,
+    f: impl FnOnce(&cudarc::driver::CudaView<'_, T>) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(CollectiveError::Invalid {
+            op: "nccl",
+            message: "tensor is not on a CUDA device".into(),
+        });
+    };
+    let slice = cs.as_cuda_slice::<T>()?;
+    let start = layout.start_offset();
+    let view = slice.slice(start..start + x.elem_count());
+    f(&view)
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn enqueues(&self) -> bool {
+        true
+    }
+
+    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.prepare(x)?;
+        typed!(p, x.dtype(), |T| self.all_reduce_t::<T>(&p)?)
+    }
+
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.prepare(x)?;
+        typed!(p, x.dtype(), |T| self.all_gather_t::<T>(&p)?)
+    }
+
+    fn reduce_scatter_sum(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.prepare(x)?;
+        typed!(p, x.dtype(), |T| self.reduce_scatter_t::<T>(&p)?)
+    }
+
+    fn all_to_all(&self, x: &Tensor, send_counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        check_counts("all_to_all", x, send_counts, self.size)?;
+        let p = self.prepare(x)?;
+        // Everyone's send counts, so that each rank knows what it receives.
+        let counts = Tensor::from_vec(
+            send_counts.iter().map(|&c| c as f32).collect::<Vec<_>>(),
+            (1, self.size),
+            &Device::Cuda(self.device.clone()),
+        )?;
+        let all: Vec<Vec<f32>> = self.all_gather(&counts)?.to_vec2()?;
+        let recv: Vec<usize> = all.iter().map(|row| row[self.rank] as usize).collect();
+        let out: Result<Tensor> = typed!(p, x.dtype(), |T| self.all_to_all_t::<T>(
+            &p,
+            send_counts,
+            &recv
+        )?);
+        Ok((out?, recv))
+    }
+
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        let p = self.prepare(x)?;
+        typed!(p, x.dtype(), |T| self.broadcast_t::<T>(&p, root)?)
     }
 
     fn barrier(&self) -> Result<()> {

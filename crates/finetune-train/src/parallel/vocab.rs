@@ -44,11 +44,8 @@ pub(crate) fn embed(
 ) -> Result<Tensor, TrainError> {
     let rows = shard(model.config.vocab_size, tp.size(), tp.rank());
     let local = model.embed_tokens_rows(ids, rows)?;
-    let dtype = local.dtype();
-    // The collectives are f32; x + 0 is exact, and so are both casts.
-    Ok(tp
-        .all_reduce_sum(&local.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)?)
+    // In the compute dtype: each element has one non-zero term, so the sum is exact.
+    Ok(tp.all_reduce_sum(&local)?)
 }
 
 /// The summed cross-entropy of the last hidden state `x` `[T, H]` against `labels` (position t
