@@ -21,12 +21,14 @@ done
 for t in dist/cuda-tests/cuda_parity-*; do
   timeout 120 bash scripts/device-run.sh exec "$t" --nocapture --test-threads 1 > "$OUT/model-cuda-parity.log" 2>&1
   echo "cuda_parity rc $?" >> "$OUT/rc.txt"
-  # Again with the opt-in GPU paths on (tensor-core attention, fused LoRA linear).
-  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1 timeout 120 bash scripts/device-run.sh exec "$t" \
+  # Again with the opt-in GPU paths on (tensor-core attention, fused LoRA linear, the grouped
+  # cuBLAS call, and every model loaded with the grouped MoE path's hand-written backward as its
+  # default).
+  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1 FINETUNE_MOE_PATH=grouped-manual timeout 120 bash scripts/device-run.sh exec "$t" \
     --nocapture --test-threads 1 > "$OUT/model-cuda-parity-opt-in.log" 2>&1
   echo "cuda_parity opt-in rc $?" >> "$OUT/rc.txt"
 done
-grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda" "$OUT"/*.log | head -60
+grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda|moe-experts cuda" "$OUT"/*.log | head -60
 fi
 # Every device and NCCL self-check, including the parallel step over NCCL with the gradient
 # all-reduce on a second stream overlapping the backward (world = the GPUs lent).
@@ -59,5 +61,5 @@ for i, (a, b) in enumerate(zip(g, c)):
     print(f"{i + 1:4d}  {a:.5f}  {b:.5f}  {a - b:+.5f}")
 print("max |diff|", max(abs(a - b) for a, b in zip(g, c)), "steps", len(g), len(c))
 PY
-RUNS=${RUNS:-ours-bf16 ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-fp8} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
+RUNS=${RUNS:-ours-bf16 ours-bf16-manual-moe ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-fp8} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
 cat "$OUT/rc.txt"

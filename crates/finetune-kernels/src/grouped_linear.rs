@@ -182,8 +182,44 @@ impl candle_core::CustomOp1 for GroupedFrozen {
     }
 }
 
+/// One of the op's three products without autograd (for ops that write their own backward,
+/// [`crate::moe_experts`]): `Forward` (a = x `[N, in]`, b = w `[E, out, in]`) → x·w[e]ᵀ;
+/// `InputGrad` (a = dy `[N, out]`, b = w) → dy·w[e]; `WeightGrad` (a = dy `[N, out]`, b = x
+/// `[N, in]`) → Σ over each group of dyᵀ·x, `[E, out, in]` (zeros for an empty group).
+pub(crate) fn grouped_product(
+    kind: Kind,
+    a: &Tensor,
+    b: &Tensor,
+    offsets: &Arc<Vec<usize>>,
+) -> candle_core::Result<Tensor> {
+    let (n, a_cols) = a.dims2()?;
+    let e = offsets.len().saturating_sub(1);
+    let fits = match kind {
+        Kind::Forward => b.dims3().is_ok_and(|(be, _, bi)| be == e && bi == a_cols),
+        Kind::InputGrad => b.dims3().is_ok_and(|(be, bo, _)| be == e && bo == a_cols),
+        Kind::WeightGrad => b.dims2().is_ok_and(|(bn, _)| bn == n),
+    };
+    if !fits || offsets.first() != Some(&0) || offsets.last() != Some(&n) {
+        candle_core::bail!(
+            "grouped-linear ({kind:?}): a {:?}, b {:?}, {} offsets ending at {:?} do not fit",
+            a.dims(),
+            b.dims(),
+            offsets.len(),
+            offsets.last()
+        );
+    }
+    a.contiguous()?.apply_op2_no_bwd(
+        &b.contiguous()?,
+        &GroupedLinear {
+            offsets: offsets.clone(),
+            kind,
+            weight_grad: false,
+        },
+    )
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     /// (x, w) → x·wᵀ per group.
     Forward,
     /// (dy, w) → dy·w per group.

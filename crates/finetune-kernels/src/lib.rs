@@ -11,8 +11,9 @@
 //! kernels), [`frozen_batched_linear`] (one strided-batched GEMM over stacked expert weights, dX
 //! only), [`grouped_linear`] (one GEMM per expert over its own rows, no padding; dX and
 //! optionally dW), [`moe_permute`] (the MoE
-//! token permutation and its inverse as two adjoint gathers), and
-//! [`device`]: which compute devices this build can use and a smoke check that runs a small
+//! token permutation and its inverse as two adjoint gathers), [`moe_experts`] (a MoE layer's
+//! routed experts with their adapters as one node with a hand-written backward, built from the
+//! ops above), and [`device`]: which compute devices this build can use and a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 
 pub mod adamw;
@@ -25,6 +26,7 @@ pub mod frozen_batched_linear;
 pub mod frozen_linear;
 pub mod grouped_linear;
 pub mod lora_linear;
+pub mod moe_experts;
 pub mod moe_permute;
 pub mod rms_norm;
 pub mod rope;
@@ -50,6 +52,7 @@ pub use grouped_linear::{grouped_linear, grouped_linear_frozen};
 pub type WeightFn =
     std::sync::Arc<dyn Fn() -> candle_core::Result<candle_core::Tensor> + Send + Sync>;
 pub use lora_linear::lora_linear;
+pub use moe_experts::moe_experts;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -92,7 +92,8 @@ pub fn sum_rows(s: &Tensor, p: &Arc<Permutation>) -> candle_core::Result<Tensor>
 }
 
 struct GatherRows(Arc<Permutation>);
-struct SumRows(Arc<Permutation>);
+/// [`sum_rows`]' op (also run on a storage directly by [`crate::moe_experts`]' forward).
+pub(crate) struct SumRows(pub(crate) Arc<Permutation>);
 
 fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let (a, b) = l

@@ -21,6 +21,19 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, Swiglu)
 }
 
+/// (dg, du) for y = silu(g) ⊙ u and upstream dy, without autograd (for ops that write their own
+/// backward, [`crate::moe_experts`]).
+pub(crate) fn swiglu_backward(
+    g: &Tensor,
+    u: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = g
+        .contiguous()?
+        .apply_op3_no_bwd(&u.contiguous()?, &dy.contiguous()?, &SwigluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
 /// The forward op (g, u) → y.
 pub struct Swiglu;
 

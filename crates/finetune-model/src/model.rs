@@ -85,6 +85,30 @@ pub enum MoePath {
     /// and one scatter-add back (the GPU default). Same math as the per-expert path; dropout
     /// masks are drawn over the sorted rows, so the random stream differs from it.
     Grouped,
+    /// [`MoePath::Grouped`]'s routing and math with the routed experts of a layer as ONE
+    /// autograd node whose backward is written out by hand (`finetune_kernels::moe_experts`):
+    /// it keeps g and u (and three `[rows, r]` LoRA products) for the backward instead of every
+    /// intermediate, and hands x, the routing weights and the six stacked adapters their
+    /// gradients once each. With LoRA dropout active (its masks are drawn per use) the layer
+    /// runs the grouped path. A separate path rather than a flag: it is chosen the same way
+    /// (`set_moe_path`, `--moe grouped-manual`) and compared with `Grouped` side by side;
+    /// opt-in on the GPU (`FINETUNE_MOE_PATH=grouped-manual` or the bench flag) until a GPU
+    /// session has measured it.
+    GroupedManual,
+}
+
+impl MoePath {
+    /// The path named as on the command line (`per-expert`, `batched`, `grouped`,
+    /// `grouped-manual`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "per-expert" => Self::PerExpert,
+            "batched" => Self::Batched,
+            "grouped" => Self::Grouped,
+            "grouped-manual" => Self::GroupedManual,
+            _ => return None,
+        })
+    }
 }
 
 struct Layer {
@@ -220,6 +244,30 @@ pub struct Qwen3Moe {
     /// Seconds per forward phase while profiling ([`Qwen3Moe::set_phase_timing`]); `None` (the
     /// default) costs nothing: no device synchronization.
     phase_times: std::sync::Mutex<Option<std::collections::BTreeMap<&'static str, f64>>>,
+}
+
+/// The MoE path a model starts with: `FINETUNE_MOE_PATH` (a [`MoePath::from_name`] name) when
+/// set, else grouped on a GPU and per expert on the CPU.
+fn default_moe_path(device: &Device) -> MoePath {
+    let named = std::env::var("FINETUNE_MOE_PATH").ok();
+    match named.as_deref().map(|n| (n, MoePath::from_name(n))) {
+        Some((_, Some(path))) => path,
+        Some((n, None)) => {
+            eprintln!(
+                "FINETUNE_MOE_PATH={n}: not one of per-expert, batched, grouped, grouped-manual; ignored"
+            );
+            default_moe_path_of(device)
+        }
+        None => default_moe_path_of(device),
+    }
+}
+
+fn default_moe_path_of(device: &Device) -> MoePath {
+    if device.is_cuda() {
+        MoePath::Grouped
+    } else {
+        MoePath::PerExpert
+    }
 }
 
 /// x·Wᵀ for a frozen weight: a CustomOp whose backward computes dX only (candle's matmul
@@ -367,6 +415,28 @@ fn stacked_lora_inputs(
     };
     let x = l.dropout_input_stacked(&x, names, |i| rows.expert_of(i), &rows.rows)?;
     Ok((x, a, b))
+}
+
+/// A `[E, r, in]` and B `[E, out, r]` of the experts `names` (in order): the adapter's own
+/// stacked variables when `names` are exactly one of its stacks, else the experts' views
+/// stacked for this use (as in [`stacked_lora_inputs`]; never with adapters made by [`Lora`]
+/// for this model).
+fn lora_stacks(names: &[&str], l: &Lora) -> candle_core::Result<(Tensor, Tensor)> {
+    if let Some((a, b)) = l.stacked(names) {
+        return Ok((a.clone(), b.clone()));
+    }
+    let mut parts = (
+        Vec::with_capacity(names.len()),
+        Vec::with_capacity(names.len()),
+    );
+    for name in names {
+        let (a, b) = l
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
+        parts.0.push(a);
+        parts.1.push(b);
+    }
+    Ok((Tensor::stack(&parts.0, 0)?, Tensor::stack(&parts.1, 0)?))
 }
 
 /// y[e] = x[e]·W[e]ᵀ + s·(x[e]·A[e]ᵀ)·B[e]ᵀ for the experts named `names` (in order), x
@@ -652,11 +722,7 @@ impl Qwen3Moe {
             lm_head,
             device: device.clone(),
             dtype: DType::F32,
-            moe_path: if device.is_cuda() {
-                MoePath::Grouped
-            } else {
-                MoePath::PerExpert
-            },
+            moe_path: default_moe_path(device),
             fused_attention: true,
             phase_times: std::sync::Mutex::new(None),
         })
@@ -1057,7 +1123,7 @@ impl Qwen3Moe {
                 MoePath::Batched if batched_lora_covers(experts, lora) => {
                     self.moe_batched(&n, router, experts, stacked, lora, ctx)?
                 }
-                MoePath::Grouped if batched_lora_covers(experts, lora) => {
+                MoePath::Grouped | MoePath::GroupedManual if batched_lora_covers(experts, lora) => {
                     self.moe_grouped(&n, router, experts, stacked, lora, ctx)?
                 }
                 _ => self.timed("moe.per_expert", || {
@@ -1257,6 +1323,9 @@ impl Qwen3Moe {
             std::time::Instant::now()
         });
         let (weights, routed) = self.route_tokens(x, router, n_exp)?;
+        if self.moe_path == MoePath::GroupedManual && lora.is_none_or(|l| !l.dropout_active()) {
+            return self.moe_grouped_manual(x, &weights, &routed, experts, stacked, lora, started);
+        }
         let mut offsets = Vec::with_capacity(n_exp + 1);
         offsets.push(0);
         let (mut rows, mut weight_index) = (Vec::new(), Vec::new());
@@ -1324,6 +1393,71 @@ impl Qwen3Moe {
                 .index_select(&weight_index, 0)?
                 .unsqueeze(1)?;
             sum_rows(&y.broadcast_mul(&w)?, &perm)
+        })
+    }
+
+    /// [`MoePath::GroupedManual`]: after [`Self::moe_grouped`]'s routing, the routed experts
+    /// as one `finetune_kernels::moe_experts` node (same math, hand-written backward).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_grouped_manual(
+        &self,
+        x: &Tensor,
+        weights: &Tensor,
+        routed: &[Vec<u32>],
+        experts: &[Expert],
+        stacked: &StackedExperts,
+        lora: Option<&Lora>,
+        started: Option<std::time::Instant>,
+    ) -> candle_core::Result<Tensor> {
+        use finetune_kernels::moe_experts::{
+            moe_experts, ExpertStacks, FrozenStack, Routing, StackedAdapters,
+        };
+        let t = x.dims2()?.0;
+        let routing = std::sync::Arc::new(Routing::new(routed, t, &self.device)?);
+        if let Some(started) = started {
+            self.device.synchronize()?;
+            self.record("moe.route", started.elapsed().as_secs_f64());
+            self.record("moe.routed_rows", routing.slots() as f64);
+        }
+        let dtype = x.dtype();
+        let frozen = |w: &BaseWeight| -> candle_core::Result<FrozenStack> {
+            let dims = w.shape().try_into().map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "grouped experts: weight {:?} is not [E, out, in]",
+                    w.shape()
+                ))
+            })?;
+            let [e, out, inp]: [usize; 3] = dims;
+            // Dense weights in the compute dtype come back as they are (no copy); FP8 stacks
+            // are dequantized for each product and dropped after it.
+            let w = w.clone();
+            Ok(FrozenStack::new(
+                std::sync::Arc::new(move || w.dequantize(dtype)),
+                (e, out, inp),
+            ))
+        };
+        let base = ExpertStacks {
+            gate: frozen(&stacked.gate)?,
+            up: frozen(&stacked.up)?,
+            down: frozen(&stacked.down)?,
+        };
+        let adapters = match lora {
+            Some(l) => {
+                let stacks = |pick: fn(&Expert) -> &Proj| {
+                    let names: Vec<&str> = experts.iter().map(|e| pick(e).name.as_str()).collect();
+                    lora_stacks(&names, l)
+                };
+                Some(StackedAdapters {
+                    gate: stacks(|e| &e.gate)?,
+                    up: stacks(|e| &e.up)?,
+                    down: stacks(|e| &e.down)?,
+                    scale: l.scale,
+                })
+            }
+            None => None,
+        };
+        self.timed("moe.experts", || {
+            moe_experts(x, weights, &routing, &base, adapters.as_ref())
         })
     }
 

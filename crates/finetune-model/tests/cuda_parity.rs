@@ -203,9 +203,10 @@ fn cuda_lora_logits_loss_and_gradients_match_transformers() {
         }),
     )
     .unwrap();
-    // The GPU default (grouped: the stacked adapters used as they are) and the per-expert
-    // reference (each expert on slices of the stacks, `Lora::expert_slices`' CUDA copy).
-    for path in [MoePath::Grouped, MoePath::PerExpert] {
+    // The GPU default (grouped: the stacked adapters used as they are), the same as one node
+    // with a hand-written backward (grouped-manual) and the per-expert reference (each expert
+    // on slices of the stacks, `Lora::expert_slices`' CUDA copy).
+    for path in [MoePath::Grouped, MoePath::GroupedManual, MoePath::PerExpert] {
         model.set_moe_path(path);
         eprintln!("{path:?}:");
         let logits = model

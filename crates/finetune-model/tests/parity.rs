@@ -354,8 +354,9 @@ fn bf16_compute_runs_on_the_cpu_within_bf16_precision() {
     assert_eq!(model.compute_dtype(), candle_core::DType::BF16);
 }
 
-/// The batched MoE path (stacked experts, one padded `[E, C, hidden]` GEMM per projection) and
-/// the grouped one (rows sorted by expert, one GEMM per expert, no padding) compute what the
+/// The batched MoE path (stacked experts, one padded `[E, C, hidden]` GEMM per projection), the
+/// grouped one (rows sorted by expert, one GEMM per expert, no padding) and the grouped one as a
+/// single node with a hand-written backward (`grouped-manual`) compute what the
 /// per-expert reference computes: logits, loss and every LoRA gradient, on
 /// the bf16 and the FP8 checkpoints (moe_intermediate_size 136: FP8 blocks straddle experts
 /// there, so the stacked dequantization takes its per-expert route) — also with LoRA dropout:
@@ -404,6 +405,7 @@ fn batched_moe_equals_the_per_expert_reference() {
         for path in [
             finetune_model::model::MoePath::Batched,
             finetune_model::model::MoePath::Grouped,
+            finetune_model::model::MoePath::GroupedManual,
         ] {
             model.set_moe_path(path);
             let (logits, loss, grads) = run(&model);

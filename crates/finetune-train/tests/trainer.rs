@@ -392,8 +392,10 @@ fn empty_dataset_and_non_finite_steps_fail_clearly() {
 /// `Lora::from_tensors` makes) train exactly like the per-module storage they replaced (every
 /// expert its own variables, `Lora::from_tensors_per_module`): 10 steps with weight decay,
 /// clipping, warmup + cosine and gradient accumulation give the same losses, gradient norms
-/// and final adapter (≤ 1e-6; in practice bit for bit) on the per-expert reference path and
-/// on the grouped path, while AdamW sees 6 tensors per MoE layer where it saw 24.
+/// and final adapter (≤ 1e-6; in practice bit for bit) on the per-expert reference path, on
+/// the grouped path and on the grouped path's hand-written backward (`GroupedManual`, whose
+/// per-module case stacks the experts' views per use), while AdamW sees 6 tensors per MoE layer
+/// where it saw 24.
 #[test]
 fn stacked_expert_adapters_train_like_per_module_ones() {
     use finetune_model::model::MoePath;
@@ -409,7 +411,7 @@ fn stacked_expert_adapters_train_like_per_module_ones() {
         )
         .unwrap()
     };
-    for path in [MoePath::PerExpert, MoePath::Grouped] {
+    for path in [MoePath::PerExpert, MoePath::Grouped, MoePath::GroupedManual] {
         model.set_moe_path(path);
         let run = |lora: Lora| {
             let n_vars = lora.vars().count();

@@ -69,11 +69,10 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     if args.attention.as_deref() == Some("tensor-core") {
         finetune_kernels::attention::set_tensor_cores(true);
     }
-    match args.moe.as_deref() {
-        Some("batched") => model.set_moe_path(MoePath::Batched),
-        Some("grouped") => model.set_moe_path(MoePath::Grouped),
-        Some("per-expert") => model.set_moe_path(MoePath::PerExpert),
-        _ => {}
+    if let Some(name) = args.moe.as_deref() {
+        let path = MoePath::from_name(name)
+            .with_context(|| format!("flag --moe = {name}: not a MoE path"))?;
+        model.set_moe_path(path);
     }
     let compute = match (args.bf16, args.tf32) {
         (true, _) => "bf16",
@@ -196,7 +195,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "lora_params": lora_params,
         "lora_tensors": lora_tensors,
         "recompute": args.recompute,
-        "moe": args.moe.as_deref().unwrap_or(if device.is_cuda() { "grouped" } else { "per-expert" }),
+        "moe": args.moe.clone().or_else(|| std::env::var("FINETUNE_MOE_PATH").ok()).unwrap_or_else(|| (if device.is_cuda() { "grouped" } else { "per-expert" }).into()),
         "attention": args.attention.as_deref().unwrap_or("fused"),
         "warmup_steps": args.warmup,
         "step_secs": measured,

@@ -160,9 +160,11 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub bf16: bool,
     /// How MoE blocks run their experts: `grouped` (tokens sorted by expert, one GEMM per expert
-    /// on exactly its rows; the GPU default), `batched` (one strided-batched GEMM over groups
-    /// padded to the largest) or `per-expert` (the reference loop; the CPU default).
-    #[arg(long, value_name = "PATH", value_parser = ["grouped", "batched", "per-expert"])]
+    /// on exactly its rows; the GPU default), `grouped-manual` (the same as one autograd node
+    /// with a hand-written backward; also FINETUNE_MOE_PATH=grouped-manual), `batched` (one
+    /// strided-batched GEMM over groups padded to the largest) or `per-expert` (the reference
+    /// loop; the CPU default).
+    #[arg(long, value_name = "PATH", value_parser = ["grouped", "grouped-manual", "batched", "per-expert"])]
     pub moe: Option<String>,
     /// How attention runs: `fused` (finetune-kernels' causal_attention, flash-attention style on
     /// the GPU; the default where it covers the head dim), `tensor-core` (the same op with its
