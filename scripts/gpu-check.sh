@@ -26,9 +26,10 @@ for t in dist/cuda-tests/cuda_parity-*; do
     --nocapture --test-threads 1 > "$OUT/model-cuda-parity-opt-in.log" 2>&1
   echo "cuda_parity opt-in rc $?" >> "$OUT/rc.txt"
 done
-grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|lora-linear cuda" "$OUT"/*.log | head -60
+grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|lora-linear cuda|fp8-linear cuda|fp8-grouped-linear cuda" "$OUT"/*.log | head -70
 fi
-# Per-kernel TFLOPS / GB/s against cuBLAS and a copy of the same size (30B-A3B layer shapes).
+# Per-kernel TFLOPS / GB/s against cuBLAS and a copy of the same size (30B-A3B layer shapes),
+# with the FP8 GEMM rows (fp8_linear, fp8_grouped_linear) and their % of the FP8 peak.
 timeout 180 bash scripts/device-run.sh exec dist/cuda/finetune bench kernels --json "$OUT/kernels.jsonl" \
   > "$OUT/bench-kernels.txt" 2>&1
 echo "bench-kernels rc $?" >> "$OUT/rc.txt"
@@ -54,5 +55,5 @@ for i, (a, b) in enumerate(zip(g, c)):
     print(f"{i + 1:4d}  {a:.5f}  {b:.5f}  {a - b:+.5f}")
 print("max |diff|", max(abs(a - b) for a, b in zip(g, c)), "steps", len(g), len(c))
 PY
-RUNS=${RUNS:-ours-bf16 ours-bf16-tc-attention ours-bf16-fused-lora ours-fp8} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
+RUNS=${RUNS:-ours-bf16 ours-bf16-tc-attention ours-bf16-fused-lora ours-fp8 ours-fp8-gemm} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
 cat "$OUT/rc.txt"
