@@ -24,8 +24,9 @@ __device__ void quantize_rows(const T* __restrict__ x, uint8_t* __restrict__ q,
                               int groups) {
     __shared__ float warp_amax[4];
     __shared__ float block_scale;
-    const int row = blockIdx.y;
-    const int blk = blockIdx.x;
+    // Rows on x (up to 2³¹ − 1 blocks), column blocks on y (≤ 65,535, K ≤ 8 Mi).
+    const int row = blockIdx.x;
+    const int blk = blockIdx.y;
     const int col = blk * 128 + threadIdx.x;
     float v = 0.f;
     if (row < rows && col < cols) v = load_f32(x[(size_t)row * cols + col]);

@@ -34,8 +34,8 @@
 //! docs "cublasLtMatmul": "All matrix dimensions must meet the optimal requirements listed in
 //! Tensor Core Usage"; PyTorch's `_scaled_mm` checks the same), bf16 activations on the GPU (the
 //! output is bf16; "FP8 DType is not supported" with these scale modes). A cuBLASLt that finds no
-//! algorithm (e.g. a GPU other than Hopper: the VEC128/BLK128x128 modes are sm_90 only) makes the
-//! op itself fall back, with one message on stderr.
+//! algorithm (e.g. a GPU other than Hopper: NVIDIA documents the VEC128/BLK128x128 modes for
+//! sm_90) makes the op itself fall back, with one message on stderr.
 //!
 //! Scale layouts, from what we relied on: NVIDIA's CUDALibrarySamples
 //! `cuBLASLt/LtBlk128x128Fp8Matmul` (the same two modes, TN form) and its `Common/helpers.h`
@@ -113,7 +113,7 @@ pub fn use_for(dtype: DType, device: &Device, n: usize, k: usize) -> bool {
     if let Ok(mut said) = SAID.lock() {
         if !said.contains(&why) {
             eprintln!(
-                "finetune: FINETUNE_FP8_GEMM: a [{n}, {k}] FP8 weight is dequantized to bf16 instead: {why}"
+                "finetune: FINETUNE_FP8_GEMM: a [{n}, {k}] FP8 weight takes the dequantize path instead: {why}"
             );
             said.push(why);
         }
@@ -464,11 +464,14 @@ mod cuda {
                 })
                 .collect()
         };
+        if k_blocks > 65_535 {
+            candle_core::bail!("fp8-quantize: {cols} columns: more than 65,535 blocks of 128");
+        }
         let offsets_d = dev.clone_htod(&to_i32(offsets)?)?;
         let bases_d = dev.clone_htod(&to_i32(&bases)?)?;
         let (rows_i, cols_i, groups) = (rows as i32, cols as i32, (offsets.len() - 1) as i32);
         let cfg = LaunchConfig {
-            grid_dim: (k_blocks as u32, rows as u32, 1),
+            grid_dim: (rows as u32, k_blocks as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
