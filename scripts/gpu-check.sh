@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu-check.sh: the GPU checks of issue #9 in one call on the GPU machine: the CUDA kernel and
-# model parity test executables, `finetune bench kernels`, the GPU-vs-CPU loss curve of `finetune train` on the embedded
+# model parity test executables, `finetune doctor`, `finetune bench kernels`, the GPU-vs-CPU loss curve of `finetune train` on the embedded
 # tiny base, then scripts/bench-gpu.sh. Results under $OUT.
 #
 #   here:  scripts/device-run.sh build && scripts/device-run.sh build-tests finetune-kernels finetune-model
@@ -22,12 +22,17 @@ for t in dist/cuda-tests/cuda_parity-*; do
   timeout 120 bash scripts/device-run.sh exec "$t" --nocapture --test-threads 1 > "$OUT/model-cuda-parity.log" 2>&1
   echo "cuda_parity rc $?" >> "$OUT/rc.txt"
   # Again with the opt-in GPU paths on (tensor-core attention, fused LoRA linear).
-  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 timeout 120 bash scripts/device-run.sh exec "$t" \
+  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1 timeout 120 bash scripts/device-run.sh exec "$t" \
     --nocapture --test-threads 1 > "$OUT/model-cuda-parity-opt-in.log" 2>&1
   echo "cuda_parity opt-in rc $?" >> "$OUT/rc.txt"
 done
-grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|lora-linear cuda|fp8-linear cuda|fp8-grouped-linear cuda" "$OUT"/*.log | head -70
+grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda|fp8-linear cuda|fp8-grouped-linear cuda" "$OUT"/*.log | head -70
 fi
+# Every device and NCCL self-check, including the parallel step over NCCL with the gradient
+# all-reduce on a second stream overlapping the backward (world = the GPUs lent).
+timeout 300 bash scripts/device-run.sh exec dist/cuda/finetune doctor > "$OUT/doctor.txt" 2>&1
+echo "doctor rc $?" >> "$OUT/rc.txt"
+grep -E "FAIL|nccl" "$OUT/doctor.txt" | head -40
 # Per-kernel TFLOPS / GB/s against cuBLAS and a copy of the same size (30B-A3B layer shapes),
 # with the FP8 GEMM rows (fp8_linear, fp8_grouped_linear) and their % of the FP8 peak.
 timeout 180 bash scripts/device-run.sh exec dist/cuda/finetune bench kernels --json "$OUT/kernels.jsonl" \
@@ -55,5 +60,5 @@ for i, (a, b) in enumerate(zip(g, c)):
     print(f"{i + 1:4d}  {a:.5f}  {b:.5f}  {a - b:+.5f}")
 print("max |diff|", max(abs(a - b) for a, b in zip(g, c)), "steps", len(g), len(c))
 PY
-RUNS=${RUNS:-ours-bf16 ours-bf16-tc-attention ours-bf16-fused-lora ours-fp8 ours-fp8-gemm} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
+RUNS=${RUNS:-ours-bf16 ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-fp8 ours-fp8-gemm} timeout ${BENCH_TIMEOUT:-420} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
 cat "$OUT/rc.txt"

@@ -13,6 +13,7 @@
 //! model issue's remaining work.
 
 pub mod config;
+pub mod dropout;
 pub mod fp8;
 pub mod init;
 pub mod lora;

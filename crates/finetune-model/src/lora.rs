@@ -30,8 +30,9 @@ pub struct Lora {
     entries: Vec<Entry>,
     /// Every module name (sorted: PEFT order) → (entry, position in the entry's stack).
     index: BTreeMap<String, (usize, usize)>,
-    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`), drawn from a
-    /// seeded ChaCha stream so that a run is reproducible; off (`None`) for evaluation.
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`), counter-based
+    /// masks ([`crate::dropout`]) so that every path, recompute and parallel layout draws the
+    /// same ones; `None` without dropout.
     dropout: Option<Dropout>,
 }
 
@@ -137,11 +138,11 @@ fn expert_stack_key(name: &str) -> Option<(String, usize)> {
 
 struct Dropout {
     p: f64,
-    /// Off while evaluating; the stream is kept, so training resumes where it was.
-    /// (Atomic and a mutex rather than Cell/RefCell so that a `Lora` can be shared by the
-    /// threads of an evaluation.)
+    /// The masks' seed ([`crate::dropout`]: masks are hashes of seed, module, token, feature).
+    seed: u64,
+    /// Off while evaluating. (Atomic so that a `Lora` can be shared by the threads of an
+    /// evaluation.)
     active: std::sync::atomic::AtomicBool,
-    rng: std::sync::Mutex<rand_chacha::ChaCha8Rng>,
 }
 
 /// The scale s of the update: alpha / r, or alpha / √r with rsLoRA.
@@ -274,18 +275,71 @@ impl Lora {
         })
     }
 
-    /// Turns dropout on the adapters' input on (`p` > 0, training) or off (`p` = 0).
+    /// Turns dropout on the adapters' input on (`p` > 0, training) or off (`p` = 0); `seed`
+    /// keys its masks ([`crate::dropout`]).
     pub fn set_dropout(&mut self, p: f64, seed: u64) {
         self.dropout = (p > 0.0).then(|| Dropout {
             p,
+            seed,
             active: std::sync::atomic::AtomicBool::new(true),
-            rng: std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
         });
     }
 
-    /// The adapter's input: `x` itself, or with dropout each element zeroed with probability p
-    /// and the others scaled by 1/(1 − p), as torch.nn.Dropout does.
-    pub fn dropout_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The dropout probability and seed of `other` (e.g. the whole adapter a parallel rank
+    /// takes its part of), training or not as `other` is.
+    pub fn copy_dropout(&mut self, other: &Lora) {
+        self.dropout = other.dropout.as_ref().map(|d| Dropout {
+            p: d.p,
+            seed: d.seed,
+            active: std::sync::atomic::AtomicBool::new(
+                d.active.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        });
+    }
+
+    /// The adapter input of module `module`: `x` itself, or with dropout each element zeroed
+    /// with probability p and the others scaled by 1/(1 − p), as torch.nn.Dropout does. x's
+    /// last dimension is features `first_feature..` of the module's input (a tensor-parallel
+    /// rank may hold a slice); its rows (all other dimensions flattened) are the tokens `rows`
+    /// ([`crate::dropout`]: the mask of a token does not depend on where or in which order it
+    /// is computed).
+    pub fn dropout_input(
+        &self,
+        x: &Tensor,
+        module: &str,
+        rows: &crate::dropout::Rows<'_>,
+        first_feature: usize,
+    ) -> candle_core::Result<Tensor> {
+        let key = crate::dropout::module_key(module);
+        self.dropout_with(x, |_| key, rows, first_feature)
+    }
+
+    /// [`Self::dropout_input`] for the rows of several modules at once (stacked experts): row i
+    /// of x (all dimensions but the last flattened) belongs to `modules[module_of(i)]`.
+    pub fn dropout_input_stacked(
+        &self,
+        x: &Tensor,
+        modules: &[&str],
+        module_of: impl Fn(usize) -> usize,
+        rows: &crate::dropout::Rows<'_>,
+    ) -> candle_core::Result<Tensor> {
+        if !self.dropout_active() {
+            return Ok(x.clone());
+        }
+        let keys: Vec<u64> = modules
+            .iter()
+            .map(|m| crate::dropout::module_key(m))
+            .collect();
+        self.dropout_with(x, |i| keys[module_of(i)], rows, 0)
+    }
+
+    fn dropout_with(
+        &self,
+        x: &Tensor,
+        module_of: impl Fn(usize) -> u64,
+        rows: &crate::dropout::Rows<'_>,
+        first_feature: usize,
+    ) -> candle_core::Result<Tensor> {
         let Some(d) = self
             .dropout
             .as_ref()
@@ -293,18 +347,18 @@ impl Lora {
         else {
             return Ok(x.clone());
         };
-        let keep = 1.0 - d.p;
-        let mut rng = d.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        x * Tensor::from_vec(mask, x.shape(), x.device())?
+        let features = x.dims().last().copied().unwrap_or(1).max(1);
+        let n_rows = x.elem_count() / features;
+        let mask = crate::dropout::mask(
+            d.seed,
+            d.p,
+            n_rows,
+            features,
+            first_feature,
+            module_of,
+            rows,
+        );
+        x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
     }
 
     /// Whether [`Self::dropout_input`] changes its input now (dropout on and training).
@@ -319,32 +373,11 @@ impl Lora {
         self.dropout.as_ref().map_or(0.0, |d| d.p)
     }
 
-    /// Dropout on (training) or off (evaluation) without touching its random stream.
+    /// Dropout on (training) or off (evaluation).
     pub fn set_training(&self, training: bool) {
         if let Some(d) = &self.dropout {
             d.active
                 .store(training, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// Position in the dropout stream (32-bit words drawn), for checkpoints and for replaying
-    /// a layer with the same masks (activation recompute); 0 without dropout.
-    pub fn dropout_position(&self) -> u128 {
-        self.dropout.as_ref().map_or(0, |d| {
-            d.rng
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_word_pos()
-        })
-    }
-
-    /// Moves the dropout stream to `position` (see [`Self::dropout_position`]).
-    pub fn set_dropout_position(&self, position: u128) {
-        if let Some(d) = &self.dropout {
-            d.rng
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_word_pos(position);
         }
     }
 
@@ -649,37 +682,47 @@ mod tests {
     }
 
     #[test]
-    fn dropout_zeroes_a_fraction_and_keeps_the_mean() {
+    fn dropout_zeroes_a_fraction_keeps_the_mean_and_stops_in_evaluation() {
+        use crate::dropout::Rows;
         let mut l = Lora::from_tensors(1, 1.0, Vec::new()).unwrap();
         let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(
-            l.dropout_input(&x).unwrap().to_vec2::<f32>().unwrap(),
-            x.to_vec2::<f32>().unwrap()
-        );
+        let rows = Rows::Sequence(4);
+        let drop = |l: &Lora, module: &str| -> Vec<f32> {
+            l.dropout_input(&x, module, &rows, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert!(drop(&l, "m").iter().all(|v| *v == 1.0));
         l.set_dropout(0.25, 1);
-        let y: Vec<f32> = l
-            .dropout_input(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = drop(&l, "m");
         let zeros = y.iter().filter(|v| **v == 0.0).count() as f64 / y.len() as f64;
         assert!((zeros - 0.25).abs() < 0.03, "dropped {zeros}");
         let mean = y.iter().sum::<f32>() as f64 / y.len() as f64;
         assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
         assert!(y.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
-        // Same seed, same masks.
+        // Same seed, module and rows: the same mask; another module: another one.
         let mut again = Lora::from_tensors(1, 1.0, Vec::new()).unwrap();
-        again.set_dropout(0.25, 1);
-        let z: Vec<f32> = again
-            .dropout_input(&x)
+        again.copy_dropout(&l);
+        assert_eq!(y, drop(&again, "m"));
+        assert_ne!(y, drop(&again, "n"));
+        // Stacked rows: rows 0..40 of module "m", the rest of "n", as each alone gives them.
+        let stacked: Vec<f32> = l
+            .dropout_input_stacked(&x, &["m", "n"], |i| usize::from(i >= 40), &rows)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(y, z);
+        assert_eq!(stacked[..4000], y[..4000]);
+        assert_eq!(stacked[4000..], drop(&l, "n")[4000..]);
+        // Evaluation: the input unchanged.
+        l.set_training(false);
+        assert!(drop(&l, "m").iter().all(|v| *v == 1.0));
+        l.set_training(true);
+        assert_eq!(drop(&l, "m"), y);
     }
 
     fn expert_lora() -> Lora {

@@ -21,6 +21,7 @@
 //! back before the add), so LoRA gradients arrive in f32 for the f32 master weights.
 
 use crate::config::Qwen3MoeConfig;
+use crate::dropout::Rows;
 use crate::lora::Lora;
 use crate::shard::{BaseShard, Cut};
 use crate::weights::{BaseWeight, Weights, WeightsError};
@@ -126,9 +127,32 @@ pub struct SequenceContext {
     device: Device,
     cos: Tensor,
     sin: Tensor,
+    /// The number of this sequence in its run, the key of its tokens' LoRA dropout masks
+    /// ([`crate::dropout`]; 0 unless [`Self::set_dropout_sequence`] says otherwise).
+    dropout_sequence: u64,
 }
 
 impl SequenceContext {
+    /// Numbers this sequence for the LoRA dropout masks of its tokens (the trainer: step ×
+    /// batch + place in the step's batch, the same on every rank).
+    pub fn set_dropout_sequence(&mut self, sequence: u64) {
+        self.dropout_sequence = sequence;
+    }
+
+    /// The rows of a layer's input `[T, …]`: this sequence's tokens, in order (for
+    /// [`Lora::dropout_input`]).
+    pub fn dropout_rows(&self) -> Rows<'static> {
+        Rows::Sequence(self.dropout_sequence)
+    }
+
+    /// The rows `tokens` of this sequence (rows gathered for experts).
+    pub fn dropout_tokens<'a>(&self, tokens: &'a [u32]) -> Rows<'a> {
+        Rows::Tokens {
+            sequence: self.dropout_sequence,
+            tokens,
+        }
+    }
+
     /// The fused attention's documents, uploaded to the device once per sequence.
     fn documents(&self) -> candle_core::Result<&finetune_kernels::attention::Documents> {
         if let Some(d) = self.documents.get() {
@@ -251,10 +275,16 @@ fn fp8_gemm(x: &Tensor, w: &BaseWeight) -> bool {
 
 /// y = x·Wᵀ, plus s·(x·Aᵀ)·Bᵀ when the projection has an adapter (the adapter's path in f32,
 /// whatever x's dtype).
-fn project(x: &Tensor, p: &Proj, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+/// `rows` are x's rows (their tokens, for the dropout masks).
+fn project(
+    x: &Tensor,
+    p: &Proj,
+    lora: Option<&Lora>,
+    rows: &Rows<'_>,
+) -> candle_core::Result<Tensor> {
     // An expert's A and B are views of its layer's stacked adapters (their gradients flow
     // into the stack).
-    project_with(x, p, lora, lora.and_then(|l| l.get(&p.name)))
+    project_with(x, p, lora, lora.and_then(|l| l.get(&p.name)), rows)
 }
 
 /// [`project`] with the projection's adapter (A, B) given (`None`: no adapter).
@@ -263,6 +293,7 @@ fn project_with(
     p: &Proj,
     lora: Option<&Lora>,
     ab: Option<(Tensor, Tensor)>,
+    rows: &Rows<'_>,
 ) -> candle_core::Result<Tensor> {
     let adapter = lora.zip(ab);
     if let Some((l, (a, b))) = &adapter {
@@ -283,7 +314,7 @@ fn project_with(
     let y = linear(x, &p.w)?;
     match adapter {
         Some((l, (a, b))) => {
-            let x = l.dropout_input(&x.to_dtype(DType::F32)?)?;
+            let x = l.dropout_input(&x.to_dtype(DType::F32)?, &p.name, rows, 0)?;
             let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?;
             let dtype = y.dtype();
             y + delta.to_dtype(dtype)?
@@ -304,6 +335,24 @@ fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
     })
 }
 
+/// The rows of a stacked experts' input, for the dropout masks: their tokens, and whose
+/// expert each row is — grouped (`offsets`: rows `offsets[e]..offsets[e + 1]` are expert e's)
+/// or batched (`[E, cap, …]`: row i is expert i / cap's).
+struct StackRows<'a> {
+    rows: Rows<'a>,
+    offsets: Option<&'a [usize]>,
+    cap: usize,
+}
+
+impl StackRows<'_> {
+    fn expert_of(&self, row: usize) -> usize {
+        match self.offsets {
+            Some(o) => o.partition_point(|&start| start <= row) - 1,
+            None => row / self.cap.max(1),
+        }
+    }
+}
+
 /// What the batched and grouped expert projections feed their LoRA path: the adapters' f32
 /// input (`x32` when the caller already has it; dropout applied), A of the experts `names`
 /// stacked `[E, r, in]` and s·B stacked `[E, out, r]` (s on the small B rather than on the
@@ -316,6 +365,7 @@ fn stacked_lora_inputs(
     x32: Option<&Tensor>,
     names: &[&str],
     l: &Lora,
+    rows: &StackRows<'_>,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (a, b) = match l.stacked(names) {
         Some((a, b)) => (a.clone(), b.clone()),
@@ -334,9 +384,10 @@ fn stacked_lora_inputs(
     };
     let b = (b * l.scale)?;
     let x = match x32 {
-        Some(x32) => l.dropout_input(x32)?,
-        None => l.dropout_input(&x.to_dtype(DType::F32)?)?,
+        Some(x32) => x32.clone(),
+        None => x.to_dtype(DType::F32)?,
     };
+    let x = l.dropout_input_stacked(&x, names, |i| rows.expert_of(i), &rows.rows)?;
     Ok((x, a, b))
 }
 
@@ -351,10 +402,11 @@ fn batched_project(
     w: &BaseWeight,
     names: &[&str],
     lora: Option<&Lora>,
+    rows: &StackRows<'_>,
 ) -> candle_core::Result<Tensor> {
     let y = finetune_kernels::frozen_batched_linear(x, &w.dequantize(x.dtype())?)?;
     let Some(l) = lora else { return Ok(y) };
-    let (x, a, b) = stacked_lora_inputs(x, x32, names, l)?;
+    let (x, a, b) = stacked_lora_inputs(x, x32, names, l, rows)?;
     let delta = x.matmul(&a.transpose(1, 2)?)?.matmul(&b.transpose(1, 2)?)?;
     let dtype = y.dtype();
     y + delta.to_dtype(dtype)?
@@ -371,6 +423,7 @@ fn grouped_project(
     names: &[&str],
     lora: Option<&Lora>,
     offsets: &std::sync::Arc<Vec<usize>>,
+    rows: &StackRows<'_>,
 ) -> candle_core::Result<Tensor> {
     let y = match w {
         BaseWeight::Fp8 { q, scale_inv } if fp8_gemm(x, w) => {
@@ -399,7 +452,7 @@ fn grouped_project(
         }
     };
     let Some(l) = lora else { return Ok(y) };
-    let (x, a, b) = stacked_lora_inputs(x, x32, names, l)?;
+    let (x, a, b) = stacked_lora_inputs(x, x32, names, l, rows)?;
     let h = finetune_kernels::grouped_linear(&x, &a, offsets, true)?; // [N, r]
     let delta = finetune_kernels::grouped_linear(&h, &b, offsets, true)?; // [N, out]
     let dtype = y.dtype();
@@ -466,10 +519,16 @@ fn expert_adapters(
 }
 
 impl Expert {
-    fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+    /// The expert on rows `x` (tokens `rows`).
+    fn forward(
+        &self,
+        x: &Tensor,
+        lora: Option<&Lora>,
+        rows: &Rows<'_>,
+    ) -> candle_core::Result<Tensor> {
         let adapters =
             [&self.gate, &self.up, &self.down].map(|p| lora.and_then(|l| l.get(&p.name)));
-        self.forward_with(x, lora, adapters)
+        self.forward_with(x, lora, adapters, rows)
     }
 
     /// [`Self::forward`] with the adapters of gate, up and down given.
@@ -478,10 +537,11 @@ impl Expert {
         x: &Tensor,
         lora: Option<&Lora>,
         adapters: ExpertLora,
+        rows: &Rows<'_>,
     ) -> candle_core::Result<Tensor> {
         let [ga, ua, da] = adapters;
-        let g = project_with(x, &self.gate, lora, ga)?;
-        let u = project_with(x, &self.up, lora, ua)?;
+        let g = project_with(x, &self.gate, lora, ga, rows)?;
+        let u = project_with(x, &self.up, lora, ua, rows)?;
         let h = if g.device().is_cpu() {
             // One fused op (finetune_kernels::swiglu, tested against this formula) instead of
             // five, each with its own zero-filled gradient in backward.
@@ -489,7 +549,7 @@ impl Expert {
         } else {
             (silu(&g)? * u)?
         };
-        project_with(&h, &self.down, lora, da)
+        project_with(&h, &self.down, lora, da, rows)
     }
 }
 
@@ -963,6 +1023,7 @@ impl Qwen3Moe {
             device: self.device.clone(),
             cos,
             sin,
+            dropout_sequence: 0,
         })
     }
 
@@ -984,13 +1045,14 @@ impl Qwen3Moe {
         // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
         let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
         let layer = &self.layers[index];
+        let rows = ctx.dropout_rows();
         // Attention.
         let a = &layer.attn;
         let (q, mut k, mut v) = self.timed("attn.qkv", || {
             let n = rms_norm(x, &layer.input_norm, eps)?;
-            let q = project(&n, &a.q, lora)?.reshape((t, nh, d))?;
-            let k = project(&n, &a.k, lora)?.reshape((t, nkv, d))?;
-            let v = project(&n, &a.v, lora)?.reshape((t, nkv, d))?;
+            let q = project(&n, &a.q, lora, &rows)?.reshape((t, nh, d))?;
+            let k = project(&n, &a.k, lora, &rows)?.reshape((t, nkv, d))?;
+            let v = project(&n, &a.v, lora, &rows)?.reshape((t, nkv, d))?;
             let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
             let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
             // [kv heads, T, d], after the cached keys/values of this layer.
@@ -1048,24 +1110,26 @@ impl Qwen3Moe {
                 attn.transpose(0, 1)?.reshape((t, nh * d))?
             })
         })?;
-        let x = self.timed("attn.o_proj", || x + project(&attn, &a.o, lora)?)?;
+        let x = self.timed("attn.o_proj", || x + project(&attn, &a.o, lora, &rows)?)?;
 
         // MLP.
         let n = self.timed("mlp.norm", || rms_norm(&x, &layer.post_norm, eps))?;
         let y = match &layer.mlp {
-            Mlp::Dense(e) => e.forward(&n, lora)?,
+            Mlp::Dense(e) => e.forward(&n, lora, &rows)?,
             Mlp::Moe {
                 router,
                 experts,
                 stacked,
             } => match self.moe_path {
                 MoePath::Batched if batched_lora_covers(experts, lora) => {
-                    self.moe_batched(&n, router, experts, stacked, lora)?
+                    self.moe_batched(&n, router, experts, stacked, lora, ctx)?
                 }
                 MoePath::Grouped if batched_lora_covers(experts, lora) => {
-                    self.moe_grouped(&n, router, experts, stacked, lora)?
+                    self.moe_grouped(&n, router, experts, stacked, lora, ctx)?
                 }
-                _ => self.timed("moe.per_expert", || self.moe(&n, router, experts, lora))?,
+                _ => self.timed("moe.per_expert", || {
+                    self.moe(&n, router, experts, lora, ctx)
+                })?,
             },
         };
         x + y
@@ -1077,6 +1141,7 @@ impl Qwen3Moe {
         router: &BaseWeight,
         experts: &[Expert],
         lora: Option<&Lora>,
+        ctx: &SequenceContext,
     ) -> candle_core::Result<Tensor> {
         let n_exp = experts.len();
         let (weights, routed) = self.route_tokens(x, router, n_exp)?;
@@ -1100,7 +1165,7 @@ impl Qwen3Moe {
             let idx = Tensor::new(toks.as_slice(), &self.device)?;
             let xe = x.index_select(&idx, 0)?;
             let ab = std::mem::take(&mut adapters[e]);
-            outputs.push(experts[e].forward_with(&xe, lora, ab)?);
+            outputs.push(experts[e].forward_with(&xe, lora, ab, &ctx.dropout_tokens(toks))?);
             all_tokens.extend_from_slice(toks);
             weight_index.extend(toks.iter().map(|&tok| tok * n_exp as u32 + e as u32));
         }
@@ -1126,6 +1191,7 @@ impl Qwen3Moe {
         experts: &[Expert],
         stacked: &StackedExperts,
         lora: Option<&Lora>,
+        ctx: &SequenceContext,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (t, h) = x.dims2()?;
@@ -1145,7 +1211,13 @@ impl Qwen3Moe {
                 weight_index[e * cap + j] = tok * n_exp as u32 + e as u32;
             }
         }
-        let perm = std::sync::Arc::new(Permutation::new(rows, t, &self.device)?);
+        // Row e·cap + j is expert e's; a padding row names token t (its input is zero).
+        let stack_rows = StackRows {
+            rows: ctx.dropout_tokens(&rows),
+            offsets: None,
+            cap,
+        };
+        let perm = std::sync::Arc::new(Permutation::new(rows.clone(), t, &self.device)?);
         let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
         if let Some(started) = started {
             self.device.synchronize()?;
@@ -1163,10 +1235,18 @@ impl Qwen3Moe {
                 Some(_) => Some(xs.to_dtype(DType::F32)?),
                 None => None,
             };
-            let g = batched_project(&xs, xs32.as_ref(), &stacked.gate, &names(|e| &e.gate), lora)?;
-            let u = batched_project(&xs, xs32.as_ref(), &stacked.up, &names(|e| &e.up), lora)?;
+            let sr = &stack_rows;
+            let g = batched_project(
+                &xs,
+                xs32.as_ref(),
+                &stacked.gate,
+                &names(|e| &e.gate),
+                lora,
+                sr,
+            )?;
+            let u = batched_project(&xs, xs32.as_ref(), &stacked.up, &names(|e| &e.up), lora, sr)?;
             let h = (silu(&g)? * u)?;
-            batched_project(&h, None, &stacked.down, &names(|e| &e.down), lora)
+            batched_project(&h, None, &stacked.down, &names(|e| &e.down), lora, sr)
         })?;
         self.timed("moe.combine", || {
             let zero = Tensor::zeros(1, x.dtype(), &self.device)?;
@@ -1189,6 +1269,7 @@ impl Qwen3Moe {
         experts: &[Expert],
         stacked: &StackedExperts,
         lora: Option<&Lora>,
+        ctx: &SequenceContext,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let t = x.dims2()?.0;
@@ -1207,7 +1288,12 @@ impl Qwen3Moe {
             offsets.push(rows.len());
         }
         let offsets = std::sync::Arc::new(offsets);
-        let perm = std::sync::Arc::new(Permutation::new(rows, t, &self.device)?);
+        let stack_rows = StackRows {
+            rows: ctx.dropout_tokens(&rows),
+            offsets: Some(&offsets),
+            cap: 0,
+        };
+        let perm = std::sync::Arc::new(Permutation::new(rows.clone(), t, &self.device)?);
         let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
         if let Some(started) = started {
             self.device.synchronize()?;
@@ -1230,6 +1316,7 @@ impl Qwen3Moe {
                 &names(|e| &e.gate),
                 lora,
                 &offsets,
+                &stack_rows,
             )?;
             let u = grouped_project(
                 &xs,
@@ -1238,11 +1325,20 @@ impl Qwen3Moe {
                 &names(|e| &e.up),
                 lora,
                 &offsets,
+                &stack_rows,
             )?;
             // One fused op (finetune_kernels::swiglu, f32 arithmetic, both gradients in one
             // pass) instead of five element-wise ops and their backward edges.
             let h = finetune_kernels::swiglu(&g, &u)?;
-            grouped_project(&h, None, &stacked.down, &names(|e| &e.down), lora, &offsets)
+            grouped_project(
+                &h,
+                None,
+                &stacked.down,
+                &names(|e| &e.down),
+                lora,
+                &offsets,
+                &stack_rows,
+            )
         })?;
         self.timed("moe.combine", || {
             let w = weights
@@ -1443,6 +1539,7 @@ fn project_rows(
     lora: Option<&Lora>,
     rows: std::ops::Range<usize>,
     held: usize,
+    tokens: &Rows<'_>,
 ) -> candle_core::Result<Tensor> {
     let w = p.w.dequantize(DType::F32)?;
     let w = if w.dim(0)? == rows.len() && held == rows.start {
@@ -1453,7 +1550,7 @@ fn project_rows(
     let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
-            let x = l.dropout_input(x)?;
+            let x = l.dropout_input(x, &p.name, tokens, 0)?;
             // Narrowed views are copied: CUDA's matmul takes only contiguous operands.
             let b = b.narrow(0, rows.start, rows.len())?.contiguous()?;
             y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
@@ -1473,6 +1570,7 @@ fn project_cols(
     lora: Option<&Lora>,
     cols: std::ops::Range<usize>,
     held: usize,
+    tokens: &Rows<'_>,
 ) -> candle_core::Result<Tensor> {
     let w = p.w.dequantize(DType::F32)?;
     let w = if w.dim(1)? == cols.len() && held == cols.start {
@@ -1483,7 +1581,8 @@ fn project_cols(
     let y = finetune_kernels::frozen_linear(&x.contiguous()?, &w)?;
     match lora.and_then(|l| l.get(&p.name).map(|ab| (l, ab))) {
         Some((l, (a, b))) => {
-            let x = l.dropout_input(x)?;
+            // x holds features cols of the module's input: their masks.
+            let x = l.dropout_input(x, &p.name, tokens, cols.start)?;
             let a = a.narrow(1, cols.start, cols.len())?.contiguous()?;
             y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?
         }
@@ -1539,11 +1638,19 @@ impl Qwen3Moe {
         let layer = &self.layers[index];
         let n = rms_norm(x, &layer.input_norm, eps)?;
         let a = &layer.attn;
-        let q = project_rows(&n, &a.q, lora, heads.start * d..heads.end * d, held_q)?
-            .reshape((t, lh, d))?;
-        let k = project_rows(&n, &a.k, lora, kv.start * d..kv.end * d, held_kv)?
+        let tokens = ctx.dropout_rows();
+        let q = project_rows(
+            &n,
+            &a.q,
+            lora,
+            heads.start * d..heads.end * d,
+            held_q,
+            &tokens,
+        )?
+        .reshape((t, lh, d))?;
+        let k = project_rows(&n, &a.k, lora, kv.start * d..kv.end * d, held_kv, &tokens)?
             .reshape((t, lkv, d))?;
-        let v = project_rows(&n, &a.v, lora, kv.start * d..kv.end * d, held_kv)?
+        let v = project_rows(&n, &a.v, lora, kv.start * d..kv.end * d, held_kv, &tokens)?
             .reshape((t, lkv, d))?;
         let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
         let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
@@ -1563,7 +1670,14 @@ impl Qwen3Moe {
             .broadcast_add(ctx.mask()?)?;
         let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
         let attn = attn.transpose(0, 1)?.reshape((t, lh * d))?;
-        project_cols(&attn, &a.o, lora, heads.start * d..heads.end * d, held_q)
+        project_cols(
+            &attn,
+            &a.o,
+            lora,
+            heads.start * d..heads.end * d,
+            held_q,
+            &tokens,
+        )
     }
 
     /// The MLP input of layer `index`: post-attention RMSNorm of `h` (input + attention).
@@ -1628,15 +1742,17 @@ impl Qwen3Moe {
     }
 
     /// Expert `expert` (global index) of MoE layer `index` (a SwiGLU with its LoRA adapters)
-    /// on rows `x`; the model must hold it (a rank's shard holds its experts only).
+    /// on rows `x` (tokens `rows`, for the dropout masks); the model must hold it (a rank's
+    /// shard holds its experts only).
     pub fn expert_forward(
         &self,
         index: usize,
         expert: usize,
         x: &Tensor,
         lora: Option<&Lora>,
+        rows: &Rows<'_>,
     ) -> candle_core::Result<Tensor> {
-        self.held_expert(index, expert)?.forward(x, lora)
+        self.held_expert(index, expert)?.forward(x, lora, rows)
     }
 
     /// Expert `expert` (global index) of MoE layer `index`, if this model holds it.
@@ -1695,22 +1811,25 @@ impl Qwen3Moe {
         x: &Tensor,
         lora: Option<&Lora>,
         adapters: ExpertLora,
+        rows: &Rows<'_>,
     ) -> candle_core::Result<Tensor> {
         self.held_expert(index, expert)?
-            .forward_with(x, lora, adapters)
+            .forward_with(x, lora, adapters, rows)
     }
 
-    /// The dense MLP of layer `index` on `x` (layers in `mlp_only_layers`).
+    /// The dense MLP of layer `index` on `x` (layers in `mlp_only_layers`), x's rows being the
+    /// tokens `rows`.
     pub fn dense_mlp(
         &self,
         index: usize,
         x: &Tensor,
         lora: Option<&Lora>,
+        rows: &Rows<'_>,
     ) -> candle_core::Result<Tensor> {
         let Mlp::Dense(e) = &self.layers[index].mlp else {
             candle_core::bail!("layer {index} has experts, not a dense MLP");
         };
-        e.forward(x, lora)
+        e.forward(x, lora, rows)
     }
 }
 

@@ -323,15 +323,18 @@ fn bf16_compute_is_refused_on_the_cpu() {
 /// the grouped one (rows sorted by expert, one GEMM per expert, no padding) compute what the
 /// per-expert reference computes: logits, loss and every LoRA gradient, on
 /// the bf16 and the FP8 checkpoints (moe_intermediate_size 136: FP8 blocks straddle experts
-/// there, so the stacked dequantization takes its per-expert route).
+/// there, so the stacked dequantization takes its per-expert route) — also with LoRA dropout:
+/// its masks are keyed by token, module and feature, so the three paths, which visit the rows
+/// in different orders (and the batched one with padding), draw the same ones.
 #[test]
 fn batched_moe_equals_the_per_expert_reference() {
     let r = reference();
-    for kind in ["bf16", "fp8"] {
+    for (kind, dropout) in [("bf16", 0.0), ("fp8", 0.0), ("bf16", 0.2)] {
         let mut model = load(&fixtures().join(kind)).unwrap();
         let targets = model.lora_targets();
         let run = |model: &Qwen3Moe| {
-            let lora = reference_lora(&r, &targets);
+            let mut lora = reference_lora(&r, &targets);
+            lora.set_dropout(dropout, 5);
             let logits = model
                 .forward_with(&ids(&r["input_ids"]), &ids(&r["position_ids"]), Some(&lora))
                 .unwrap();
@@ -349,6 +352,20 @@ fn batched_moe_equals_the_per_expert_reference() {
         };
         model.set_moe_path(finetune_model::model::MoePath::PerExpert);
         let (logits_ref, loss_ref, grads_ref) = run(&model);
+        if dropout > 0.0 {
+            // The masks change the result (the comparison below is of dropped-out runs).
+            let mut plain = reference_lora(&r, &targets);
+            plain.set_dropout(0.0, 5);
+            let logits = model
+                .forward_with(
+                    &ids(&r["input_ids"]),
+                    &ids(&r["position_ids"]),
+                    Some(&plain),
+                )
+                .unwrap();
+            let d = max_abs_diff(&logits, &logits_ref);
+            assert!(d > 1e-3, "dropout {dropout} changed the logits by {d} only");
+        }
         for path in [
             finetune_model::model::MoePath::Batched,
             finetune_model::model::MoePath::Grouped,
@@ -356,7 +373,10 @@ fn batched_moe_equals_the_per_expert_reference() {
             model.set_moe_path(path);
             let (logits, loss, grads) = run(&model);
             let diff = max_abs_diff(&logits, &logits_ref);
-            assert!(diff <= 1e-5, "{kind} {path:?}: logits differ by {diff}");
+            assert!(
+                diff <= 1e-5,
+                "{kind} dropout {dropout} {path:?}: logits differ by {diff}"
+            );
             assert!(
                 (loss - loss_ref).abs() <= 1e-6,
                 "{kind} {path:?}: loss {loss} vs {loss_ref}"
@@ -366,7 +386,7 @@ fn batched_moe_equals_the_per_expert_reference() {
                 let d = max_abs_diff(g, want);
                 assert!(
                     d <= 1e-5 * scale.max(1e-12) + 1e-9,
-                    "{kind} {path:?}: gradient {i} differs by {d} (scale {scale})"
+                    "{kind} dropout {dropout} {path:?}: gradient {i} differs by {d} (scale {scale})"
                 );
             }
         }

@@ -8,8 +8,9 @@
 //!   adapter's per-module (PEFT) order: A then B of each module, modules sorted by name,
 //!   whatever the in-memory storage: stacked expert adapters are split on save and stacked on
 //!   load, so a checkpoint does not depend on the layout that wrote it);
-//! - `trainer_state.json`: step, the data cursor, each parameter's update count, the dropout
-//!   stream position, counters, the recipe the run was started with, and an xxh3 checksum of
+//! - `trainer_state.json`: step, the data cursor, each parameter's update count (dropout masks
+//!   follow from the step: `finetune_model::dropout`; the `dropout_position` of checkpoints
+//!   written before the masks were counter-based is ignored), counters, the recipe the run was started with, and an xxh3 checksum of
 //!   each tensor file so that a damaged checkpoint is refused instead of resumed from.
 //!
 //! A checkpoint is assembled in a hidden temp directory next to its final place and renamed
@@ -38,8 +39,6 @@ pub struct TrainerState {
     pub cursor: Cursor,
     /// Updates of each parameter (AdamW's t).
     pub adam_t: Vec<u64>,
-    /// Dropout stream position (decimal, it is a u128).
-    pub dropout_position: String,
     pub tokens_seen: u64,
     pub skipped_steps: u64,
     pub bad_steps_in_a_row: u64,

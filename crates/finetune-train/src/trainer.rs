@@ -14,8 +14,10 @@
 //!
 //! With `recompute`, each layer's activations are dropped after the forward and the layer is
 //! replayed during backward (activation checkpointing per layer): memory holds one layer's
-//! graph instead of all of them, at the cost of a second forward. Dropout masks are replayed
-//! identically by rewinding the dropout stream, so gradients equal the plain path's.
+//! graph instead of all of them, at the cost of a second forward. Dropout masks are functions
+//! of (seed, module, token, feature) (`finetune_model::dropout`; the trainer numbers sequence b of
+//! step s as s·B + b), so the replayed layer draws the same ones and gradients equal the plain
+//! path's; parallel ranks draw them the same way, so dropout changes nothing there either.
 //!
 //! A parallel run ([`Trainer::new_parallel`], one `Trainer` per rank) goes through the same
 //! loop: each rank takes its slice of the step's sequences, runs them with the layout's
@@ -239,13 +241,6 @@ impl<'m> Trainer<'m> {
         options: TrainOptions,
         rank: crate::parallel::RankContext,
     ) -> Result<Self, TrainError> {
-        if full.dropout_p() > 0.0 && rank.layout.world > 1 {
-            return Err(TrainError::Options(format!(
-                "lora_dropout {} is not supported in parallel runs yet (the masks would differ \
-                 from the single-device run's); set it to 0",
-                full.dropout_p()
-            )));
-        }
         // The model must hold what this rank computes with (its shard, or the whole model).
         let need = rank.base_shard(&model.config);
         if !model.shard().covers(&need) {
@@ -256,7 +251,9 @@ impl<'m> Trainer<'m> {
                 model.shard()
             )));
         }
-        let lora = rank.local_lora(full)?;
+        let mut lora = rank.local_lora(full)?;
+        // The same masks as the single-device run (counter-based: `finetune_model::dropout`).
+        lora.copy_dropout(full);
         let mut t = Self::new(model, lora, train, heldout, options)?;
         t.parallel = Some(rank);
         Ok(t)
@@ -309,7 +306,7 @@ impl<'m> Trainer<'m> {
         for (var, (_, t)) in self.vars.iter().zip(&ckpt.params) {
             var.set(&t.to_device(var.device())?)?;
         }
-        self.restore(&ckpt.dir, ckpt.m, ckpt.v, &ckpt.state)
+        self.restore(ckpt.m, ckpt.v, &ckpt.state)
     }
 
     /// The trained weights by checkpoint name (full-parameter runs; empty otherwise).
@@ -322,8 +319,8 @@ impl<'m> Trainer<'m> {
             .collect()
     }
 
-    /// Continues from `ckpt`: adapter, moments, update counts, data cursor, dropout position
-    /// and counters, so that the rest of the run is bit-identical to an uninterrupted one.
+    /// Continues from `ckpt`: adapter, moments, update counts, data cursor and counters (dropout
+    /// masks follow from the step), so that the rest of the run is bit-identical to an uninterrupted one.
     /// The adapter in `ckpt` must have the same modules and shapes as this trainer's.
     pub fn resume(&mut self, ckpt: Checkpoint) -> Result<(), TrainError> {
         // Checkpoints hold whole adapters; a rank resumes its part (any layout).
@@ -351,26 +348,18 @@ impl<'m> Trainer<'m> {
         for (var, src) in self.vars.iter().zip(ckpt.lora.vars()) {
             var.set(&src.as_tensor().to_device(var.device())?)?;
         }
-        self.restore(&ckpt.dir, ckpt.m, ckpt.v, &ckpt.state)
+        self.restore(ckpt.m, ckpt.v, &ckpt.state)
     }
 
-    /// The optimizer, data cursor, dropout position and counters of a checkpoint's state.
+    /// The optimizer, data cursor and counters of a checkpoint's state.
     fn restore(
         &mut self,
-        dir: &std::path::Path,
         m: Vec<Tensor>,
         v: Vec<Tensor>,
         s: &checkpoint::TrainerState,
     ) -> Result<(), TrainError> {
         self.opt.set_state(m, v, s.adam_t.clone(), s.step)?;
         self.batches = Batches::new(self.train.len(), self.options.seed, s.cursor);
-        self.lora
-            .set_dropout_position(s.dropout_position.parse().map_err(|_| {
-                TrainError::Checkpoint {
-                    path: dir.to_path_buf(),
-                    message: format!("bad dropout_position {:?}", s.dropout_position),
-                }
-            })?);
         self.step = s.step;
         self.tokens_seen = s.tokens_seen;
         self.skipped_steps = s.skipped_steps;
@@ -416,19 +405,19 @@ impl<'m> Trainer<'m> {
             0 => self.heldout.len(),
             k => k.min(self.heldout.len()),
         };
-        if let Some(p) = &self.parallel {
-            let all: Vec<usize> = (0..n).collect();
-            let count: usize = self.heldout[..n].iter().map(|s| s.target_tokens()).sum();
-            let mut sum = 0f64;
-            for slot in p.local_slice(&all) {
-                let pad = crate::parallel::RankContext::padding();
-                let seq = slot.map_or(&pad, |i| &self.heldout[i]);
-                sum += crate::parallel::engine::loss_sum(self.model, &self.lora, p, seq)?;
-            }
-            return Ok(Some(p.sum_over_data(sum)? / count.max(1) as f64));
-        }
         self.lora.set_training(false);
         let result = (|| {
+            if let Some(p) = &self.parallel {
+                let all: Vec<usize> = (0..n).collect();
+                let count: usize = self.heldout[..n].iter().map(|s| s.target_tokens()).sum();
+                let mut sum = 0f64;
+                for slot in p.local_slice(&all) {
+                    let pad = crate::parallel::RankContext::padding();
+                    let seq = slot.map_or(&pad, |i| &self.heldout[i]);
+                    sum += crate::parallel::engine::loss_sum(self.model, &self.lora, p, seq)?;
+                }
+                return Ok(Some(p.sum_over_data(sum)? / count.max(1) as f64));
+            }
             let (mut sum, mut count) = (0f64, 0usize);
             for seq in &self.heldout[..n] {
                 let logits =
@@ -445,10 +434,11 @@ impl<'m> Trainer<'m> {
     }
 
     /// Summed loss of `seq` and its gradient contribution `d(loss_sum / n_step)/dθ`, added
-    /// into `grads`.
+    /// into `grads`. `number` is the sequence's number in the run (its dropout masks' key).
     fn accumulate(
         &self,
         seq: &Sequence,
+        number: u64,
         n_step: f64,
         grads: &mut [Option<Tensor>],
         layer_done: Option<crate::parallel::engine::LayerDone<'_>>,
@@ -471,6 +461,7 @@ impl<'m> Trainer<'m> {
                 &self.vars,
                 p,
                 seq,
+                number,
                 n_step,
                 self.options.recompute,
                 grads,
@@ -478,7 +469,8 @@ impl<'m> Trainer<'m> {
             );
         }
         let lora = Some(&self.lora);
-        let ctx = self.model.sequence_context(&seq.position_ids, 0)?;
+        let mut ctx = self.model.sequence_context(&seq.position_ids, 0)?;
+        ctx.set_dropout_sequence(number);
         if !self.options.recompute {
             // The head's loss fused with lm_head: the [T, vocab] logits are never built.
             let mut x = self.model.embed_tokens(&seq.ids)?;
@@ -489,17 +481,17 @@ impl<'m> Trainer<'m> {
             add(&(&loss_sum / n_step)?.backward()?)?;
             return Ok(loss_sum.to_scalar::<f32>()? as f64);
         }
-        // Forward keeping only each layer's input (and where the dropout stream stood).
+        // Forward keeping only each layer's input (the replay draws the same dropout masks:
+        // they are functions of the sequence's number, the module and the token).
         let mut inputs = Vec::with_capacity(self.model.num_layers());
         let mut x = self.model.embed_tokens(&seq.ids)?;
         for layer in 0..self.model.num_layers() {
-            inputs.push((x.clone(), self.lora.dropout_position()));
+            inputs.push(x.clone());
             x = self
                 .model
                 .layer_forward(layer, &x, &ctx, lora, None)?
                 .detach();
         }
-        let end = self.lora.dropout_position();
         // Head and loss, then each layer replayed from its input, last to first: the gradient
         // flowing into layer i's output is g, so backpropagating Σ(yᵢ ⊙ g) gives that layer's
         // LoRA gradients and the gradient of its input.
@@ -511,9 +503,7 @@ impl<'m> Trainer<'m> {
             .cloned()
             .ok_or_else(|| TrainError::Options("no gradient reached the last layer".into()))?;
         for layer in (0..self.model.num_layers()).rev() {
-            let (input, position) = &inputs[layer];
-            let input = Var::from_tensor(input)?;
-            self.lora.set_dropout_position(*position);
+            let input = Var::from_tensor(&inputs[layer])?;
             let y = self
                 .model
                 .layer_forward(layer, input.as_tensor(), &ctx, lora, None)?;
@@ -525,7 +515,6 @@ impl<'m> Trainer<'m> {
                 })?;
             }
         }
-        self.lora.set_dropout_position(end);
         Ok(loss_sum.to_scalar::<f32>()? as f64)
     }
 
@@ -547,6 +536,14 @@ impl<'m> Trainer<'m> {
         };
         let pad = crate::parallel::RankContext::padding();
         let n_step = n_targets.max(1) as f64;
+        // Sequence b of step s is number s·B + b of the run (B the step's sequences): the key
+        // of its dropout masks, the same whichever rank runs it.
+        let per_step = (self.options.micro_batch * self.options.grad_accum).max(batch.len());
+        let first = self.step * per_step as u64
+            + self
+                .parallel
+                .as_ref()
+                .map_or(0, |p| p.local_offset(batch.len())) as u64;
         if let Some(p) = &self.parallel {
             // The gradient all-reduce runs during the last sequence's backward (or after it),
             // and is complete before the loss's all-reduce below.
@@ -557,15 +554,15 @@ impl<'m> Trainer<'m> {
                 for (k, slot) in slots.iter().enumerate() {
                     let seq = slot.map_or(&pad, |i| &self.train[i]);
                     let hook = if k == last { done.take() } else { None };
-                    sum += self.accumulate(seq, n_step, grads, hook)?;
+                    sum += self.accumulate(seq, first + k as u64, n_step, grads, hook)?;
                 }
                 Ok(sum)
             })?;
             loss_sum = p.sum_over_data(local)?;
         } else {
-            for slot in slots {
+            for (k, slot) in slots.into_iter().enumerate() {
                 let seq = slot.map_or(&pad, |i| &self.train[i]);
-                loss_sum += self.accumulate(seq, n_step, &mut grads, None)?;
+                loss_sum += self.accumulate(seq, first + k as u64, n_step, &mut grads, None)?;
             }
         }
         // A module no token reached gets a zero gradient (transformers 5's fused experts
@@ -615,7 +612,6 @@ impl<'m> Trainer<'m> {
             total_steps: self.options.total_steps,
             cursor: self.batches.cursor(),
             adam_t: self.opt.state().2.to_vec(),
-            dropout_position: self.lora.dropout_position().to_string(),
             tokens_seen: self.tokens_seen,
             skipped_steps: self.skipped_steps,
             bad_steps_in_a_row: self.bad_in_a_row,

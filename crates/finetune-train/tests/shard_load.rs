@@ -16,6 +16,7 @@
 //! and random checkpoints of the tiny preset's shapes written here.
 
 use candle_core::{DType, Device, Tensor};
+use finetune_model::dropout::Rows;
 use finetune_model::{BaseShard, BaseWeight, Lora, Preset, Qwen3Moe, Qwen3MoeConfig, Weights};
 use finetune_train::parallel::{load_rank_model, CpuComms, Layout, RankContext};
 use finetune_train::plan::{budget, PlanInput, WeightFormat};
@@ -416,12 +417,15 @@ fn a_shard_refuses_what_it_does_not_hold() {
         e.contains("needs the whole model") && e.contains("experts 2..4"),
         "{e}"
     );
-    let e = m.expert_forward(0, 1, &x, None).unwrap_err().to_string();
+    let e = m
+        .expert_forward(0, 1, &x, None, &Rows::Sequence(0))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("expert 1 of layer 0") && e.contains("2..4"),
         "{e}"
     );
-    assert!(m.expert_forward(0, 3, &x, None).is_ok());
+    assert!(m.expert_forward(0, 3, &x, None, &Rows::Sequence(0)).is_ok());
     let e = m
         .attention_heads(0, &x, &ctx, None, 0..2)
         .unwrap_err()

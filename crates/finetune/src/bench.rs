@@ -13,11 +13,12 @@
 use crate::cli::BenchTrainArgs;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use finetune_data::pack::Sequence;
 use finetune_model::model::MoePath;
 use finetune_model::{lora_scale, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use finetune_train::{on_large_stack, AdamWConfig, LrSchedule, TrainOptions, Trainer};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 
 /// The projections `--targets all` names (attention and experts; never the router or lm_head).
@@ -206,8 +207,33 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
             "gpu_mib_before": p.memory[0],
             "gpu_mib_after_forward": p.memory[1],
             "gpu_mib_after_backward": p.memory[2],
+            "graph_retained_mib": p.graph.bytes as f64 / 1048576.0,
+            "graph_retained_storages": p.graph.storages,
+            "graph_retained_largest": p.graph.largest.iter().map(|(l, n, b)| serde_json::json!({
+                "tensor": l, "count": n, "mib": *b as f64 / 1048576.0,
+            })).collect::<Vec<_>>(),
         })),
     });
+    if let Some(p) = &result["profile"].as_object() {
+        eprintln!(
+            "bench: the autograd graph holds {:.1} MiB in {} storages at the backward's start; largest:",
+            p["graph_retained_mib"].as_f64().unwrap_or(0.0),
+            p["graph_retained_storages"]
+        );
+        for g in p["graph_retained_largest"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(8)
+        {
+            eprintln!(
+                "bench:   {:>9.1} MiB  {:>4} × {}",
+                g["mib"].as_f64().unwrap_or(0.0),
+                g["count"],
+                g["tensor"].as_str().unwrap_or("")
+            );
+        }
+    }
     println!("{}", serde_json::to_string(&result)?);
     if let Some(path) = &args.json {
         crate::run_dir::write_atomic(
@@ -240,6 +266,66 @@ struct Profile {
     phases: Vec<(&'static str, f64)>,
     /// GPU memory in use (MiB) before the step, after the forward + loss, after the backward.
     memory: [Option<f64>; 3],
+    /// What the autograd graph of the loss keeps alive for the backward ([`GraphRetained`]).
+    graph: GraphRetained,
+}
+
+/// The storages the autograd graph of a loss holds when the backward starts: every tensor of
+/// the graph that is not a variable (candle keeps each op's inputs, so every intermediate that
+/// leads to the loss stays allocated until the backward has passed it), counted once per
+/// storage (views share one), bytes from each view's extent. Device-independent: on the CPU it
+/// shows what the same forward holds on a GPU (in the CPU's dtypes). Frozen weights are not
+/// graph nodes and are not counted; tensors an op holds that do not track gradients (index
+/// tensors, masks) are not either.
+#[derive(Default)]
+struct GraphRetained {
+    bytes: u64,
+    storages: usize,
+    /// The largest groups: "dtype [dims]" of each storage's view nearest the loss, how many
+    /// storages, their bytes.
+    largest: Vec<(String, usize, u64)>,
+}
+
+fn graph_retained(loss: &Tensor) -> GraphRetained {
+    let mut storages: HashMap<usize, (u64, String)> = HashMap::new();
+    for node in loss.sorted_nodes() {
+        if node.is_variable() {
+            continue;
+        }
+        let (storage, layout) = node.storage_and_layout();
+        let key = std::ptr::from_ref::<candle_core::Storage>(&storage).addr();
+        // The view's extent: its last element's offset + 1.
+        let last: usize = layout
+            .dims()
+            .iter()
+            .zip(layout.stride())
+            .map(|(&d, &st)| d.saturating_sub(1) * st)
+            .sum();
+        let extent = if node.elem_count() == 0 {
+            0
+        } else {
+            layout.start_offset() + last + 1
+        };
+        let bytes = (extent * node.dtype().size_in_bytes()) as u64;
+        let label = format!("{:?} {:?}", node.dtype(), node.dims());
+        let e = storages.entry(key).or_insert((0, label));
+        e.0 = e.0.max(bytes);
+    }
+    let mut groups: HashMap<String, (usize, u64)> = HashMap::new();
+    for (bytes, label) in storages.values() {
+        let g = groups.entry(label.clone()).or_default();
+        g.0 += 1;
+        g.1 += bytes;
+    }
+    let mut largest: Vec<(String, usize, u64)> =
+        groups.into_iter().map(|(l, (n, b))| (l, n, b)).collect();
+    largest.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    largest.truncate(15);
+    GraphRetained {
+        bytes: storages.values().map(|v| v.0).sum(),
+        storages: storages.len(),
+        largest,
+    }
 }
 
 fn forward_backward_secs(
@@ -254,6 +340,7 @@ fn forward_backward_secs(
         backward: 0.0,
         phases: Vec::new(),
         memory: [None; 3],
+        graph: GraphRetained::default(),
     };
     for attempt in 0..3 {
         let timed_phases = attempt == 2;
@@ -277,6 +364,9 @@ fn forward_backward_secs(
             model.set_phase_timing(false);
             break;
         }
+        if attempt == 1 {
+            p.graph = graph_retained(&loss);
+        }
         let started = std::time::Instant::now();
         let grads = loss.backward()?;
         device.synchronize()?;
@@ -285,4 +375,36 @@ fn forward_backward_secs(
         drop(grads);
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var};
+
+    /// x (a variable, not counted) · w (frozen, not a graph node) = y [4, 5] f32; a reshaped view
+    /// of y (same storage, counted once); its sum (a scalar). The graph holds y and the sum:
+    /// 80 + 4 bytes in 2 storages.
+    #[test]
+    fn graph_retained_counts_each_storage_once_and_skips_variables_and_frozen_inputs() {
+        let dev = Device::Cpu;
+        let x = Var::ones((4, 3), DType::F32, &dev).unwrap();
+        let w = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
+        let y = x.as_tensor().matmul(&w).unwrap();
+        let loss = y.reshape(20).unwrap().sum_all().unwrap();
+        let g = graph_retained(&loss);
+        assert_eq!((g.bytes, g.storages), (84, 2));
+        // Labelled by the view nearest the loss (the reshape).
+        assert_eq!(g.largest[0], ("F32 [20]".to_string(), 1, 80));
+        // A bigger intermediate shows up first, with its bytes.
+        let big = (x
+            .as_tensor()
+            .matmul(&Tensor::ones((3, 100), DType::F32, &dev).unwrap()))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+        let g = graph_retained(&(loss + big).unwrap());
+        assert_eq!(g.largest[0], ("F32 [4, 100]".to_string(), 1, 1600));
+        assert_eq!(g.bytes, 80 + 4 + 1600 + 4 + 4);
+    }
 }

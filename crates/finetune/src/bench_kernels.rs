@@ -11,6 +11,8 @@
 //!   the frozen product's matmul.
 //! - `grouped_linear` (gate_proj of all experts, T·k rows split evenly over E experts):
 //!   2·T·k·h·i; baseline: one matmul [T·k, h]·[h, i] of the same flops.
+//! - `grouped_linear(cublas grouped call)` (GPU): the same GEMMs as one
+//!   `cublasGemmGroupedBatchedEx` call (`FINETUNE_GROUPED_GEMM_CUBLAS=1`).
 //! - `grouped_linear_frozen(fp8)` (GPU): the same from an FP8 block-128 stack dequantized in the op.
 //! - `fp8_linear` (GPU, bf16, q_proj's shape) and `fp8_grouped_linear` (GPU, the experts' shape):
 //!   the FP8 tensor-core GEMM including the activations' quantization, the same flops as their
@@ -277,6 +279,20 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Outcome> {
         ("matmul (one GEMM, same flops)", dense_s, flops),
     );
     if !device.is_cpu() {
+        // The same GEMMs as one grouped cuBLAS call (opt-in path of grouped_linear).
+        let before = finetune_kernels::grouped_linear::cublas_grouped();
+        finetune_kernels::grouped_linear::set_cublas_grouped(true);
+        let fwd = time(&mut || grouped(&[&xe]).map(|_| ()));
+        let bwd = time(&mut || fwd_bwd(&[&xe], &grouped));
+        finetune_kernels::grouped_linear::set_cublas_grouped(before);
+        push(
+            "grouped_linear(cublas grouped call)",
+            format!("{e}× [{}, {h}]·[{i}, {h}]ᵀ", n / e),
+            (fwd?, Some(bwd?)),
+            (flops, Some(2.0 * flops)),
+            "TFLOPS",
+            ("matmul (one GEMM, same flops)", dense_s, flops),
+        );
         // FP8 block-128 stack as the GPU holds it: E4M3 bytes (U8; no NaN patterns) and scales.
         let bytes: Vec<u8> = (0..e * i * h)
             .map(|j| ((j * 37) % 0x70) as u8 | if j % 3 == 0 { 0x80 } else { 0 })

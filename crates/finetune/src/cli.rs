@@ -172,8 +172,9 @@ pub struct BenchTrainArgs {
     pub attention: Option<String>,
     /// After the measured steps, time the forward + loss and the backward of one more step
     /// separately (the device synchronized around each), the forward's phases per kind (each
-    /// bracketed by synchronizations), and the GPU memory in use before, after the forward and
-    /// after the backward.
+    /// bracketed by synchronizations), the GPU memory in use before, after the forward and
+    /// after the backward, and the bytes the autograd graph keeps alive for the backward (by
+    /// tensor shape: also on the CPU).
     #[arg(long)]
     pub profile: bool,
     /// Benchmark the CPU even in a CUDA build.

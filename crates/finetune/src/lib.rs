@@ -372,7 +372,8 @@ fn report_lines(
 }
 
 /// NCCL over every GPU (one rank each: every collective against the CPU backend), and one
-/// training step through the parallel engine over an NCCL world of cuda:0.
+/// training step through the parallel engine over an NCCL world of one rank per GPU, with the
+/// gradient all-reduce after the backward and overlapped on a second stream.
 #[cfg(feature = "cuda")]
 fn nccl_checks() -> usize {
     use candle_core::Device;
@@ -393,8 +394,8 @@ fn nccl_checks() -> usize {
             println!("{label}: FAILED: {e}");
         }
     }
-    match check::nccl_step(&devices[0], PARALLEL_GPU_TOLERANCE) {
-        Ok(l) => failures += report_lines("nccl", "cuda:0", &[l], PARALLEL_GPU_TOLERANCE),
+    match check::nccl_step(&devices, PARALLEL_GPU_TOLERANCE) {
+        Ok(l) => failures += report_lines(&label, "step", &l, PARALLEL_GPU_TOLERANCE),
         Err(e) => {
             failures += 1;
             println!("nccl: parallel step over NCCL: FAILED: {e}");

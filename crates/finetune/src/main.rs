@@ -40,6 +40,13 @@ fn runtime_defaults() {
     if unset("CANDLE_NUM_THREADS") {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // NCCL ≥ 2.26 orders the collectives of a GPU's several communicators (the gradient
+    // all-reduce's side stream beside the compute stream's) by their host launch order, which
+    // is the same on every rank (finetune-train's `parallel::nccl` module doc); read by NCCL
+    // when it makes its first communicator.
+    if unset("NCCL_LAUNCH_ORDER_IMPLICIT") {
+        std::env::set_var("NCCL_LAUNCH_ORDER_IMPLICIT", "1");
+    }
 }
 
 fn main() -> ExitCode {

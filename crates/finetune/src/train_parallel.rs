@@ -102,13 +102,6 @@ pub fn run(
     start: &(dyn Fn(u64) + Sync),
 ) -> Result<TrainSummary> {
     let w = &p.world;
-    if p.lora.dropout_p() > 0.0 {
-        bail!(
-            "flag --lora-dropout / lora.lora_dropout = {}: dropout is not supported with several \
-             ranks yet (set it to 0)",
-            p.lora.dropout_p()
-        );
-    }
     let devices: Vec<Device> = (0..w.local)
         .map(|i| device_of(w, i))
         .collect::<Result<_>>()?;
@@ -146,7 +139,7 @@ pub fn run(
                     None => nccl_join(&layout, rank, &device, ids)?,
                 };
                 // Each rank its own copy of the whole adapter (its Vars are updated in place).
-                let full = Lora::from_tensors(
+                let mut full = Lora::from_tensors(
                     p.lora.r,
                     p.lora.scale,
                     p.lora
@@ -160,6 +153,8 @@ pub fn run(
                         })
                         .collect::<candle_core::Result<Vec<_>>>()?,
                 )?;
+                // Dropout as the single-device run draws it (counter-based masks).
+                full.copy_dropout(p.lora);
                 let ctx = RankContext::new(layout, rank, comms, &full, n_experts)?;
                 // This rank's shard of the base weights only, read from the files.
                 let model: Qwen3Moe = match finetune_train::parallel::load_rank_model(
@@ -267,7 +262,10 @@ pub fn run(
 fn nccl_ids(w: &World) -> Result<Vec<u8>> {
     use finetune_train::parallel::nccl_setup;
     let mine = if w.first_rank == 0 {
-        Some(nccl_setup::ids(&w.layout)?)
+        Some(nccl_setup::ids(
+            &w.layout,
+            finetune_train::parallel::nccl_side_stream_enabled(),
+        )?)
     } else {
         None
     };

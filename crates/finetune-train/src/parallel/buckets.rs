@@ -9,18 +9,31 @@
 //!
 //! [`Reducer`]: during the backward of a step's last sequence (earlier sequences of the step
 //! only accumulate), the engine reports each finished layer ([`Reducer::layer_done`]), and
-//! the buckets complete by then are packed and handed to a communication thread of this rank
-//! through a channel; it all-reduces them in plan order while the backward of the earlier
-//! layers goes on. [`Reducer::finish`] launches the rest, joins and unpacks, before clipping
-//! and the optimizer. Without overlap every bucket is reduced in [`Reducer::finish`], in the
-//! same order with the same contents, so both give bit-identical gradients (each element's
-//! sum over the ranks does not depend on when it is taken).
+//! the buckets complete by then are packed and launched; [`Reducer::finish`] launches the
+//! rest, waits for every bucket and unpacks, before clipping and the optimizer. How a bucket
+//! is launched depends on the backend:
 //!
-//! A backend that only enqueues its collectives on the device stream
-//! ([`Collective::enqueues`], NCCL) is called from the compute thread at the same points
-//! instead: a second thread issuing NCCL calls on the same stream would interleave them with
-//! the compute thread's tensor-parallel and all-to-all calls in an order that differs between
-//! ranks, which can deadlock.
+//! - blocking backends (the CPU threads): handed to a communication thread of this rank
+//!   through a channel, which all-reduces them in plan order while the backward of the earlier
+//!   layers goes on;
+//! - a [`SideReduce`] (NCCL with its own communication stream, `nccl::NcclSide`): enqueued
+//!   from the compute thread on the communication stream after the compute stream's work so
+//!   far (an event), so the all-reduce runs beside the backward's later kernels. The packed
+//!   input and the output stay in [`Reducer`]'s in-flight list until [`SideReduce::join`]
+//!   has made the compute stream wait for the communication stream, and only then are dropped
+//!   (their memory returns to the compute stream's pool after that wait, so it cannot be
+//!   reused while the all-reduce reads or writes it); a reducer dropped early (an error) joins
+//!   first too, and leaks the buffers if even that fails;
+//! - a backend that only enqueues on the compute stream without a side stream
+//!   ([`Collective::enqueues`]): called from the compute thread at the same points (a second
+//!   thread issuing NCCL calls would interleave them with the compute thread's
+//!   tensor-parallel and all-to-all calls in an order that differs between ranks, which can
+//!   deadlock); its work then queues behind the backward's kernels (no overlap on the GPU).
+//!
+//! Without overlap every bucket is launched in [`Reducer::finish`] (on the side stream too
+//! when there is one, so that every rank makes the same calls on the same communicators), in
+//! the same order with the same contents, so both give bit-identical gradients (each
+//! element's sum over the ranks does not depend on when it is taken).
 
 use super::collective::{Collective, CollectiveError};
 use super::{class_of, Class, Comms};
@@ -31,14 +44,14 @@ use std::sync::mpsc;
 
 /// Which communicator a bucket is reduced over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Over {
+pub enum Over {
     World,
     Dp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bucket {
-    over: Over,
+    pub over: Over,
     /// Gradient indices (aligned with `lora.vars()`), in packing order.
     pub members: Vec<usize>,
     /// Complete after this layer's backward (`None`: only at the end).
@@ -118,8 +131,42 @@ impl BucketPlan {
     }
 }
 
+/// A bucket's all-reduce enqueued on a communication stream ([`SideReduce::launch`]).
+pub struct InFlight {
+    /// The sum over the group: valid only after [`SideReduce::join`].
+    pub sum: Tensor,
+    /// What the communication stream may still read or write besides `sum` (the packed
+    /// input): dropped only after [`SideReduce::join`].
+    pub keep: Box<dyn Send>,
+}
+
+/// The gradient all-reduce on a communication stream of its own beside the compute stream
+/// (NCCL: `nccl::NcclSide`), called from the compute thread only, in plan order on every
+/// rank.
+pub trait SideReduce: Send + Sync {
+    /// Makes the communication stream wait for the work enqueued so far on the compute stream
+    /// (which produced `flat`: contiguous f32 on the device) and enqueues Σ over group `over`
+    /// of `flat` there; returns at once.
+    fn launch(&self, over: Over, flat: Tensor) -> Result<InFlight, CollectiveError>;
+    /// Makes the compute stream wait for everything enqueued on the communication stream
+    /// (returns at once; the compute stream's later work, the optimizer's included, is
+    /// ordered after the all-reduces).
+    fn join(&self) -> Result<(), CollectiveError>;
+}
+
 type Job = (usize, Over, Tensor);
 type Done = (usize, Result<Tensor, CollectiveError>);
+
+/// How buckets are launched (module doc).
+enum Mode<'a> {
+    /// Reduced on the calling thread (blocking backends without overlap; NCCL without a
+    /// side stream).
+    Inline,
+    /// Handed to the communication thread.
+    Thread(mpsc::Sender<Job>, mpsc::Receiver<Done>),
+    /// Enqueued on the communication stream.
+    Side(&'a dyn SideReduce),
+}
 
 /// One step's gradient reduction on one rank (module doc).
 pub struct Reducer<'a> {
@@ -133,14 +180,18 @@ pub struct Reducer<'a> {
     next: usize,
     /// Buckets launched before `finish`.
     early: usize,
-    /// Reduced buckets (inline path), by plan index.
+    /// Reduced buckets (inline and thread paths), by plan index.
     reduced: Vec<Option<Tensor>>,
-    thread: Option<(mpsc::Sender<Job>, mpsc::Receiver<Done>)>,
+    mode: Mode<'a>,
+    /// Buckets enqueued on the communication stream and not yet joined (side path).
+    in_flight: Vec<(usize, InFlight)>,
 }
 
 impl<'a> Reducer<'a> {
-    /// A reducer for one step; with `overlap` and a blocking backend, its communication thread
-    /// is spawned on `scope` (it ends when the reducer is dropped).
+    /// A reducer for one step. With a side stream (`comms.side`) every bucket goes there
+    /// (launched during the backward with `overlap`, else in `finish`); otherwise, with
+    /// `overlap` and a blocking backend, its communication thread is spawned on `scope` (it
+    /// ends when the reducer is dropped).
     pub fn new<'scope, 'env>(
         plan: &'a BucketPlan,
         comms: &'a Comms,
@@ -153,7 +204,9 @@ impl<'a> Reducer<'a> {
         'a: 'scope,
     {
         let threaded = overlap && !comms.world.enqueues() && !comms.dp.enqueues();
-        let thread = threaded.then(|| {
+        let mode = if let Some(side) = comms.side.as_deref() {
+            Mode::Side(side)
+        } else if threaded {
             let (job_tx, job_rx) = mpsc::channel::<Job>();
             let (done_tx, done_rx) = mpsc::channel::<Done>();
             let (world, dp): (&'a dyn Collective, &'a dyn Collective) =
@@ -170,8 +223,10 @@ impl<'a> Reducer<'a> {
                     }
                 })
                 .expect("spawning the gradient all-reduce thread");
-            (job_tx, done_rx)
-        });
+            Mode::Thread(job_tx, done_rx)
+        } else {
+            Mode::Inline
+        };
         Reducer {
             plan,
             comms,
@@ -181,8 +236,14 @@ impl<'a> Reducer<'a> {
             next: 0,
             early: 0,
             reduced: vec![None; plan.buckets.len()],
-            thread,
+            mode,
+            in_flight: Vec::new(),
         }
+    }
+
+    /// Plan indices of the buckets enqueued on the communication stream and not yet joined.
+    pub fn in_flight(&self) -> Vec<usize> {
+        self.in_flight.iter().map(|(i, _)| *i).collect()
     }
 
     /// Layer `layer`'s backward is done (on the step's last sequence): launches the buckets
@@ -205,8 +266,8 @@ impl<'a> Reducer<'a> {
         Ok(())
     }
 
-    /// Packs bucket `next` (taking its gradients out of `grads`) and reduces it or hands it
-    /// to the communication thread.
+    /// Packs bucket `next` (taking its gradients out of `grads`) and reduces it, hands it
+    /// to the communication thread or enqueues it on the communication stream.
     fn launch(&mut self, grads: &mut [Option<Tensor>]) -> Result<(), TrainError> {
         let i = self.next;
         let b = &self.plan.buckets[i];
@@ -225,13 +286,20 @@ impl<'a> Reducer<'a> {
             flat.push(g.flatten_all()?);
         }
         let flat = Tensor::cat(&flat, 0)?;
-        match &self.thread {
-            Some((tx, rx)) => {
+        match &self.mode {
+            Mode::Thread(tx, rx) => {
                 if tx.send((i, b.over, flat)).is_err() {
                     return Err(stopped(rx));
                 }
             }
-            None => self.reduced[i] = Some(reduce(self.comm(b.over), &flat)?),
+            Mode::Side(side) => {
+                // The exact tensor the stream reads is the one kept alive (no copy made
+                // inside `launch` that could be freed while the stream reads it).
+                let flat = flat.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                let f = side.launch(b.over, flat)?;
+                self.in_flight.push((i, f));
+            }
+            Mode::Inline => self.reduced[i] = Some(reduce(self.comm(b.over), &flat)?),
         }
         self.next += 1;
         Ok(())
@@ -251,12 +319,25 @@ impl<'a> Reducer<'a> {
         while self.next < self.plan.buckets.len() {
             self.launch(grads)?;
         }
-        if let Some((tx, rx)) = self.thread.take() {
-            drop(tx);
-            for _ in 0..self.plan.buckets.len() {
-                let (i, r) = rx.recv().map_err(|_| stopped(&rx))?;
-                self.reduced[i] = Some(r?);
+        match std::mem::replace(&mut self.mode, Mode::Inline) {
+            Mode::Thread(tx, rx) => {
+                drop(tx);
+                for _ in 0..self.plan.buckets.len() {
+                    let (i, r) = rx.recv().map_err(|_| stopped(&rx))?;
+                    self.reduced[i] = Some(r?);
+                }
             }
+            Mode::Side(side) => {
+                // Put back so that a failed join still joins (or leaks) on drop.
+                self.mode = Mode::Side(side);
+                side.join()?;
+                // The compute stream now waits for the all-reduces: the inputs may go.
+                for (i, f) in std::mem::take(&mut self.in_flight) {
+                    self.reduced[i] = Some(f.sum);
+                    drop(f.keep);
+                }
+            }
+            Mode::Inline => {}
         }
         for (b, sum) in self.plan.buckets.iter().zip(&mut self.reduced) {
             let sum = sum
@@ -276,6 +357,25 @@ impl<'a> Reducer<'a> {
             }
         }
         Ok(self.early)
+    }
+}
+
+impl Drop for Reducer<'_> {
+    /// A reducer dropped with buckets in flight (an error during the backward or in
+    /// `finish`): the compute stream waits for the communication stream before their memory
+    /// is released; if even that fails, the buffers are leaked rather than handed back to an
+    /// allocator the stream may still be writing through.
+    fn drop(&mut self) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        if let Mode::Side(side) = &self.mode {
+            if side.join().is_err() {
+                for f in std::mem::take(&mut self.in_flight) {
+                    std::mem::forget(f);
+                }
+            }
+        }
     }
 }
 
@@ -343,5 +443,230 @@ mod tests {
         assert!(ready.windows(2).all(|w| w[0] >= w[1]), "{ready:?}");
         // One bucket per class when everything fits.
         assert_eq!(BucketPlan::new(&l, 1 << 20).buckets.len(), 3);
+    }
+
+    /// What the fake side stream saw, in order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Ev {
+        /// Launch number, group, elements.
+        Launch(usize, Over, usize),
+        Join,
+        /// A launch's kept input was dropped.
+        Released(usize),
+    }
+
+    type Log = std::sync::Arc<std::sync::Mutex<Vec<Ev>>>;
+
+    /// Dropped with a launch's kept input: logs it.
+    struct Token(usize, Log);
+
+    impl Drop for Token {
+        fn drop(&mut self) {
+            self.1.lock().unwrap().push(Ev::Released(self.0));
+        }
+    }
+
+    /// A side stream that records its calls; its "sum" is 2 × the bucket (two ranks holding
+    /// the same gradients). Launch number `fail_at` fails.
+    struct FakeSide {
+        log: Log,
+        launches: std::sync::atomic::AtomicUsize,
+        fail_at: Option<usize>,
+    }
+
+    impl SideReduce for FakeSide {
+        fn launch(&self, over: Over, flat: Tensor) -> Result<InFlight, CollectiveError> {
+            let k = self
+                .launches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if Some(k) == self.fail_at {
+                return Err(CollectiveError::Invalid {
+                    op: "fake",
+                    message: format!("launch {k} fails"),
+                });
+            }
+            assert!(flat.is_contiguous() && flat.dtype() == DType::F32);
+            self.log
+                .lock()
+                .unwrap()
+                .push(Ev::Launch(k, over, flat.elem_count()));
+            Ok(InFlight {
+                sum: (&flat * 2.0)?,
+                keep: Box::new((flat, Token(k, self.log.clone()))),
+            })
+        }
+
+        fn join(&self) -> Result<(), CollectiveError> {
+            self.log.lock().unwrap().push(Ev::Join);
+            Ok(())
+        }
+    }
+
+    fn fake_comms(fail_at: Option<usize>) -> (Comms, Log) {
+        use super::super::Solo;
+        let log = Log::default();
+        let side = FakeSide {
+            log: log.clone(),
+            launches: Default::default(),
+            fail_at,
+        };
+        let comms = Comms {
+            world: Box::new(Solo),
+            tp: Box::new(Solo),
+            a2a: Box::new(Solo),
+            dp: Box::new(Solo),
+            side: Some(Box::new(side)),
+        };
+        (comms, log)
+    }
+
+    fn random_grads(vars: &[Var]) -> Vec<Option<Tensor>> {
+        vars.iter()
+            .map(|v| Some(Tensor::randn(0f32, 1.0, v.shape(), &Device::Cpu).unwrap()))
+            .collect()
+    }
+
+    /// Buckets in flight after each layer, the log, the reduced gradients, buckets launched
+    /// early.
+    type SideRun = (Vec<Vec<usize>>, Vec<Ev>, Vec<Option<Tensor>>, usize);
+
+    /// The backward of layers 10 … 0 through a reducer on the fake side stream: the buckets
+    /// in flight after each layer, the log, and the reduced gradients.
+    fn run_side(overlap: bool, grads: &[Option<Tensor>]) -> SideRun {
+        let l = lora();
+        let vars: Vec<Var> = l.vars().cloned().collect();
+        let plan = BucketPlan::new(&l, 12);
+        let (comms, log) = fake_comms(None);
+        let mut grads = grads.to_vec();
+        let mut in_flight = Vec::new();
+        let early = std::thread::scope(|s| {
+            let mut red = Reducer::new(&plan, &comms, &vars, true, overlap, s);
+            for layer in (0..=10).rev() {
+                red.layer_done(layer, &mut grads).unwrap();
+                in_flight.push(red.in_flight());
+                // Nothing joined or released during the backward.
+                assert!(
+                    log.lock()
+                        .unwrap()
+                        .iter()
+                        .all(|e| matches!(e, Ev::Launch(..))),
+                    "{:?}",
+                    log.lock().unwrap()
+                );
+            }
+            red.finish(&mut grads).unwrap()
+        });
+        let log = log.lock().unwrap().clone();
+        (in_flight, log, grads, early)
+    }
+
+    #[test]
+    fn side_stream_buckets_stay_in_flight_until_joined() {
+        let l = lora();
+        let vars: Vec<Var> = l.vars().cloned().collect();
+        let plan = BucketPlan::new(&l, 12);
+        let grads = random_grads(&vars);
+        let (in_flight, log, reduced, early) = run_side(true, &grads);
+        // After layer L, exactly the buckets complete by then (ready_after ≥ L) are in flight,
+        // in plan order.
+        for (step, layer) in (0..=10usize).rev().enumerate() {
+            let want: Vec<usize> = (0..plan.buckets.len())
+                .filter(|&i| plan.buckets[i].ready_after.is_some_and(|r| r >= layer))
+                .collect();
+            assert_eq!(in_flight[step], want, "after layer {layer}");
+        }
+        let n = plan.buckets.len();
+        assert_eq!(early, in_flight.last().unwrap().len());
+        // Every bucket holds adapters of some layer, so all go out during the backward, and
+        // at several points of it (layer 10's first, alone).
+        assert_eq!(early, n);
+        assert!(n >= 3 && !in_flight[0].is_empty() && in_flight[0].len() < n);
+        // Every bucket launched once in plan order with its group and size, then one join,
+        // then (only then) every kept input released.
+        let sizes: Vec<usize> = plan
+            .buckets
+            .iter()
+            .map(|b| b.members.iter().map(|&m| vars[m].elem_count()).sum())
+            .collect();
+        let mut want: Vec<Ev> = (0..n)
+            .map(|i| Ev::Launch(i, plan.buckets[i].over, sizes[i]))
+            .collect();
+        want.push(Ev::Join);
+        assert_eq!(log[..=n], want[..]);
+        let mut released: Vec<Ev> = log[n + 1..].to_vec();
+        released.sort_by_key(|e| format!("{e:?}"));
+        let mut all: Vec<Ev> = (0..n).map(Ev::Released).collect();
+        all.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(released, all);
+        // The reduced gradients are the fake's sums, unpacked to their tensors.
+        for (g, r) in grads.iter().zip(&reduced) {
+            let (g, r) = (g.as_ref().unwrap(), r.as_ref().unwrap());
+            assert_eq!(g.shape(), r.shape());
+            let d: f32 = ((g * 2.0).unwrap() - r)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0);
+        }
+        // Without overlap: nothing launched during the backward, the same launches (order,
+        // groups, sizes) in `finish`, the same gradients bit for bit.
+        let (in_flight0, log0, reduced0, early0) = run_side(false, &grads);
+        assert_eq!(early0, 0);
+        assert!(in_flight0.iter().all(Vec::is_empty));
+        assert_eq!(log0[..=n], want[..]);
+        for (a, b) in reduced.iter().zip(&reduced0) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn a_failed_launch_joins_before_releasing_what_is_in_flight() {
+        let l = lora();
+        let vars: Vec<Var> = l.vars().cloned().collect();
+        let plan = BucketPlan::new(&l, 12);
+        let (comms, log) = fake_comms(Some(2));
+        let mut grads = random_grads(&vars);
+        let err = std::thread::scope(|s| {
+            let mut red = Reducer::new(&plan, &comms, &vars, true, true, s);
+            for layer in (0..=10).rev() {
+                if let Err(e) = red.layer_done(layer, &mut grads) {
+                    assert_eq!(red.in_flight(), vec![0, 1]);
+                    return e;
+                }
+            }
+            panic!("launch 2 should have failed");
+        });
+        assert!(err.to_string().contains("launch 2 fails"), "{err}");
+        let log = log.lock().unwrap().clone();
+        let n = plan.buckets.len();
+        assert_eq!(
+            log[..3],
+            [
+                Ev::Launch(0, plan.buckets[0].over, log_size(&log, 0)),
+                Ev::Launch(1, plan.buckets[1].over, log_size(&log, 1)),
+                Ev::Join
+            ]
+        );
+        let mut rest = log[3..].to_vec();
+        rest.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(rest, vec![Ev::Released(0), Ev::Released(1)], "{n} buckets");
+    }
+
+    fn log_size(log: &[Ev], k: usize) -> usize {
+        log.iter()
+            .find_map(|e| match e {
+                Ev::Launch(i, _, n) if *i == k => Some(*n),
+                _ => None,
+            })
+            .unwrap()
     }
 }

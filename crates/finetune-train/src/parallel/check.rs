@@ -6,7 +6,8 @@
 //!   in-process collectives and tensors on the device, each rank loading only its shard of the
 //!   base weights, against the single-device CPU run.
 //! - [`nccl_ops`] (cuda): every NCCL collective over one rank per GPU, against the CPU backend
-//!   on the same inputs; [`nccl_step`]: the same training step over an NCCL world of one GPU.
+//!   on the same inputs; [`nccl_step`]: the same training step over an NCCL world of one rank
+//!   per GPU, with the gradient all-reduce after the backward and overlapped on a side stream.
 
 use super::{simulate, Layout};
 use crate::{AdamWConfig, LrSchedule, TrainError, TrainOptions, Trainer};
@@ -342,33 +343,102 @@ mod cuda_checks {
         Ok(lines)
     }
 
-    /// One training step through the parallel engine with an NCCL world of one rank on
-    /// `device`, against the single-device CPU step.
-    pub fn nccl_step(device: &Device, tolerance: f32) -> Result<CheckLine, TrainError> {
-        let fx = Fixture::new(device)?;
+    /// One training step through the parallel engine over an NCCL world of one rank per
+    /// device in `devices` (dp n: experts replicated, every bucket summed over all ranks),
+    /// against the single-device CPU step, twice: the gradient buckets all-reduced on the
+    /// compute stream after the backward (no overlap, as `FINETUNE_OVERLAP_GRAD_REDUCE=0`), and
+    /// on the side stream (`nccl::NcclSide`) as the backward finishes their layers, with
+    /// 2,000-element buckets so that several are in flight at once. The second line fails if
+    /// no bucket was launched before the backward ended.
+    pub fn nccl_step(devices: &[Device], tolerance: f32) -> Result<Vec<CheckLine>, TrainError> {
+        let n = devices.len();
+        let Some(first) = devices.first() else {
+            return Err(TrainError::Options("nccl_step: no GPU".into()));
+        };
+        let fx = Fixture::new(first)?;
         let reference = fx.reference()?;
-        let layout = Layout::new(1, 1, 1, &fx.dev.config)?;
-        let ids = nccl_setup::ids(&layout)?;
-        let result = crate::on_large_stack(|| -> Result<_, TrainError> {
-            let comms = nccl_setup::join(&layout, 0, device, &ids)?;
-            let own = super::super::copy_lora(&fx.lora, device)?;
-            let ctx = RankContext::new(layout, 0, comms, &own, fx.dev.config.num_experts)?;
-            let t = Trainer::new_parallel(
-                &fx.dev,
-                &own,
-                fx.sequences.clone(),
-                vec![],
-                Fixture::options(),
-                ctx,
-            )?;
-            t.step_gradients(&[0, 1, 2, 3])
-        })?;
-        compare(
-            "parallel step over NCCL (world 1)",
-            &reference,
-            &[result],
-            tolerance,
-        )
+        let layout = Layout::new(n, 1, 1, &fx.dev.config)?;
+        let mut lines = Vec::new();
+        for side in [false, true] {
+            let ids = nccl_setup::ids(&layout, side)?;
+            let results: Vec<Result<_, TrainError>> = std::thread::scope(|s| {
+                let joins: Vec<_> = devices
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, device)| {
+                        let (fx, ids) = (&fx, &ids);
+                        std::thread::Builder::new()
+                            .name(format!("nccl-rank-{rank}"))
+                            .stack_size(1 << 30)
+                            .spawn_scoped(s, move || -> Result<_, TrainError> {
+                                let comms = nccl_setup::join(&layout, rank, device, ids)?;
+                                let own = super::super::copy_lora(&fx.lora, device)?;
+                                let config = &fx.dev.config;
+                                let mut ctx = RankContext::new(
+                                    layout,
+                                    rank,
+                                    comms,
+                                    &own,
+                                    config.num_experts,
+                                )?;
+                                ctx.overlap = side;
+                                ctx.bucket_elements = 2_000;
+                                let model =
+                                    super::super::load_rank_model(&fx.dir, config, &ctx, device)?;
+                                let t = Trainer::new_parallel(
+                                    &model,
+                                    &own,
+                                    fx.sequences.clone(),
+                                    vec![],
+                                    Fixture::options(),
+                                    ctx,
+                                )?;
+                                let step = t.step_gradients(&[0, 1, 2, 3])?;
+                                let launched =
+                                    t.rank_context().map_or((0, 0), |c| c.last_overlap());
+                                Ok((step, launched))
+                            })
+                            .expect("spawning an NCCL rank thread")
+                    })
+                    .collect();
+                joins
+                    .into_iter()
+                    .map(|j| j.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            });
+            let mut steps = Vec::new();
+            let mut launched = (usize::MAX, 0);
+            for r in results {
+                let (step, (early, all)) = r?;
+                steps.push(step);
+                launched = (launched.0.min(early), all);
+            }
+            let name = if side {
+                format!(
+                    "parallel step over NCCL (dp {n}), buckets on a side stream during the \
+                     backward ({} of {} launched early, NCCL launch order {})",
+                    launched.0,
+                    launched.1,
+                    if super::super::nccl::implicit_launch_order() {
+                        "implicit"
+                    } else {
+                        "fenced"
+                    }
+                )
+            } else {
+                format!(
+                    "parallel step over NCCL (dp {n}), buckets on the compute stream after the \
+                     backward"
+                )
+            };
+            let mut line = compare(&name, &reference, &steps, tolerance)?;
+            if side && launched.0 == 0 {
+                line.ok = false;
+                line.name += ": no bucket overlapped the backward";
+            }
+            lines.push(line);
+        }
+        Ok(lines)
     }
 }
 

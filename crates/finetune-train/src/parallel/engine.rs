@@ -82,10 +82,13 @@ fn layer(
     let h = Var::from_tensor(&(x.detach() + attn_full)?)?;
     let n2 = model.post_attention_norm(l, h.as_tensor())?;
     let (out, moe) = if model.layer_is_moe(l) {
-        let (out, tape) = moe_forward(model, lora, rc, l, &n2, t_len, hidden, &dev)?;
+        let (out, tape) = moe_forward(model, lora, rc, ctx, l, &n2, t_len, hidden, &dev)?;
         (out, Some(tape))
     } else {
-        (model.dense_mlp(l, &n2, Some(lora))?, None)
+        (
+            model.dense_mlp(l, &n2, Some(lora), &ctx.dropout_rows())?,
+            None,
+        )
     };
     let y = match moe {
         Some(_) => (h.as_tensor().detach() + rc.comms.tp.all_reduce_sum(&out.detach())?)?,
@@ -115,7 +118,8 @@ struct Forward {
     g_top: Option<Tensor>,
 }
 
-/// Forward of `seq`; with `n_step` also ∂(loss_sum / n_step)/∂(last hidden state). Under
+/// Forward of `seq` (number `number` of the run: its dropout masks' key); with `n_step` also
+/// ∂(loss_sum / n_step)/∂(last hidden state). Under
 /// tensor parallelism with [`RankContext::vocab_parallel`] the embedding and the head are
 /// vocabulary-parallel ([`super::vocab`]); otherwise every tp rank runs them whole (the
 /// chunked `Qwen3Moe::head_loss_sum`).
@@ -124,10 +128,12 @@ fn forward(
     lora: &Lora,
     rc: &RankContext,
     seq: &Sequence,
+    number: u64,
     recompute: bool,
     n_step: Option<f64>,
 ) -> Result<Forward, TrainError> {
-    let ctx = model.sequence_context(&seq.position_ids, 0)?;
+    let mut ctx = model.sequence_context(&seq.position_ids, 0)?;
+    ctx.set_dropout_sequence(number);
     let vocab_parallel = rc.vocab_parallel_active();
     let tp = rc.comms.tp.as_ref();
     let mut x = if vocab_parallel {
@@ -183,6 +189,7 @@ fn moe_forward(
     model: &Qwen3Moe,
     lora: &Lora,
     rc: &RankContext,
+    ctx: &SequenceContext,
     l: usize,
     n2: &Tensor,
     t_len: usize,
@@ -221,6 +228,21 @@ fn moe_forward(
     };
     let (recv, recv_counts) = rc.comms.a2a.all_to_all(&send.detach(), &send_counts)?;
     let recv = Var::from_tensor(&recv)?;
+    // With dropout, the rows' token keys travel with them (four exact 16-bit pieces in f32 per
+    // key): the experts draw each token's masks as the single-device run does.
+    let recv_keys: Vec<u64> = if lora.dropout_active() {
+        let keys = ctx.dropout_rows().keys_of(&tok_idx);
+        let keys = Tensor::from_vec(
+            finetune_model::dropout::keys_to_f32(&keys),
+            (tok_idx.len(), 4),
+            &candle_core::Device::Cpu,
+        )?
+        .to_device(dev)?;
+        let (keys, _) = rc.comms.a2a.all_to_all(&keys, &send_counts)?;
+        finetune_model::dropout::keys_from_f32(&keys.flatten_all()?.to_vec1::<f32>()?)
+    } else {
+        Vec::new()
+    };
     // Received rows: by sender, then by my local expert.
     let mine = lay.experts_of_shard(lay.shard(k), n_exp);
     let mut rows: Vec<Vec<u32>> = vec![Vec::new(); per];
@@ -242,12 +264,18 @@ fn moe_forward(
             continue;
         }
         let idx = tensor_u32(r, dev)?;
+        let keys: Vec<u64> = if recv_keys.is_empty() {
+            Vec::new()
+        } else {
+            r.iter().map(|&i| recv_keys[i as usize]).collect()
+        };
         let y = model.expert_forward_with(
             l,
             mine.start + j,
             &recv.as_tensor().index_select(&idx, 0)?,
             Some(lora),
             std::mem::take(&mut adapters[j]),
+            &finetune_model::dropout::Rows::Keys(&keys),
         )?;
         yrecv = yrecv.index_add(&idx, &y, 0)?;
     }
@@ -297,7 +325,7 @@ fn vjp(y: &Tensor, g: &Tensor) -> candle_core::Result<GradStore> {
 pub(crate) type LayerDone<'a> =
     &'a mut dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<(), TrainError>;
 
-/// Forward and backward of `seq` on this rank: returns the sequence's summed cross-entropy
+/// Forward and backward of `seq` (number `number` of the run) on this rank: returns the sequence's summed cross-entropy
 /// and adds `∂(loss_sum / n_step)/∂θ` (this rank's share) into `grads`, aligned with `vars`.
 /// With `recompute` only each layer's input is kept through the forward and the layer is
 /// replayed in the backward (activation checkpointing per layer, as the single-device path).
@@ -309,6 +337,7 @@ pub(crate) fn accumulate(
     vars: &[Var],
     rc: &RankContext,
     seq: &Sequence,
+    number: u64,
     n_step: f64,
     recompute: bool,
     grads: &mut [Option<Tensor>],
@@ -325,7 +354,7 @@ pub(crate) fn accumulate(
         }
         Ok(())
     };
-    let mut f = forward(model, lora, rc, seq, recompute, Some(n_step))?;
+    let mut f = forward(model, lora, rc, seq, number, recompute, Some(n_step))?;
     let mut g = f
         .g_top
         .take()
@@ -380,5 +409,5 @@ pub(crate) fn loss_sum(
     rc: &RankContext,
     seq: &Sequence,
 ) -> Result<f64, TrainError> {
-    Ok(forward(model, lora, rc, seq, true, None)?.loss_sum)
+    Ok(forward(model, lora, rc, seq, 0, true, None)?.loss_sum)
 }

@@ -50,12 +50,16 @@ use finetune_model::{BaseShard, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use std::path::Path;
 use std::time::Duration;
 
-/// A rank's communicators, one per [`GroupKind`].
+/// A rank's communicators, one per [`GroupKind`], and where the gradient buckets are
+/// all-reduced when that is a communication stream of their own ([`buckets`]).
 pub struct Comms {
     pub world: Box<dyn Collective>,
     pub tp: Box<dyn Collective>,
     pub a2a: Box<dyn Collective>,
     pub dp: Box<dyn Collective>,
+    /// The gradient all-reduce on a second stream (NCCL: `nccl::NcclSide`, made when process
+    /// 0 asked for it in `nccl_setup::ids`); `None`: over `world`/`dp` themselves.
+    pub side: Option<Box<dyn buckets::SideReduce>>,
 }
 
 /// A rank's CPU communicators, movable to its thread ([`CpuComms::into_comms`] there).
@@ -107,6 +111,7 @@ impl CpuComms {
             tp: Box::new(self.tp),
             a2a: Box::new(self.a2a),
             dp: Box::new(self.dp),
+            side: None,
         }
     }
 }
@@ -138,6 +143,23 @@ pub const OVERLAP_ENV: &str = "FINETUNE_OVERLAP_GRAD_REDUCE";
 /// Environment variable: `0` turns the vocabulary-parallel embedding and loss off under tensor
 /// parallelism (every tp rank then runs them whole, for debugging).
 pub const VOCAB_PARALLEL_ENV: &str = "FINETUNE_VOCAB_PARALLEL";
+
+/// Whether the overlap of the gradient all-reduce with the backward is on ([`OVERLAP_ENV`]).
+pub fn overlap_enabled() -> bool {
+    env_on(OVERLAP_ENV)
+}
+
+/// Environment variable: `1` reduces the gradient buckets of an NCCL run on a second CUDA stream
+/// beside the backward (`nccl::NcclSide`). Off by default until a GPU session has run
+/// `finetune doctor`'s overlapped NCCL step (it runs it whatever this says); without it the
+/// buckets are enqueued on the compute stream at the same points (the path checked on a GPU).
+pub const NCCL_SIDE_STREAM_ENV: &str = "FINETUNE_NCCL_SIDE_STREAM";
+
+/// Whether an NCCL run reduces its buckets on a side stream: overlap on and
+/// [`NCCL_SIDE_STREAM_ENV`] = `1`.
+pub fn nccl_side_stream_enabled() -> bool {
+    overlap_enabled() && std::env::var(NCCL_SIDE_STREAM_ENV).is_ok_and(|v| v.trim() == "1")
+}
 
 /// Whether environment variable `name` is unset or anything but `0`/`false`/`off`.
 fn env_on(name: &str) -> bool {
@@ -206,7 +228,7 @@ impl RankContext {
                 .map_or(candle_core::Device::Cpu, |v| v.device().clone()),
             vocab_parallel: env_on(VOCAB_PARALLEL_ENV),
             vocab_chunk_elems: None,
-            overlap: env_on(OVERLAP_ENV),
+            overlap: overlap_enabled(),
             bucket_elements: BUCKET_ELEMENTS,
             last_overlap: Default::default(),
         })
@@ -340,10 +362,16 @@ impl RankContext {
     pub fn local_slice(&self, batch: &[usize]) -> Vec<Option<usize>> {
         let d = self.layout.data_ranks();
         let per = batch.len().div_ceil(d);
-        let start = self.layout.data_index(self.coords) * per;
+        let start = self.local_offset(batch.len());
         (start..start + per)
             .map(|i| batch.get(i).copied())
             .collect()
+    }
+
+    /// The place in a step's batch of `n` sequences of this rank's first slot
+    /// ([`Self::local_slice`]).
+    pub fn local_offset(&self, n: usize) -> usize {
+        self.layout.data_index(self.coords) * n.div_ceil(self.layout.data_ranks())
     }
 
     /// A sequence without targets: loss 0 and zero gradients, for padding.
@@ -565,34 +593,55 @@ impl RankContext {
 }
 
 /// NCCL communicators for a layout: one unique id per group (all kinds, in
-/// [`layout::GROUP_KINDS`] order, groups in [`Layout::groups`] order), made in one place and
-/// handed to every rank, and each rank's joining of its groups.
+/// [`layout::GROUP_KINDS`] order, groups in [`Layout::groups`] order), then, when the gradient
+/// all-reduce gets its own stream, one for the world and one per data-parallel group (the
+/// side communicators, `nccl::NcclSide`); made in one place and handed to every rank, and each
+/// rank's joining of its groups. Whether there is a side stream is decided by process 0 alone
+/// (the length of the ids), so that every rank uses the same communicators for the buckets.
 #[cfg(feature = "cuda")]
 pub mod nccl_setup {
-    use super::layout::GROUP_KINDS;
-    use super::nccl::{unique_id, NcclCollective};
+    use super::layout::{GroupKind, GROUP_KINDS};
+    use super::nccl::{unique_id, Fence, NcclCollective, NcclSide};
     use super::{Collective, CollectiveError, Comms, Layout, Solo};
     use candle_core::Device;
+    use std::sync::Arc;
 
-    /// Unique ids of every group of `layout`, concatenated (128 bytes each).
-    pub fn ids(layout: &Layout) -> Result<Vec<u8>, CollectiveError> {
+    /// Unique ids of every group of `layout`, concatenated (128 bytes each), and with `side`
+    /// those of the side communicators after them.
+    pub fn ids(layout: &Layout, side: bool) -> Result<Vec<u8>, CollectiveError> {
         let mut out = Vec::new();
         for kind in GROUP_KINDS {
             for _ in layout.groups(kind) {
                 out.extend(unique_id()?);
             }
         }
+        if side {
+            for _ in 0..1 + layout.groups(GroupKind::Dp).len() {
+                out.extend(unique_id()?);
+            }
+        }
         Ok(out)
     }
 
+    fn id_at(ids: &[u8], k: usize) -> Result<[u8; 128], CollectiveError> {
+        ids.get(k * 128..k * 128 + 128)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| CollectiveError::Invalid {
+                op: "join",
+                message: format!("{} bytes of unique ids, too few", ids.len()),
+            })
+    }
+
     /// Rank `rank` joins its groups on `device` (every rank of the run must call it at the
-    /// same time; groups of one rank other than the world need no communicator).
+    /// same time; groups of one rank other than the world need no communicator), and the
+    /// side communicators when `ids` has them.
     pub fn join(
         layout: &Layout,
         rank: usize,
         device: &Device,
         ids: &[u8],
     ) -> Result<Comms, CollectiveError> {
+        let fence = Arc::new(Fence::new());
         let mut comms: Vec<Box<dyn Collective>> = Vec::new();
         let mut offset = 0;
         for (k, kind) in GROUP_KINDS.into_iter().enumerate() {
@@ -601,22 +650,41 @@ pub mod nccl_setup {
                 let Some(pos) = members.iter().position(|&r| r == rank) else {
                     continue;
                 };
-                let start = (offset + g) * 128;
-                let id: [u8; 128] = ids
-                    .get(start..start + 128)
-                    .and_then(|s| s.try_into().ok())
-                    .ok_or_else(|| CollectiveError::Invalid {
-                        op: "join",
-                        message: format!("{} bytes of unique ids, too few", ids.len()),
-                    })?;
+                let id = id_at(ids, offset + g)?;
                 comms.push(if members.len() == 1 && k > 0 {
                     Box::new(Solo)
                 } else {
-                    Box::new(NcclCollective::join(device, pos, members.len(), id)?)
+                    Box::new(
+                        NcclCollective::join(device, pos, members.len(), id)?
+                            .with_fence(fence.clone()),
+                    )
                 });
             }
             offset += groups.len();
         }
+        let side = match (ids.len() / 128).saturating_sub(offset) {
+            0 => None,
+            _ => {
+                let dp_groups = layout.groups(GroupKind::Dp);
+                let (g, members) = dp_groups
+                    .iter()
+                    .enumerate()
+                    .find(|(_, m)| m.contains(&rank))
+                    .ok_or_else(|| CollectiveError::Invalid {
+                        op: "join",
+                        message: format!("rank {rank} is in no data-parallel group"),
+                    })?;
+                let pos = members.iter().position(|&r| r == rank).unwrap_or(0);
+                let world = (rank, layout.world, id_at(ids, offset)?);
+                let dp = (members.len() > 1).then_some((pos, members.len()));
+                let dp = match dp {
+                    Some((p, n)) => Some((p, n, id_at(ids, offset + 1 + g)?)),
+                    None => None,
+                };
+                Some(Box::new(NcclSide::join(device, world, dp, fence)?)
+                    as Box<dyn super::buckets::SideReduce>)
+            }
+        };
         let mut it = comms.into_iter();
         let mut next = || {
             it.next().ok_or_else(|| CollectiveError::Invalid {
@@ -629,6 +697,7 @@ pub mod nccl_setup {
             tp: next()?,
             a2a: next()?,
             dp: next()?,
+            side,
         })
     }
 }
