@@ -18,9 +18,11 @@
 #      MoE loop, bf16 with per-layer recompute, bf16 with the tensor-core attention kernels
 #      (ours-bf16-tc-attention), with the fused LoRA linear on the GPU (ours-bf16-fused-lora,
 #      FINETUNE_LORA_LINEAR_GPU=1), with the experts' GEMMs as one grouped cuBLAS call
-#      (ours-bf16-cublas-grouped, FINETUNE_GROUPED_GEMM_CUBLAS=1) and with the grouped MoE path's
+#      (ours-bf16-cublas-grouped, FINETUNE_GROUPED_GEMM_CUBLAS=1), with the grouped MoE path's
 #      hand-written backward (ours-bf16-manual-moe and ours-fp8-manual-moe, --moe grouped-manual:
-#      compare with ours-bf16 and ours-fp8). RUNS="ours-bf16 ours-fp8 …" picks a subset.
+#      compare with ours-bf16 and ours-fp8) and the FP8 base through the FP8 tensor-core GEMM
+#      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns).
+#      RUNS="ours-bf16 ours-fp8 …" picks a subset.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
 # Peak memory: nvidia-smi's memory.used sampled every 50 ms during each side's run (the
 # whole process: weights, activations, allocator caches, CUDA context), the same measure for
@@ -67,7 +69,7 @@ peak_mem peft-bf16 timeout 240 $PY scripts/bench_gpu_train.py peft "$WORK/base/b
   > "$OUT_DIR/peft-bf16.json" 2> "$OUT_DIR/peft-bf16.log"
 tail -3 "$OUT_DIR/peft-bf16.log" >&2
 # RUNS picks our runs (default: all, in this order).
-export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-manual-moe ours-fp8-manual-moe}
+export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-manual-moe ours-fp8-manual-moe ours-fp8-gemm}
 for run in $RUNS; do
   case $run in
     ours-bf16) run_ours ours-bf16 "$WORK/base/bf16" --bf16 ;;
@@ -82,6 +84,7 @@ for run in $RUNS; do
     ours-bf16-cublas-grouped) FINETUNE_GROUPED_GEMM_CUBLAS=1 run_ours "$run" "$WORK/base/bf16" --bf16 ;;
     ours-bf16-manual-moe) run_ours "$run" "$WORK/base/bf16" --bf16 --moe grouped-manual ;;
     ours-fp8-manual-moe) run_ours "$run" "$WORK/base/fp8" --bf16 --moe grouped-manual ;;
+    ours-fp8-gemm) FINETUNE_FP8_GEMM=1 run_ours "$run" "$WORK/base/fp8" --bf16 ;;
     *) log "unknown run $run"; exit 2 ;;
   esac
 done
@@ -108,7 +111,7 @@ def load(name):
 rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-bf16-padded-moe", "ours-fp8", "ours-bf16-tf32",
                                 "ours-bf16-per-expert", "ours-bf16-recompute", "ours-bf16-tc-attention",
                                 "ours-bf16-fused-lora", "ours-bf16-cublas-grouped", "ours-bf16-manual-moe",
-                                "ours-fp8-manual-moe"]]
+                                "ours-fp8-manual-moe", "ours-fp8-gemm"]]
 rows = [(n, r) for n, r in rows if n == "peft-bf16" or n in os.environ["RUNS"].split()]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")

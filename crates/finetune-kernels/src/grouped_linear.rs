@@ -110,6 +110,23 @@ pub fn grouped_linear_frozen(
     })
 }
 
+/// dy·w[e] per row group for a frozen weight made by `weight` (`dims` = (E, out, in)): the
+/// input gradient of a frozen grouped product, with no backward of its own (used by
+/// [`crate::fp8_linear`]).
+pub(crate) fn grouped_input_grad(
+    dy: &Tensor,
+    weight: WeightFn,
+    dims: (usize, usize, usize),
+    offsets: &Arc<Vec<usize>>,
+) -> candle_core::Result<Tensor> {
+    dy.contiguous()?.apply_op1_no_bwd(&GroupedFrozen {
+        weight,
+        dims,
+        offsets: offsets.clone(),
+        kind: Kind::InputGrad,
+    })
+}
+
 /// [`grouped_linear_frozen`]'s op over x (Forward) or dy (InputGrad).
 struct GroupedFrozen {
     weight: WeightFn,
@@ -235,6 +252,16 @@ pub struct GroupedLinear {
 }
 
 impl GroupedLinear {
+    /// The forward map x·w[e]ᵀ (no weight gradient), for callers that hold the storages.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward(offsets: Arc<Vec<usize>>) -> Self {
+        Self {
+            offsets,
+            kind: Kind::Forward,
+            weight_grad: false,
+        }
+    }
+
     fn with(&self, kind: Kind) -> Self {
         Self {
             offsets: self.offsets.clone(),

@@ -13,7 +13,9 @@
 //! optionally dW), [`moe_permute`] (the MoE
 //! token permutation and its inverse as two adjoint gathers), [`moe_experts`] (a MoE layer's
 //! routed experts with their adapters as one node with a hand-written backward, built from the
-//! ops above), and [`device`]: which compute devices this build can use and a smoke check that runs a small
+//! ops above), [`fp8_linear`] (FP8 weights times FP8-quantized activations on the tensor cores:
+//! block-scaled cuBLASLt, opt-in), and [`device`]: which compute devices this build can use and
+//! a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 
 pub mod adamw;
@@ -22,6 +24,7 @@ mod common;
 pub mod cross_entropy;
 pub mod device;
 pub mod fp8_dequant;
+pub mod fp8_linear;
 pub mod frozen_batched_linear;
 pub mod frozen_linear;
 pub mod grouped_linear;
@@ -42,6 +45,7 @@ pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
 pub use attention::{causal_attention, causal_attention_docs};
 pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
+pub use fp8_linear::{fp8_grouped_linear, fp8_linear};
 pub use frozen_batched_linear::frozen_batched_linear;
 pub use frozen_linear::{frozen_linear, frozen_linear_lazy};
 pub use grouped_linear::{grouped_linear, grouped_linear_frozen};

@@ -281,6 +281,9 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
         }
     }
     match w {
+        BaseWeight::Fp8 { q, scale_inv } if fp8_gemm(x, w) => {
+            finetune_kernels::fp8_linear(&x.contiguous()?, q, scale_inv)
+        }
         BaseWeight::Dense(t) if t.dtype() == x.dtype() => {
             finetune_kernels::frozen_linear(&x.contiguous()?, t)
         }
@@ -296,6 +299,25 @@ fn linear(x: &Tensor, w: &BaseWeight) -> candle_core::Result<Tensor> {
                 std::sync::Arc::new(move || w.dequantize(dtype));
             finetune_kernels::frozen_linear_lazy(&x.contiguous()?, weight)
         }
+    }
+}
+
+/// Whether x·Wᵀ runs on the FP8 tensor cores (opt-in, `FINETUNE_FP8_GEMM=1`): an FP8 weight
+/// `[.., out, in]` of a shape and activations that finetune_kernels::fp8_linear takes (else
+/// today's dequantize + GEMM path, the reason printed once).
+fn fp8_gemm(x: &Tensor, w: &BaseWeight) -> bool {
+    match w {
+        BaseWeight::Fp8 { q, .. } => {
+            let d = q.dims();
+            d.len() >= 2
+                && finetune_kernels::fp8_linear::use_for(
+                    x.dtype(),
+                    x.device(),
+                    d[d.len() - 2],
+                    d[d.len() - 1],
+                )
+        }
+        BaseWeight::Dense(_) => false,
     }
 }
 
@@ -330,7 +352,7 @@ fn project_with(
             // Opt-in on the GPU until a GPU session has run its test (FINETUNE_LORA_LINEAR_GPU=1).
             finetune_kernels::lora_linear::on_gpu()
         };
-        if frozen && fused && !l.dropout_active() {
+        if frozen && fused && !l.dropout_active() && !fp8_gemm(x, &p.w) {
             // One fused op with all three gradients (finetune_kernels::lora_linear, tested
             // against the plain formula below): five graph nodes fewer per projection, and
             // none of their intermediates kept for the backward.
@@ -474,6 +496,9 @@ fn grouped_project(
     rows: &StackRows<'_>,
 ) -> candle_core::Result<Tensor> {
     let y = match w {
+        BaseWeight::Fp8 { q, scale_inv } if fp8_gemm(x, w) => {
+            finetune_kernels::fp8_grouped_linear(x, q, scale_inv, offsets)?
+        }
         BaseWeight::Dense(t) if t.dtype() == x.dtype() => {
             finetune_kernels::grouped_linear(x, t, offsets, false)?
         }

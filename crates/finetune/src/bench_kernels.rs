@@ -14,6 +14,10 @@
 //! - `grouped_linear(cublas grouped call)` (GPU): the same GEMMs as one
 //!   `cublasGemmGroupedBatchedEx` call (`FINETUNE_GROUPED_GEMM_CUBLAS=1`).
 //! - `grouped_linear_frozen(fp8)` (GPU): the same from an FP8 block-128 stack dequantized in the op.
+//! - `fp8_linear` (GPU, bf16, q_proj's shape) and `fp8_grouped_linear` (GPU, the experts' shape):
+//!   the FP8 tensor-core GEMM including the activations' quantization, the same flops as their
+//!   bf16 rows; baselines: candle's bf16 matmul and the bf16 `grouped_linear`. Each also as a
+//!   percentage of the H100 SXM's dense FP8 peak, 1,978.9 TFLOPS (the bf16 baseline of 989.4).
 //! - `causal_attention` (scalar kernels) and `causal_attention(tensor-core)` (GPU, bf16, d 64 or
 //!   128): 2·T²·d·H useful flops forward (the causal half of QKᵀ and PV), 7·T²·d·H forward +
 //!   backward (5 products in the backward); baseline: one full batched QKᵀ [H, T, d]·[H, d, T]
@@ -57,7 +61,15 @@ struct Row {
     baseline_rate: f64,
     /// fwd_rate / baseline_rate.
     ratio: f64,
+    /// FP8 GEMM rows: fwd_rate as a percentage of [`H100_FP8_DENSE_TFLOPS`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fp8_peak_pct: Option<f64>,
 }
+
+/// Dense (no 2:4 sparsity) tensor-core peaks of the H100 SXM5, NVIDIA's H100 datasheet (3,958 FP8
+/// and 1,979 BF16 TFLOPS "with sparsity", half of each without); the H200 SXM lists the same.
+const H100_FP8_DENSE_TFLOPS: f64 = 1978.9;
+const H100_BF16_DENSE_TFLOPS: f64 = 989.4;
 
 /// Median of `iters` timed calls of `f` after `warmup` untimed ones, the device synchronized
 /// before and after each.
@@ -192,6 +204,7 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Outcome> {
             baseline_s,
             baseline_rate,
             ratio: fwd_rate / baseline_rate,
+            fp8_peak_pct: None,
         };
         println!(
             "{:<34} {:<28} fwd {:>9.3} ms {:>8.2} {unit}  fwd+bwd {:>9}  baseline {} {:.2} {unit}  ratio {:.2}",
@@ -319,6 +332,52 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Outcome> {
             "TFLOPS",
             ("matmul (one GEMM, same flops)", dense_s, flops),
         );
+        // The FP8 tensor-core GEMM (finetune_kernels::fp8_linear: activations quantized per
+        // row and 128 columns, block-scaled cuBLASLt), timed with its quantization, against
+        // cuBLAS bf16 of the same size: q_proj's dense shape, then the experts' grouped one.
+        use finetune_kernels::fp8_linear::unsupported;
+        match unsupported(dtype, &device, out, h).or_else(|| unsupported(dtype, &device, i, h)) {
+            Some(why) => println!("fp8_linear: skipped ({why})"),
+            None => {
+                let qd = Tensor::from_vec(
+                    (0..out * h)
+                        .map(|j| ((j * 37) % 0x70) as u8 | if j % 3 == 0 { 0x80 } else { 0 })
+                        .collect::<Vec<u8>>(),
+                    (out, h),
+                    &device,
+                )?;
+                let sd = values(&[out.div_ceil(128), h / 128], 21, DType::F32, &device)?.abs()?;
+                let lin8 = |ts: &[&Tensor]| finetune_kernels::fp8_linear(ts[0], &qd, &sd);
+                let fwd = time(&mut || lin8(&[&x]).map(|_| ()))?;
+                let bwd = time(&mut || fwd_bwd(&[&x], &lin8))?;
+                let flops = 2.0 * (t * h * out) as f64;
+                push(
+                    "fp8_linear",
+                    format!("[{t}, {h}]·[{out}, {h}]ᵀ fp8"),
+                    (fwd, Some(bwd)),
+                    (flops, Some(2.0 * flops)),
+                    "TFLOPS",
+                    ("matmul bf16", gemm_s, flops),
+                );
+                let q3 = q.reshape((e, i, h))?;
+                let s3 = values(&[e, i.div_ceil(128), h / 128], 22, DType::F32, &device)?.abs()?;
+                let grouped8 = |ts: &[&Tensor]| {
+                    finetune_kernels::fp8_grouped_linear(ts[0], &q3, &s3, &offsets)
+                };
+                let fwd = time(&mut || grouped8(&[&xe]).map(|_| ()))?;
+                let bwd = time(&mut || fwd_bwd(&[&xe], &grouped8))?;
+                let flops = 2.0 * (n * h * i) as f64;
+                let bf16_grouped_s = time(&mut || grouped(&[&xe]).map(|_| ()))?;
+                push(
+                    "fp8_grouped_linear",
+                    format!("{e}× [{}, {h}]·[{i}, {h}]ᵀ fp8", n / e),
+                    (fwd, Some(bwd)),
+                    (flops, Some(2.0 * flops)),
+                    "TFLOPS",
+                    ("grouped_linear bf16", bf16_grouped_s, flops),
+                );
+            }
+        }
     }
 
     // Attention over one document of T tokens.
@@ -417,6 +476,19 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Outcome> {
         ("affine copy", copy_s, 2.0 * elems * size),
     );
 
+    for row in rows
+        .iter_mut()
+        .filter(|r| r.op.starts_with("fp8_") && r.unit == "TFLOPS")
+    {
+        let pct = 100.0 * row.fwd_rate / H100_FP8_DENSE_TFLOPS;
+        println!(
+            "{}: {:.1}% of the H100 SXM's dense FP8 peak ({H100_FP8_DENSE_TFLOPS} TFLOPS; its bf16 baseline {:.1}% of {H100_BF16_DENSE_TFLOPS})",
+            row.op,
+            pct,
+            100.0 * row.baseline_rate / H100_BF16_DENSE_TFLOPS
+        );
+        row.fp8_peak_pct = Some(pct);
+    }
     if let Some(path) = &args.json {
         let mut text = String::new();
         for row in &rows {
