@@ -225,7 +225,8 @@ fn recompute_equals_the_plain_backward_with_dropout() {
 }
 
 /// N steps, checkpoint, resume in a new trainer, N steps = 2N steps in one go, bit for bit
-/// (with dropout, so the dropout stream position is part of what resumes).
+/// (with dropout: its masks are keyed by the sequences' numbers, step × B + place, so the
+/// resumed steps must draw the masks the uninterrupted run drew).
 #[test]
 fn resume_is_bit_identical() {
     let r = reference();
