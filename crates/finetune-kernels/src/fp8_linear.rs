@@ -619,47 +619,43 @@ mod cuda {
                 sys::cudaDataType_t::CUDA_R_32F,
             ),
         )?;
-        let desc = d.desc;
-        let set = |attr: D, ptr: *const c_void, size: usize| {
+        // One attribute from a value of its C type (its size is the attribute's size).
+        unsafe fn set<T>(
+            desc: sys::cublasLtMatmulDesc_t,
+            attr: D,
+            value: &T,
+        ) -> Result<(), String> {
             st(
                 "cublasLtMatmulDescSetAttribute",
-                sys::cublasLtMatmulDescSetAttribute(desc, attr, ptr, size),
+                sys::cublasLtMatmulDescSetAttribute(
+                    desc,
+                    attr,
+                    (value as *const T).cast::<c_void>(),
+                    std::mem::size_of::<T>(),
+                ),
             )
-        };
+        }
         // cublasOperation_t as int32: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-        let (op_t, op_n) = (1i32, 0i32);
-        set(
-            D::CUBLASLT_MATMUL_DESC_TRANSA,
-            (&op_t as *const i32).cast(),
-            4,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_TRANSB,
-            (&op_n as *const i32).cast(),
-            4,
-        )?;
-        let a_mode = S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32;
-        let b_mode = S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32;
-        set(
-            D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-            (&a_mode as *const i32).cast(),
-            4,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-            (&b_mode as *const i32).cast(),
-            4,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-            (&p.w_scale as *const u64).cast(),
-            8,
-        )?;
-        set(
-            D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-            (&p.x_scale as *const u64).cast(),
-            8,
-        )?;
+        for (attr, value) in [
+            (D::CUBLASLT_MATMUL_DESC_TRANSA, 1i32),
+            (D::CUBLASLT_MATMUL_DESC_TRANSB, 0),
+            (
+                D::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32,
+            ),
+            (
+                D::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32,
+            ),
+        ] {
+            set(d.desc, attr, &value)?;
+        }
+        for (attr, pointer) in [
+            (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, p.w_scale),
+            (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, p.x_scale),
+        ] {
+            set(d.desc, attr, &pointer)?;
+        }
         use sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_8F_E4M3};
         for (ty, r, c, ld) in [
             (CUDA_R_8F_E4M3, k, n, k),    // A: W_e stored [K, N], op T

@@ -324,30 +324,23 @@ impl GroupedLinear {
                 return; // no rows: no output rows, and a zero weight gradient
             }
             match self.kind {
-                Kind::Forward => {
-                    // y[rows, out] = x[rows, in] · w[e]ᵀ (w[e] [out, in]: element (k, n) at n·in + k)
+                Kind::Forward | Kind::InputGrad => {
+                    // Forward: y[rows, out] = x[rows, in] · w[e]ᵀ; InputGrad: dx[rows, in] =
+                    // dy[rows, out] · w[e]. w[e] is [out, in] either way: read transposed
+                    // (element (k, n) at n·in + k, in = a_cols) or as it is (at k·in + n,
+                    // in = cols).
                     let cols = part.len() / rows;
                     let we = &b[e * cols * a_cols..][..cols * a_cols];
-                    let x = &a[start * a_cols..end * a_cols];
+                    let (w_rs, w_cs) = if self.kind == Kind::Forward {
+                        (1, a_cols)
+                    } else {
+                        (cols, 1)
+                    };
                     gemm_f32(
                         (rows, cols, a_cols),
                         (part, cols, false),
-                        (x, a_cols, 1),
-                        (we, 1, a_cols),
-                        1.0,
-                        per_gemm,
-                    );
-                }
-                Kind::InputGrad => {
-                    // dx[rows, in] = dy[rows, out] · w[e] (w[e] [out, in]: element (k, n) at k·in + n)
-                    let cols = part.len() / rows;
-                    let we = &b[e * a_cols * cols..][..a_cols * cols];
-                    let dy = &a[start * a_cols..end * a_cols];
-                    gemm_f32(
-                        (rows, cols, a_cols),
-                        (part, cols, false),
-                        (dy, a_cols, 1),
-                        (we, cols, 1),
+                        (&a[start * a_cols..end * a_cols], a_cols, 1),
+                        (we, w_rs, w_cs),
                         1.0,
                         per_gemm,
                     );
