@@ -415,21 +415,7 @@ fn stacked_lora_inputs(
     l: &Lora,
     rows: &StackRows<'_>,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (a, b) = match l.stacked(names) {
-        Some((a, b)) => (a.clone(), b.clone()),
-        None => {
-            let mut a_parts = Vec::with_capacity(names.len());
-            let mut b_parts = Vec::with_capacity(names.len());
-            for name in names {
-                let (a, b) = l
-                    .get(name)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("no adapter for {name}")))?;
-                a_parts.push(a);
-                b_parts.push(b);
-            }
-            (Tensor::stack(&a_parts, 0)?, Tensor::stack(&b_parts, 0)?)
-        }
-    };
+    let (a, b) = lora_stacks(names, l)?;
     let b = (b * l.scale)?;
     let x = match x32 {
         Some(x32) => x32.clone(),
@@ -441,8 +427,8 @@ fn stacked_lora_inputs(
 
 /// A `[E, r, in]` and B `[E, out, r]` of the experts `names` (in order): the adapter's own
 /// stacked variables when `names` are exactly one of its stacks, else the experts' views
-/// stacked for this use (as in [`stacked_lora_inputs`]; never with adapters made by [`Lora`]
-/// for this model).
+/// stacked for this use (never with adapters made by [`Lora`] for this model). Used by
+/// [`stacked_lora_inputs`] and the grouped-manual path.
 fn lora_stacks(names: &[&str], l: &Lora) -> candle_core::Result<(Tensor, Tensor)> {
     if let Some((a, b)) = l.stacked(names) {
         return Ok((a.clone(), b.clone()));
