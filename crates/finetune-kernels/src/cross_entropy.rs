@@ -22,6 +22,7 @@
 //! - [`Precomputed`]: the op that puts the loss into the graph with its stored gradient.
 
 use crate::common::{cpu_f32, exp_sub_sum, float_dtype, gemm_f32, max, simd};
+use crate::moe_permute::{gather_rows, sum_rows, Permutation};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor,
 };
@@ -74,12 +75,15 @@ fn with_ops(h: &Tensor, w: &Tensor, targets: &[i64], rows: usize) -> candle_core
         .filter(|&i| targets[i as usize] >= 0)
         .collect();
     let kept_targets: Vec<u32> = keep.iter().map(|&i| targets[i as usize] as u32).collect();
-    let keep_idx = Tensor::new(keep.as_slice(), dev)?;
+    // Kept rows gathered and their gradients put back with moe_permute's gather and sum (one
+    // thread per element), not index_select/index_add: candle's CUDA index_add loops over
+    // every kept row inside each of its H threads.
+    let keep_perm = std::sync::Arc::new(Permutation::new(keep.clone(), t, dev)?);
     let hd = h.detach();
     let hk = if keep.len() == t {
         hd
     } else {
-        hd.index_select(&keep_idx, 0)?
+        gather_rows(&hd, &keep_perm)?
     };
     let want_grad = h.track_op();
     let wt = w.t()?;
@@ -105,9 +109,7 @@ fn with_ops(h: &Tensor, w: &Tensor, targets: &[i64], rows: usize) -> candle_core
     let dh = match dh_parts.len() {
         0 => h.zeros_like()?,
         _ if keep.len() == t => Tensor::cat(&dh_parts, 0)?,
-        _ => h
-            .zeros_like()?
-            .index_add(&keep_idx, &Tensor::cat(&dh_parts, 0)?, 0)?,
+        _ => sum_rows(&Tensor::cat(&dh_parts, 0)?, &keep_perm)?,
     };
     h.apply_op1(Precomputed {
         value: loss,

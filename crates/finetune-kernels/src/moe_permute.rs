@@ -13,10 +13,13 @@
 //! hidden size, 32k serial iterations at seq 4096 × top-8), and index_select's backward is that
 //! index_add. Here every output element is one thread (sum_rows loops over ≤ top-k slots).
 //!
-//! - CPU (the reference): plain loops, sums in f32 in slot order (the order index_add adds in).
+//! - CPU (the reference): plain loops, sums in f32 in slot order (the order index_add adds in);
+//!   f32 or bf16 (read as f32, rounded once).
 //! - CUDA (`cuda` feature, kernels/moe_permute.cu): f32 and bf16 (bf16 sums accumulate in f32
 //!   and round once).
 
+use crate::common::{cpu_f32, cpu_out};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use std::sync::Arc;
 
@@ -38,18 +41,26 @@ impl Permutation {
     /// From the token of each slot (`tokens` marks a pad slot) for `tokens` tokens.
     pub fn new(rows: Vec<u32>, tokens: usize, device: &Device) -> candle_core::Result<Self> {
         let n = rows.len();
-        let mut lists: Vec<Vec<u32>> = vec![Vec::new(); tokens];
+        // Counting pass, then each token's slots in slot order: O(N + T) with no per-token
+        // lists (a permutation over a routing-weight table has T·E "tokens", ~524k at seq
+        // 4,096 with 128 experts).
+        let mut count = vec![0u32; tokens];
         for (slot, &row) in rows.iter().enumerate() {
             match row as usize {
-                r if r < tokens => lists[r].push(slot as u32),
+                r if r < tokens => count[r] += 1,
                 r if r == tokens => {}
                 r => candle_core::bail!("moe-permute: slot {slot} names token {r} of {tokens}"),
             }
         }
-        let k = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let k = count.iter().copied().max().unwrap_or(0).max(1) as usize;
         let mut inv_host = vec![n as u32; tokens * k];
-        for (t, list) in lists.iter().enumerate() {
-            inv_host[t * k..t * k + list.len()].copy_from_slice(list);
+        count.iter_mut().for_each(|c| *c = 0);
+        for (slot, &row) in rows.iter().enumerate() {
+            let r = row as usize;
+            if r < tokens {
+                inv_host[r * k + count[r] as usize] = slot as u32;
+                count[r] += 1;
+            }
         }
         Ok(Self {
             rows: Tensor::new(rows.as_slice(), device)?,
@@ -95,20 +106,13 @@ struct GatherRows(Arc<Permutation>);
 /// [`sum_rows`]' op (also run on a storage directly by [`crate::moe_experts`]' forward).
 pub(crate) struct SumRows(pub(crate) Arc<Permutation>);
 
-fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
 impl CustomOp1 for GatherRows {
     fn name(&self) -> &'static str {
         "moe-gather-rows"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_input(s, l, self.name())?;
+        let x = cpu_f32(s, l, self.name(), "x")?;
         let h = l.dims()[1];
         let p = &self.0;
         let mut out = vec![0f32; p.slots() * h];
@@ -118,7 +122,7 @@ impl CustomOp1 for GatherRows {
                 out[slot * h..(slot + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((p.slots(), h))))
+        Ok((cpu_out(out, s.dtype()), Shape::from((p.slots(), h))))
     }
 
     #[cfg(feature = "cuda")]
@@ -145,7 +149,7 @@ impl CustomOp1 for SumRows {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = f32_input(s, l, self.name())?;
+        let src = cpu_f32(s, l, self.name(), "input")?;
         let h = l.dims()[1];
         let p = &self.0;
         let n = p.slots();
@@ -159,7 +163,7 @@ impl CustomOp1 for SumRows {
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((p.tokens, h))))
+        Ok((cpu_out(out, s.dtype()), Shape::from((p.tokens, h))))
     }
 
     #[cfg(feature = "cuda")]
@@ -314,6 +318,91 @@ mod tests {
         assert_eq!(
             ds.get(&s).unwrap().to_vec2::<f32>().unwrap(),
             want.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    /// The permutation over a routing-weight table (one column, T·E entries, at most one slot
+    /// per entry, pads naming T·E): the gather reads each slot's entry and the backward hands
+    /// each entry its slot's gradient, as index_select / index_add would.
+    #[test]
+    fn a_weight_table_gather_equals_index_select_with_its_gradient() {
+        let dev = Device::Cpu;
+        let (t, e) = (6usize, 4usize);
+        // Slots of experts 0..3 (tokens routed top-2), then two pads.
+        let entries: Vec<u32> = vec![0, 9, 21, 6, 14, 3, 17, 10, 23, 12, 24, 24];
+        let p = Arc::new(Permutation::new(entries.clone(), t * e, &dev).unwrap());
+        assert_eq!(p.k, 1, "each entry has at most one slot");
+        let table = Var::from_vec(values(t * e, 5), (t * e, 1), &dev).unwrap();
+        let got = gather_rows(&table, &p).unwrap();
+        let padded = Tensor::cat(
+            &[
+                table.as_tensor(),
+                &Tensor::zeros((1, 1), DType::F32, &dev).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let idx = Tensor::new(entries.as_slice(), &dev).unwrap();
+        let want = padded.index_select(&idx, 0).unwrap();
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        let g = Tensor::from_vec(values(entries.len(), 6), (entries.len(), 1), &dev).unwrap();
+        let grads = (got * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let want_grad = Tensor::zeros((t * e + 1, 1), DType::F32, &dev)
+            .unwrap()
+            .index_add(&idx, &g, 0)
+            .unwrap()
+            .narrow(0, 0, t * e)
+            .unwrap();
+        assert_eq!(
+            grads.get(&table).unwrap().to_vec2::<f32>().unwrap(),
+            want_grad.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    /// The constructor's inverse lists each token's slots in slot order, N in unused entries.
+    #[test]
+    fn the_inverse_lists_each_tokens_slots_in_slot_order() {
+        let p = permutation(&Device::Cpu);
+        assert_eq!(p.k, 2);
+        assert_eq!(p.inv_host, vec![0, 6, 3, 7, 1, 4, 5, 9, 2, 9]);
+    }
+
+    /// bf16 on the CPU: the gather is exact and the sum is the f32 sum rounded once.
+    #[test]
+    fn bf16_on_the_cpu_gathers_exactly_and_sums_in_f32() {
+        let dev = Device::Cpu;
+        let p = permutation(&dev);
+        let h = 3;
+        let x = Tensor::from_vec(values(5 * h, 7), (5, h), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let s = Tensor::from_vec(values(9 * h, 8), (9, h), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let gathered = gather_rows(&x, &p).unwrap();
+        assert_eq!(gathered.dtype(), DType::BF16);
+        assert_eq!(
+            f32_of(&gathered).to_vec2::<f32>().unwrap(),
+            gather_rows(&f32_of(&x), &p)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        );
+        let summed = sum_rows(&s, &p).unwrap();
+        assert_eq!(summed.dtype(), DType::BF16);
+        let want = sum_rows(&f32_of(&s), &p)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(
+            f32_of(&summed).to_vec2::<f32>().unwrap(),
+            f32_of(&want).to_vec2::<f32>().unwrap()
         );
     }
 

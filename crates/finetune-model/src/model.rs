@@ -371,6 +371,18 @@ fn project_with(
     }
 }
 
+/// The routing weight of each slot, `[N, 1]`: entry `t·E + e` of `weights` `[T, E]` for the
+/// slot of token t at expert e (`weight_perm` lists those entries; T·E, past the table, for a
+/// pad slot, which reads 0). A `gather_rows` over the flattened table, so its backward is a
+/// `sum_rows` (one thread per entry) rather than `index_select`'s backward, candle's CUDA
+/// `index_add`, which for a one-column source runs ONE thread over all N = T·k slots.
+fn slot_weights(
+    weights: &Tensor,
+    weight_perm: &std::sync::Arc<Permutation>,
+) -> candle_core::Result<Tensor> {
+    gather_rows(&weights.reshape((weights.elem_count(), 1))?, weight_perm)
+}
+
 /// Whether the batched MoE path can run with `lora`: no adapters, or one on every expert's
 /// gate, up and down (a partial set runs per expert).
 fn batched_lora_covers(experts: &[Expert], lora: Option<&Lora>) -> bool {
@@ -1273,7 +1285,9 @@ impl Qwen3Moe {
             cap,
         };
         let perm = std::sync::Arc::new(Permutation::new(rows.clone(), t, &self.device)?);
-        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        // Pad slots name entry T·E of the weight table, past its end: they read 0.
+        let weight_perm =
+            std::sync::Arc::new(Permutation::new(weight_index, t * n_exp, &self.device)?);
         if let Some(started) = started {
             self.device.synchronize()?;
             self.record("moe.route", started.elapsed().as_secs_f64());
@@ -1304,10 +1318,7 @@ impl Qwen3Moe {
             batched_project(&h, None, &stacked.down, &names(|e| &e.down), lora, sr)
         })?;
         self.timed("moe.combine", || {
-            let zero = Tensor::zeros(1, x.dtype(), &self.device)?;
-            let w = Tensor::cat(&[&weights.flatten_all()?, &zero], 0)?
-                .index_select(&weight_index, 0)?
-                .unsqueeze(1)?;
+            let w = slot_weights(&weights, &weight_perm)?;
             let y = y.reshape((n_exp * cap, h))?.broadcast_mul(&w)?;
             sum_rows(&y, &perm)
         })
@@ -1352,7 +1363,8 @@ impl Qwen3Moe {
             cap: 0,
         };
         let perm = std::sync::Arc::new(Permutation::new(rows.clone(), t, &self.device)?);
-        let weight_index = Tensor::new(weight_index.as_slice(), &self.device)?;
+        let weight_perm =
+            std::sync::Arc::new(Permutation::new(weight_index, t * n_exp, &self.device)?);
         if let Some(started) = started {
             self.device.synchronize()?;
             self.record("moe.route", started.elapsed().as_secs_f64());
@@ -1399,10 +1411,7 @@ impl Qwen3Moe {
             )
         })?;
         self.timed("moe.combine", || {
-            let w = weights
-                .flatten_all()?
-                .index_select(&weight_index, 0)?
-                .unsqueeze(1)?;
+            let w = slot_weights(&weights, &weight_perm)?;
             sum_rows(&y.broadcast_mul(&w)?, &perm)
         })
     }

@@ -46,7 +46,9 @@ use crate::TrainError;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use finetune_data::Sequence;
+use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
 use finetune_model::{Lora, Qwen3Moe, SequenceContext};
+use std::sync::Arc;
 
 struct MoeTape {
     send: Tensor,
@@ -64,10 +66,6 @@ struct LayerTape {
     /// The MLP output: this rank's partial sum over its experts (MoE), or the whole dense MLP.
     out: Tensor,
     moe: Option<MoeTape>,
-}
-
-fn tensor_u32(v: &[u32], dev: &candle_core::Device) -> candle_core::Result<Tensor> {
-    Tensor::new(v, dev)
 }
 
 /// Forward of layer `l` on input `x` (a plain tensor): its tape and its output.
@@ -230,10 +228,14 @@ fn moe_forward(
     let counts: Vec<f32> = counts.flatten_all()?.to_vec1()?;
     // Rows travel in the compute dtype (n2's); the expert counts above in f32 (exact).
     let dtype = n2.dtype();
+    // Gathers and sums through finetune-kernels' moe_permute (one thread per output element
+    // both ways) rather than index_select/index_add, whose CUDA backward/forward loops over all
+    // T·k rows in each thread.
+    let send_perm = Arc::new(Permutation::new(tok_idx.clone(), t_len, dev)?);
     let send = if tok_idx.is_empty() {
         Tensor::zeros((0, hidden), dtype, dev)?
     } else {
-        n2.index_select(&tensor_u32(&tok_idx, dev)?, 0)?
+        gather_rows(n2, &send_perm)?
     };
     let (recv, recv_counts) = rc.comms.a2a.all_to_all(&send.detach(), &send_counts)?;
     let recv = Var::from_tensor(&recv)?;
@@ -263,46 +265,54 @@ fn moe_forward(
             off += n;
         }
     }
-    let mut yrecv = recv.as_tensor().zeros_like()?;
     // The local experts' adapters: slices of this rank's stacks, whose gradients reach each
     // stack as one tensor (every used expert runs below and is in the segment's backward).
     let used: Vec<bool> = rows.iter().map(|r| !r.is_empty()).collect();
     let mut adapters = model.expert_adapters(l, mine.clone(), &used, Some(lora))?;
+    // Every received row belongs to exactly one local expert: one gather sorts them by expert,
+    // each expert reads its contiguous slice, and one sum puts the outputs back in place.
+    let by_expert: Vec<u32> = rows.concat();
+    let recv_len = recv.as_tensor().dim(0)?;
+    let local_perm = Arc::new(Permutation::new(by_expert, recv_len, dev)?);
+    let sorted = gather_rows(recv.as_tensor(), &local_perm)?;
+    let mut outputs = Vec::with_capacity(per);
+    let mut offset = 0;
     for (j, r) in rows.iter().enumerate() {
         if r.is_empty() {
             continue;
         }
-        let idx = tensor_u32(r, dev)?;
         let keys: Vec<u64> = if recv_keys.is_empty() {
             Vec::new()
         } else {
             r.iter().map(|&i| recv_keys[i as usize]).collect()
         };
-        let y = model.expert_forward_with(
+        outputs.push(model.expert_forward_with(
             l,
             mine.start + j,
-            &recv.as_tensor().index_select(&idx, 0)?,
+            &sorted.narrow(0, offset, r.len())?,
             Some(lora),
             std::mem::take(&mut adapters[j]),
             &finetune_model::dropout::Rows::Keys(&keys),
-        )?;
-        yrecv = yrecv.index_add(&idx, &y, 0)?;
+        )?);
+        offset += r.len();
     }
+    let yrecv = if outputs.is_empty() {
+        recv.as_tensor().zeros_like()?
+    } else {
+        sum_rows(&Tensor::cat(&outputs, 0)?, &local_perm)?
+    };
     let (yback, _) = rc.comms.a2a.all_to_all(&yrecv.detach(), &recv_counts)?;
     let yback = Var::from_tensor(&yback)?;
     let out = if tok_idx.is_empty() {
         Tensor::zeros((t_len, hidden), dtype, dev)?
     } else {
-        let w = weights
-            .flatten_all()?
-            .index_select(&tensor_u32(&w_idx, dev)?, 0)?
-            .unsqueeze(1)?;
+        // Each slot's routing weight: entry t·E + e of the [T, E] table (see model.rs'
+        // slot_weights), a gather whose backward is a sum over at most one slot per entry.
+        let table = weights.reshape((t_len * n_exp, 1))?;
+        let w_perm = Arc::new(Permutation::new(w_idx, t_len * n_exp, dev)?);
+        let w = gather_rows(&table, &w_perm)?;
         let contrib = yback.as_tensor().broadcast_mul(&w)?;
-        Tensor::zeros((t_len, hidden), dtype, dev)?.index_add(
-            &tensor_u32(&tok_idx, dev)?,
-            &contrib,
-            0,
-        )?
+        sum_rows(&contrib, &send_perm)?
     };
     Ok((
         out,
