@@ -11,7 +11,8 @@
 //! kernels), [`frozen_batched_linear`] (one strided-batched GEMM over stacked expert weights, dX
 //! only), [`grouped_linear`] (one GEMM per expert over its own rows, no padding; dX and
 //! optionally dW), [`moe_permute`] (the MoE
-//! token permutation and its inverse as two adjoint gathers), [`moe_experts`] (a MoE layer's
+//! token permutation and its inverse as two adjoint gathers), [`moe_route`] (each token's
+//! top-k experts, the mask kept on the device), [`moe_experts`] (a MoE layer's
 //! routed experts with their adapters as one node with a hand-written backward, built from the
 //! ops above), [`fp8_linear`] (FP8 weights times FP8-quantized activations on the tensor cores:
 //! block-scaled cuBLASLt, opt-in), and [`device`]: which compute devices this build can use and
@@ -31,6 +32,7 @@ pub mod grouped_linear;
 pub mod lora_linear;
 pub mod moe_experts;
 pub mod moe_permute;
+pub mod moe_route;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -1819,31 +1819,16 @@ impl Qwen3Moe {
     ) -> candle_core::Result<(Tensor, Vec<Vec<u32>>)> {
         let c = &self.config;
         let probs = softmax_last(&linear(x, router)?.to_dtype(DType::F32)?)?; // [T, E]
-        let values = probs.flatten_all()?.to_vec1::<f32>()?;
-        let k = c.num_experts_per_tok;
-        let mut chosen = vec![0f32; values.len()];
+                                                                              // Each token's top-k on the probabilities' device (finetune_kernels::moe_route): only
+                                                                              // the T·k chosen indices come to the host, the 0/1 mask stays where the weights are.
+        let top = finetune_kernels::moe_route::top_k(&probs, c.num_experts_per_tok)?;
         let mut routed: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
-        let mut top: Vec<usize> = Vec::with_capacity(k + 1);
-        for (tok, p) in values.chunks_exact(n_exp.max(1)).enumerate() {
-            // Partial selection: insert each expert into the sorted top-k if strictly larger
-            // than its last entry (so an equal value never displaces a lower index).
-            top.clear();
-            for e in 0..p.len() {
-                if top.len() == k && p[e] <= p[top[k - 1]] {
-                    continue;
-                }
-                let at = top.partition_point(|&o| p[o] >= p[e]);
-                top.insert(at, e);
-                top.truncate(k);
-            }
-            for &e in &top {
-                chosen[tok * n_exp + e] = 1.0;
-                routed[e].push(tok as u32);
+        for (tok, picks) in top.chosen()?.iter().enumerate() {
+            for &e in picks {
+                routed[e as usize].push(tok as u32);
             }
         }
-        let t = values.len() / n_exp.max(1);
-        let chosen = Tensor::from_vec(chosen, (t, n_exp), &self.device)?;
-        let mut weights = (probs * chosen)?;
+        let mut weights = (probs * top.mask()?)?;
         if c.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }

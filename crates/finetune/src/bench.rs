@@ -198,6 +198,14 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "moe": args.moe.clone().or_else(|| std::env::var("FINETUNE_MOE_PATH").ok()).unwrap_or_else(|| (if device.is_cuda() { "grouped" } else { "per-expert" }).into()),
         "attention": args.attention.as_deref().unwrap_or("fused"),
         "warmup_steps": args.warmup,
+        // The opt-in GPU paths this run had on (environment or flags).
+        "opt_ins": {
+            "attention_tensor_cores": finetune_kernels::attention::tensor_cores(),
+            "lora_linear_gpu": finetune_kernels::lora_linear::on_gpu(),
+            "grouped_gemm_cublas": finetune_kernels::grouped_linear::cublas_grouped(),
+            "fp8_gemm": finetune_kernels::fp8_linear::enabled(),
+            "route_on_device": finetune_kernels::moe_route::on_device(),
+        },
         "step_secs": measured,
         "median_step_secs": median,
         "tokens_per_sec": tokens_per_sec,
