@@ -178,14 +178,7 @@ for name, r in rows:
 
 # Per-kernel tables (tools/kernel-profile): whole-process totals / (1 warm-up + KPROF_STEPS).
 steps_run = 1 + int(os.environ.get("KPROF_STEPS", "2"))
-for name in ["peft-bf16-kprof", "ours-bf16-kprof"]:
-    if name not in os.environ["RUNS"].split():
-        continue
-    path = os.path.join(out, name + ".kernels.tsv")
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        print(f"\n{name}: no kernel table ({name}.kernels.tsv missing, see {name}.log)"); continue
+def print_kernel_table(name, lines):
     meta = {}
     for l in lines:
         if l.startswith("#"):
@@ -211,4 +204,16 @@ for name in ["peft-bf16-kprof", "ours-bf16-kprof"]:
     for i, r in enumerate(rows[:25]):
         print(f"| {i + 1} | {r['kind']} | `{r['name']}` | {int(r['calls']) / steps_run:.1f} | {ms(r['total_ns']):.2f} | "
               f"{int(r['mean_ns']) / 1e3:.1f} | {100 * float(r['share']):.1f}% | {r['grid']} | {r['block']} |")
+for name in ["peft-bf16-kprof", "ours-bf16-kprof"]:
+    if name not in os.environ["RUNS"].split():
+        continue
+    path = os.path.join(out, name + ".kernels.tsv")
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        print(f"\n{name}: no kernel table ({name}.kernels.tsv missing, see {name}.log)"); continue
+    try:
+        print_kernel_table(name, lines)
+    except Exception as e:  # a truncated table must not cost the rest of the summary
+        print(f"\n{name}: unreadable {name}.kernels.tsv ({e!r})")
 PYEOF
