@@ -103,11 +103,12 @@ kernel_profile() {
   gcc "${cflags[@]}" -o "$tmp/selftest" "$src/selftest.c" -L"$CUDA_ROOT/lib" -lcupti -ldl -lpthread -lm
   LD_LIBRARY_PATH="$CUDA_ROOT/lib" "$tmp/selftest" >&2 || { rm -rf "$tmp"; log "kernel-profile selftest failed"; exit 1; }
   rm -rf "$tmp"
-  local so=$out/libkernel_profile.so
-  readelf -d "$so" | grep -q 'NEEDED.*\[libcupti\.so\.13\]' || { log "$so does not need libcupti.so.13"; exit 1; }
-  if readelf -d "$so" | grep -qE 'R(UN)?PATH'; then log "$so has a run path"; exit 1; fi
-  nm -D --defined-only "$so" | grep -qw InitializeInjection || { log "$so does not export InitializeInjection"; exit 1; }
-  log "$so: $(stat -c %s "$so") bytes, needs $(readelf -d "$so" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  local so=$out/libkernel_profile.so dynamic symbols
+  dynamic=$(readelf -d "$so"); symbols=$(nm -D --defined-only "$so")
+  grep -q 'NEEDED.*\[libcupti\.so\.13\]' <<<"$dynamic" || { log "$so does not need libcupti.so.13"; exit 1; }
+  if grep -qE 'R(UN)?PATH' <<<"$dynamic"; then log "$so has a run path"; exit 1; fi
+  grep -qw InitializeInjection <<<"$symbols" || { log "$so does not export InitializeInjection"; exit 1; }
+  log "$so: $(stat -c %s "$so") bytes, needs $(sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' <<<"$dynamic" | tr '\n' ' ')"
 }
 
 build_tests() {
