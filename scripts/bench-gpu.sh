@@ -24,6 +24,13 @@
 #      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns).
 #      RUNS="ours-bf16 ours-fp8 …" picks a subset.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
+#   5. Per-kernel GPU time (runs peft-bf16-kprof and ours-bf16-kprof, in RUNS): PEFT and
+#      ours-bf16 again, 1 warm-up + KPROF_STEPS (default 2) steps, under the CUPTI injection
+#      library dist/cuda/libkernel_profile.so (tools/kernel-profile: `device-run.sh build` puts it
+#      in the pack). Each writes $OUT_DIR/<run>.kernels.tsv (whole-process totals per kernel
+#      name, memcpy kind and memset); the summary prints each side's top 25 kernels per step
+#      (the totals divided by warm-up + steps, model loading included) and the GPU busy/idle
+#      time. Their tokens/s rows carry CUPTI's overhead: compare speed on the plain runs.
 # Peak memory: nvidia-smi's memory.used sampled every 50 ms during each side's run (the
 # whole process: weights, activations, allocator caches, CUDA context), the same measure for
 # both; PyTorch's own max_memory_allocated is also reported. MFU counts, per token,
@@ -65,12 +72,41 @@ run_ours() {  # NAME MODEL FLAGS...
     > "$OUT_DIR/$name.stdout" 2> "$OUT_DIR/$name.log"
   tail -3 "$OUT_DIR/$name.log" >&2
 }
+
+# kprof NAME STDOUT CMD...: CMD under the kernel profiler (absolute path: the driver dlopens
+# it), through device-run.sh exec so that libcupti.so.13 (PyTorch's nvidia/cu13/lib) is found;
+# stdout to STDOUT, stderr to $OUT_DIR/NAME.log.
+KPROF_LIB=$PWD/dist/cuda/libkernel_profile.so
+redirect() { local o=$1 e=$2; shift 2; "$@" > "$o" 2> "$e"; }  # OUT ERR CMD...
+KPROF_STEPS=${KPROF_STEPS:-2}
+export KPROF_STEPS
+kprof() {
+  local name=$1 stdout=$2; shift 2
+  if [ ! -f "$KPROF_LIB" ]; then log "$name: no $KPROF_LIB in the pack (built before tools/kernel-profile?)"; return 1; fi
+  rm -f "$OUT_DIR/$name.kernels.tsv"
+  CUDA_INJECTION64_PATH=$KPROF_LIB KERNEL_PROFILE_OUT=$OUT_DIR/$name.kernels.tsv KERNEL_PROFILE_LABEL=$name \
+    peak_mem "$name" redirect "$stdout" "$OUT_DIR/$name.log" timeout 240 bash scripts/device-run.sh exec "$@"
+  local rc=$?
+  tail -3 "$OUT_DIR/$name.log" >&2
+  if [ -s "$OUT_DIR/$name.kernels.tsv" ]; then
+    log "$name: $(grep -c '^kernel' "$OUT_DIR/$name.kernels.tsv") kernel names in $name.kernels.tsv"
+  else
+    log "$name: no kernel table written (see $name.log)"
+  fi
+  return $rc
+}
 peak_mem peft-bf16 timeout 240 $PY scripts/bench_gpu_train.py peft "$WORK/base/bf16" "$SEQ" "$STEPS" "$WARMUP" 16 \
   > "$OUT_DIR/peft-bf16.json" 2> "$OUT_DIR/peft-bf16.log"
 tail -3 "$OUT_DIR/peft-bf16.log" >&2
 # RUNS picks our runs (default: all, in this order).
 export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-manual-moe ours-fp8-manual-moe ours-fp8-gemm}
+# BENCH_DEADLINE_S (seconds since this script started; gpu-check.sh sets it under its time
+# limit): runs that would start later are skipped, so that the summary is still written.
+DEADLINE=${BENCH_DEADLINE_S:-0}
 for run in $RUNS; do
+  if [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -gt "$DEADLINE" ]; then
+    log "skipping $run: past BENCH_DEADLINE_S=$DEADLINE ($SECONDS s)"; continue
+  fi
   case $run in
     ours-bf16) run_ours ours-bf16 "$WORK/base/bf16" --bf16 ;;
     ours-bf16-plain-attention) run_ours "$run" "$WORK/base/bf16" --bf16 --attention plain ;;
@@ -85,6 +121,10 @@ for run in $RUNS; do
     ours-bf16-manual-moe) run_ours "$run" "$WORK/base/bf16" --bf16 --moe grouped-manual ;;
     ours-fp8-manual-moe) run_ours "$run" "$WORK/base/fp8" --bf16 --moe grouped-manual ;;
     ours-fp8-gemm) FINETUNE_FP8_GEMM=1 run_ours "$run" "$WORK/base/fp8" --bf16 ;;
+    ours-bf16-kprof) kprof "$run" "$OUT_DIR/$run.stdout" "$FT" bench train --model "$WORK/base/bf16" --seq "$SEQ" \
+        --steps "$KPROF_STEPS" --warmup 1 --rank 16 --bf16 --json "$OUT_DIR/$run.json" ;;
+    peft-bf16-kprof) kprof "$run" "$OUT_DIR/$run.json" $PY scripts/bench_gpu_train.py peft "$WORK/base/bf16" "$SEQ" \
+        "$KPROF_STEPS" 1 16 ;;
     *) log "unknown run $run"; exit 2 ;;
   esac
 done
@@ -111,7 +151,7 @@ def load(name):
 rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-bf16-padded-moe", "ours-fp8", "ours-bf16-tf32",
                                 "ours-bf16-per-expert", "ours-bf16-recompute", "ours-bf16-tc-attention",
                                 "ours-bf16-fused-lora", "ours-bf16-cublas-grouped", "ours-bf16-manual-moe",
-                                "ours-fp8-manual-moe", "ours-fp8-gemm"]]
+                                "ours-fp8-manual-moe", "ours-fp8-gemm", "peft-bf16-kprof", "ours-bf16-kprof"]]
 rows = [(n, r) for n, r in rows if n == "peft-bf16" or n in os.environ["RUNS"].split()]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")
@@ -135,4 +175,45 @@ for name, r in rows:
         if phases:
             print("  forward phases (each synchronized): " + ", ".join(
                 f"{k} {v:.4f}" + ("" if k.endswith("_rows") else " s") for k, v in phases.items()))
+
+# Per-kernel tables (tools/kernel-profile): whole-process totals / (1 warm-up + KPROF_STEPS).
+steps_run = 1 + int(os.environ.get("KPROF_STEPS", "2"))
+def print_kernel_table(name, lines):
+    meta = {}
+    for l in lines:
+        if l.startswith("#"):
+            for field in l[1:].split():
+                if "=" in field:
+                    k, v = field.split("=", 1); meta[k] = v
+    cols = None; rows = []
+    for l in lines:
+        if l.startswith("#"): continue
+        f = l.split("\t")
+        if cols is None: cols = f; continue
+        rows.append(dict(zip(cols, f)))
+    ms = lambda ns: int(ns) / steps_run / 1e6
+    print(f"\n{name}: per step = whole process / {steps_run} (1 warm-up + {steps_run - 1} steps; model loading "
+          f"and setup included). Kernels {ms(meta.get('kernel_ns', 0)):.1f} ms, memcpy {ms(meta.get('memcpy_ns', 0)):.1f} ms, "
+          f"memset {ms(meta.get('memset_ns', 0)):.1f} ms; GPU busy (union) {ms(meta.get('gpu_busy_ns', 0)):.1f} ms of a "
+          f"{ms(meta.get('span_ns', 0)):.1f} ms span (idle {ms(meta.get('idle_ns', 0)):.1f} ms); {meta.get('kernels', '?')} "
+          f"kernel launches ({int(meta.get('kernels', 0)) / steps_run:.0f} per step), {meta.get('distinct_kernels', '?')} "
+          f"distinct; dropped records {meta.get('dropped', '?')}, without timestamps {meta.get('without_timestamps', '?')}; "
+          f"CUPTI {meta.get('cupti_api_runtime', '?')}")
+    print("| # | kind | name | calls/step | ms/step | mean µs | share | grid | block |")
+    print("|---:|---|---|---:|---:|---:|---:|---|---|")
+    for i, r in enumerate(rows[:25]):
+        print(f"| {i + 1} | {r['kind']} | `{r['name']}` | {int(r['calls']) / steps_run:.1f} | {ms(r['total_ns']):.2f} | "
+              f"{int(r['mean_ns']) / 1e3:.1f} | {100 * float(r['share']):.1f}% | {r['grid']} | {r['block']} |")
+for name in ["peft-bf16-kprof", "ours-bf16-kprof"]:
+    if name not in os.environ["RUNS"].split():
+        continue
+    path = os.path.join(out, name + ".kernels.tsv")
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        print(f"\n{name}: no kernel table ({name}.kernels.tsv missing, see {name}.log)"); continue
+    try:
+        print_kernel_table(name, lines)
+    except Exception as e:  # a truncated table must not cost the rest of the summary
+        print(f"\n{name}: unreadable {name}.kernels.tsv ({e!r})")
 PYEOF

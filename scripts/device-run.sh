@@ -6,7 +6,12 @@
 #                                            # release + thin LTO, Cargo.toml) into
 #                                            # dist/cuda/ (git-ignored), stripped of symbols, checked
 #                                            # to need the real CUDA sonames and to be at most 60 MiB
-#                                            # (the release binary's budget, the tiny base embedded)
+#                                            # (the release binary's budget, the tiny base embedded);
+#                                            # and the kernel profiler next to it (below)
+#   scripts/device-run.sh kernel-profile     # here: only dist/cuda/libkernel_profile.so, the CUPTI
+#                                            # injection library of tools/kernel-profile (gcc -Wall
+#                                            # -Werror against the cupti wheel's headers, -lcupti),
+#                                            # after its selftest passes; seconds, no cargo
 #   scripts/device-run.sh build-tests PKG…   # here: the test executables of PKG… with --features
 #                                            # cuda (and PKG/cuda) into dist/cuda-tests/ (each
 #                                            # embeds candle's ~32 MB of kernels: pack them)
@@ -21,6 +26,8 @@
 # Example, with the session's `run` tool (carry: ["dist"]):
 #   bash scripts/device-run.sh exec dist/cuda/finetune doctor
 #   bash scripts/device-run.sh exec dist/cuda-tests/finetune_kernels-* --nocapture   (after build-tests finetune-kernels, carry: ["dist/cuda-tests"])
+#   CUDA_INJECTION64_PATH=$PWD/dist/cuda/libkernel_profile.so KERNEL_PROFILE_OUT=/tmp/k.tsv \
+#     bash scripts/device-run.sh exec dist/cuda/finetune bench train ...   (per-kernel GPU time table)
 #
 # Env: FINETUNE_CUDA_PREFIX (toolchain location, default ~/.cache/finetune-cuda),
 #      CUDA_COMPUTE_CAP (default 90 = H100/H200), DIST (default dist/cuda),
@@ -58,11 +65,13 @@ publish() {
 build() {
   [ $# -eq 0 ] || { log "build takes no arguments (test executables: build-tests PKG...)"; exit 2; }
   toolchain
+  rm -rf "$DIST.tmp" && mkdir -p "$DIST.tmp"
+  # First (seconds): a C error fails the build before the long cargo build.
+  kernel_profile "$DIST.tmp"
   # The `dist` profile (Cargo.toml): release + thin LTO, which leaves out candle's unused
   # quantized-matmul device code (32 MB).
   log "cargo build --profile dist --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
   cargo build --profile dist --features cuda
-  rm -rf "$DIST.tmp" && mkdir -p "$DIST.tmp"
   cp "$CARGO_TARGET_DIR/dist/finetune" "$DIST.tmp/finetune"
   check_needed "$DIST.tmp/finetune"
   # All symbols, not only debug info: the symbol table is ~3.5 MB that only debuggers and
@@ -78,6 +87,28 @@ build() {
   fi
   log "$DIST/finetune: $size bytes (budget $BINARY_LIMIT_BYTES)"
   publish "$DIST"
+}
+
+# tools/kernel-profile/kernel_profile.c -> $1/libkernel_profile.so: compiled with -Werror against
+# the headers of the toolchain's nvidia-cuda-cupti wheel, linked to libcupti.so.13 by soname
+# with no run path (on the GPU machine `exec` puts PyTorch's copy of the same wheel on
+# LD_LIBRARY_PATH), after tools/kernel-profile/selftest.c has checked its bookkeeping here.
+kernel_profile() {
+  local out=$1 src=tools/kernel-profile cflags=(-O2 -Wall -Wextra -Werror -I"$CUDA_ROOT/include")
+  mkdir -p "$out"
+  log "gcc $src/kernel_profile.c -> $out/libkernel_profile.so"
+  gcc -shared -fPIC "${cflags[@]}" -Wl,-soname,libkernel_profile.so -Wl,-z,defs \
+    -o "$out/libkernel_profile.so" "$src/kernel_profile.c" -L"$CUDA_ROOT/lib" -lcupti -ldl -lpthread
+  local tmp; tmp=$(mktemp -d)
+  gcc "${cflags[@]}" -o "$tmp/selftest" "$src/selftest.c" -L"$CUDA_ROOT/lib" -lcupti -ldl -lpthread -lm
+  LD_LIBRARY_PATH="$CUDA_ROOT/lib" "$tmp/selftest" >&2 || { rm -rf "$tmp"; log "kernel-profile selftest failed"; exit 1; }
+  rm -rf "$tmp"
+  local so=$out/libkernel_profile.so dynamic symbols
+  dynamic=$(readelf -d "$so"); symbols=$(nm -D --defined-only "$so")
+  grep -q 'NEEDED.*\[libcupti\.so\.13\]' <<<"$dynamic" || { log "$so does not need libcupti.so.13"; exit 1; }
+  if grep -qE 'R(UN)?PATH' <<<"$dynamic"; then log "$so has a run path"; exit 1; fi
+  grep -qw InitializeInjection <<<"$symbols" || { log "$so does not export InitializeInjection"; exit 1; }
+  log "$so: $(stat -c %s "$so") bytes, needs $(sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' <<<"$dynamic" | tr '\n' ' ')"
 }
 
 build_tests() {
@@ -182,10 +213,11 @@ PY
 
 case "${1:-}" in
   build) shift; build "$@" ;;
+  kernel-profile) toolchain; kernel_profile "$DIST" ;;
   build-tests) shift; build_tests "$@" ;;
   exec) shift; [ $# -gt 0 ] || { echo "usage: $0 exec CMD [ARGS...]" >&2; exit 2; }; exec_on_gpu "$@" ;;
   stub-check) stub_check ;;
   pack) shift; pack "$@" ;;
   unpack) shift; unpack "$@" ;;
-  *) sed -n '2,28p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,34p' "$0" >&2; exit 2 ;;
 esac

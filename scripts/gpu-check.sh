@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # gpu-check.sh: the GPU checks of issue #9 in one call on the GPU machine: the CUDA kernel and
 # model parity test executables, `finetune doctor`, `finetune bench kernels`, the GPU-vs-CPU loss curve of `finetune train` on the embedded
-# tiny base, then scripts/bench-gpu.sh. Results under $OUT.
+# tiny base, then scripts/bench-gpu.sh, including the per-kernel GPU time tables of PEFT and
+# ours-bf16 under tools/kernel-profile (bench-gpu/{peft,ours}-bf16-kprof.kernels.tsv, top 25 per
+# step in bench-gpu/summary.md). Results under $OUT.
 #
 #   here:  scripts/device-run.sh build && scripts/device-run.sh build-tests finetune-kernels finetune-model
 #          finetune mine --repo . --out dist/lossdata
@@ -69,6 +71,11 @@ print("max |diff|", max(abs(a - b) for a, b in zip(g, c)), "steps", len(g), len(
 PY
 fi
 if [ "$PART" != checks ]; then
-RUNS=${RUNS:-ours-bf16 ours-bf16-manual-moe ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-fp8 ours-fp8-gemm} timeout ${BENCH_TIMEOUT:-480} bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
+# The kernel-profile runs (1 warm-up + 2 steps each) come right after ours-bf16, and runs that
+# would start in the last 90 s of the limit are skipped, so that the time limit cuts neither
+# them nor the summary.
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-480}
+RUNS=${RUNS:-ours-bf16 peft-bf16-kprof ours-bf16-kprof ours-bf16-manual-moe ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-fp8 ours-fp8-gemm} \
+  BENCH_DEADLINE_S=$((BENCH_TIMEOUT - 90)) timeout "$BENCH_TIMEOUT" bash scripts/bench-gpu.sh dist/pack/finetune.tar.xz 2 4096 3
 fi
 cat "$OUT/rc.txt"
