@@ -21,11 +21,14 @@
 #      (ours-bf16-cublas-grouped, FINETUNE_GROUPED_GEMM_CUBLAS=1), with the grouped MoE path's
 #      hand-written backward (ours-bf16-manual-moe and ours-fp8-manual-moe, --moe grouped-manual:
 #      compare with ours-bf16 and ours-fp8) and the FP8 base through the FP8 tensor-core GEMM
-#      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns).
-#      RUNS="ours-bf16 ours-fp8 …" picks a subset.
+#      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns), the
+#      router's top-k kernel (ours-bf16-route-device, FINETUNE_ROUTE_ON_DEVICE=1), and every
+#      opt-in at once (ours-bf16-opt-ins, ours-fp8-opt-ins with the FP8 GEMM too,
+#      ours-bf16-opt-ins-recompute: OPT_IN_ENV and OPT_IN_FLAGS below). run_spec lists them all.
+#      RUNS="ours-bf16 ours-fp8 …" picks a subset and their order.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
-#   5. Per-kernel GPU time (runs peft-bf16-kprof and ours-bf16-kprof, in RUNS): PEFT and
-#      ours-bf16 again, 1 warm-up + KPROF_STEPS (default 2) steps, under the CUPTI injection
+#   5. Per-kernel GPU time (runs peft-bf16-kprof and <run>-kprof for any of ours, in RUNS): PEFT
+#      and that run again, 1 warm-up + KPROF_STEPS (default 2) steps, under the CUPTI injection
 #      library dist/cuda/libkernel_profile.so (tools/kernel-profile: `device-run.sh build` puts it
 #      in the pack). Each writes $OUT_DIR/<run>.kernels.tsv (whole-process totals per kernel
 #      name, memcpy kind and memset); the summary prints each side's top 25 kernels per step
@@ -61,16 +64,45 @@ peak_mem() {
   return $rc
 }
 
-log "make-base: $LAYERS layers"
-$PY scripts/bench_gpu_train.py make-base "$WORK/base" "$LAYERS" | tee "$OUT_DIR/base.json"
-timeout 60 $PY scripts/bench_gpu_train.py gemm "$SEQ" 2048 768 128 | tee "$OUT_DIR/gemm.json"
 
-run_ours() {  # NAME MODEL FLAGS...
+run_ours() {  # NAME MODEL FLAGS...   (environment assignments from the array ENVS)
   local name=$1 model=$2; shift 2
-  peak_mem "$name" timeout 240 bash scripts/device-run.sh exec "$FT" bench train --model "$model" \
+  peak_mem "$name" env "${ENVS[@]}" timeout 240 bash scripts/device-run.sh exec "$FT" bench train --model "$model" \
     --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --rank 16 --profile --json "$OUT_DIR/$name.json" "$@" \
     > "$OUT_DIR/$name.stdout" 2> "$OUT_DIR/$name.log"
   tail -3 "$OUT_DIR/$name.log" >&2
+}
+
+# Every opt-in GPU path at once (each is also a run of its own below): the environment
+# switches and the bench flags. ours-bf16-opt-ins against ours-bf16 is what turning them all
+# on would give; the single runs say which one does what.
+OPT_IN_ENV=(FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1
+  FINETUNE_ROUTE_ON_DEVICE=1)
+OPT_IN_FLAGS=(--moe grouped-manual)
+
+# run_spec RUN: sets MODEL, ENVS (array) and FLAGS (array) of one of our runs (without -kprof).
+run_spec() {
+  MODEL=$WORK/base/bf16; ENVS=(); FLAGS=(--bf16)
+  case $1 in
+    ours-bf16) ;;
+    ours-bf16-plain-attention) FLAGS+=(--attention plain) ;;
+    ours-bf16-padded-moe) FLAGS+=(--moe batched) ;;
+    ours-fp8) MODEL=$WORK/base/fp8 ;;
+    ours-bf16-tf32) FLAGS=(--tf32) ;;
+    ours-bf16-per-expert) FLAGS+=(--moe per-expert) ;;
+    ours-bf16-recompute) FLAGS+=(--recompute) ;;
+    ours-bf16-tc-attention) FLAGS+=(--attention tensor-core) ;;
+    ours-bf16-fused-lora) ENVS=(FINETUNE_LORA_LINEAR_GPU=1) ;;
+    ours-bf16-cublas-grouped) ENVS=(FINETUNE_GROUPED_GEMM_CUBLAS=1) ;;
+    ours-bf16-route-device) ENVS=(FINETUNE_ROUTE_ON_DEVICE=1) ;;
+    ours-bf16-manual-moe) FLAGS+=(--moe grouped-manual) ;;
+    ours-fp8-manual-moe) MODEL=$WORK/base/fp8; FLAGS+=(--moe grouped-manual) ;;
+    ours-fp8-gemm) MODEL=$WORK/base/fp8; ENVS=(FINETUNE_FP8_GEMM=1) ;;
+    ours-bf16-opt-ins) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=("${OPT_IN_FLAGS[@]}") ;;
+    ours-bf16-opt-ins-recompute) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=("${OPT_IN_FLAGS[@]}" --recompute) ;;
+    ours-fp8-opt-ins) MODEL=$WORK/base/fp8; ENVS=("${OPT_IN_ENV[@]}" FINETUNE_FP8_GEMM=1); FLAGS+=("${OPT_IN_FLAGS[@]}") ;;
+    *) return 1 ;;
+  esac
 }
 
 # kprof NAME STDOUT CMD...: CMD under the kernel profiler (absolute path: the driver dlopens
@@ -95,11 +127,18 @@ kprof() {
   fi
   return $rc
 }
+# RUNS picks our runs (default: all, in this order).
+# A name ending in -kprof is that run under the kernel profiler (1 warm-up + KPROF_STEPS).
+export RUNS=${RUNS:-ours-bf16 ours-bf16-opt-ins peft-bf16-kprof ours-bf16-kprof ours-bf16-opt-ins-kprof ours-fp8 ours-fp8-opt-ins ours-bf16-opt-ins-recompute ours-bf16-plain-attention ours-bf16-padded-moe ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-route-device ours-bf16-manual-moe ours-fp8-manual-moe ours-fp8-gemm}
+for run in $RUNS; do  # refuse a misspelt run before spending GPU time
+  [ "$run" = peft-bf16-kprof ] || run_spec "${run%-kprof}" || { log "unknown run $run (see run_spec)"; exit 2; }
+done
+log "make-base: $LAYERS layers"
+$PY scripts/bench_gpu_train.py make-base "$WORK/base" "$LAYERS" | tee "$OUT_DIR/base.json"
+timeout 60 $PY scripts/bench_gpu_train.py gemm "$SEQ" 2048 768 128 | tee "$OUT_DIR/gemm.json"
 peak_mem peft-bf16 timeout 240 $PY scripts/bench_gpu_train.py peft "$WORK/base/bf16" "$SEQ" "$STEPS" "$WARMUP" 16 \
   > "$OUT_DIR/peft-bf16.json" 2> "$OUT_DIR/peft-bf16.log"
 tail -3 "$OUT_DIR/peft-bf16.log" >&2
-# RUNS picks our runs (default: all, in this order).
-export RUNS=${RUNS:-ours-bf16 ours-bf16-plain-attention ours-bf16-padded-moe ours-fp8 ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-manual-moe ours-fp8-manual-moe ours-fp8-gemm}
 # BENCH_DEADLINE_S (seconds since this script started; gpu-check.sh sets it under its time
 # limit): runs that would start later are skipped, so that the summary is still written.
 DEADLINE=${BENCH_DEADLINE_S:-0}
@@ -108,24 +147,15 @@ for run in $RUNS; do
     log "skipping $run: past BENCH_DEADLINE_S=$DEADLINE ($SECONDS s)"; continue
   fi
   case $run in
-    ours-bf16) run_ours ours-bf16 "$WORK/base/bf16" --bf16 ;;
-    ours-bf16-plain-attention) run_ours "$run" "$WORK/base/bf16" --bf16 --attention plain ;;
-    ours-bf16-padded-moe) run_ours "$run" "$WORK/base/bf16" --bf16 --moe batched ;;
-    ours-fp8) run_ours ours-fp8 "$WORK/base/fp8" --bf16 ;;
-    ours-bf16-tf32) run_ours ours-bf16-tf32 "$WORK/base/bf16" --tf32 ;;
-    ours-bf16-per-expert) run_ours ours-bf16-per-expert "$WORK/base/bf16" --bf16 --moe per-expert ;;
-    ours-bf16-recompute) run_ours ours-bf16-recompute "$WORK/base/bf16" --bf16 --recompute ;;
-    ours-bf16-tc-attention) run_ours "$run" "$WORK/base/bf16" --bf16 --attention tensor-core ;;
-    ours-bf16-fused-lora) FINETUNE_LORA_LINEAR_GPU=1 run_ours "$run" "$WORK/base/bf16" --bf16 ;;
-    ours-bf16-cublas-grouped) FINETUNE_GROUPED_GEMM_CUBLAS=1 run_ours "$run" "$WORK/base/bf16" --bf16 ;;
-    ours-bf16-manual-moe) run_ours "$run" "$WORK/base/bf16" --bf16 --moe grouped-manual ;;
-    ours-fp8-manual-moe) run_ours "$run" "$WORK/base/fp8" --bf16 --moe grouped-manual ;;
-    ours-fp8-gemm) FINETUNE_FP8_GEMM=1 run_ours "$run" "$WORK/base/fp8" --bf16 ;;
-    ours-bf16-kprof) kprof "$run" "$OUT_DIR/$run.stdout" "$FT" bench train --model "$WORK/base/bf16" --seq "$SEQ" \
-        --steps "$KPROF_STEPS" --warmup 1 --rank 16 --bf16 --json "$OUT_DIR/$run.json" ;;
     peft-bf16-kprof) kprof "$run" "$OUT_DIR/$run.json" $PY scripts/bench_gpu_train.py peft "$WORK/base/bf16" "$SEQ" \
         "$KPROF_STEPS" 1 16 ;;
-    *) log "unknown run $run"; exit 2 ;;
+    *-kprof)
+      if ! run_spec "${run%-kprof}"; then log "unknown run $run"; exit 2; fi
+      kprof "$run" "$OUT_DIR/$run.stdout" env "${ENVS[@]}" "$FT" bench train --model "$MODEL" --seq "$SEQ" \
+        --steps "$KPROF_STEPS" --warmup 1 --rank 16 "${FLAGS[@]}" --json "$OUT_DIR/$run.json" ;;
+    *)
+      if ! run_spec "$run"; then log "unknown run $run"; exit 2; fi
+      run_ours "$run" "$MODEL" "${FLAGS[@]}" ;;
   esac
 done
 
@@ -148,11 +178,7 @@ def load(name):
     except Exception:
         r["peak_mib"] = None
     return r
-rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-bf16-padded-moe", "ours-fp8", "ours-bf16-tf32",
-                                "ours-bf16-per-expert", "ours-bf16-recompute", "ours-bf16-tc-attention",
-                                "ours-bf16-fused-lora", "ours-bf16-cublas-grouped", "ours-bf16-manual-moe",
-                                "ours-fp8-manual-moe", "ours-fp8-gemm", "peft-bf16-kprof", "ours-bf16-kprof"]]
-rows = [(n, r) for n, r in rows if n == "peft-bf16" or n in os.environ["RUNS"].split()]
+rows = [(n, load(n)) for n in ["peft-bf16"] + os.environ["RUNS"].split()]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")
 print("| run | tokens/s | × PEFT | MFU | peak memory.used (MiB) | × PEFT | first loss |")
@@ -163,7 +189,8 @@ for name, r in rows:
     tps = r["tokens_per_sec"]; mfu = tps * flops_per_token / 989e12
     x = f"{tps / base['tokens_per_sec']:.2f}" if base else "-"
     mem = r["peak_mib"]; xm = f"{mem / base['peak_mib']:.2f}" if base and mem and base.get("peak_mib") else "-"
-    print(f"| {name} | {tps:.0f} | {x} | {100 * mfu:.1f}% | {mem:.0f} | {xm} | {r['losses'][0]:.4f} |")
+    mems = f"{mem:.0f}" if mem else "-"
+    print(f"| {name} | {tps:.0f} | {x} | {100 * mfu:.1f}% | {mems} | {xm} | {r['losses'][0]:.4f} |")
 for name, r in rows:
     if r and r.get("profile"):
         p = r["profile"]
@@ -204,9 +231,7 @@ def print_kernel_table(name, lines):
     for i, r in enumerate(rows[:25]):
         print(f"| {i + 1} | {r['kind']} | `{r['name']}` | {int(r['calls']) / steps_run:.1f} | {ms(r['total_ns']):.2f} | "
               f"{int(r['mean_ns']) / 1e3:.1f} | {100 * float(r['share']):.1f}% | {r['grid']} | {r['block']} |")
-for name in ["peft-bf16-kprof", "ours-bf16-kprof"]:
-    if name not in os.environ["RUNS"].split():
-        continue
+for name in [n for n in os.environ["RUNS"].split() if n.endswith("-kprof")]:
     path = os.path.join(out, name + ".kernels.tsv")
     try:
         lines = open(path).read().splitlines()
