@@ -4,7 +4,8 @@
 //!
 //! Math: y[e][c][o] = Σᵢ x[e][c][i]·W[e][o][i]; dL/dx[e] = dL/dy[e]·W[e]; no dL/dW (frozen).
 //!
-//! - CPU forward (the reference): candle's batched f32 matmul, x·Wᵀ.
+//! - CPU forward (the reference): candle's batched matmul, x·Wᵀ, on f32 or bf16 (candle's CPU
+//!   matmul widens bf16 to f32, multiplies and rounds once: the CUDA path's convention).
 //! - CUDA forward (`cuda` feature): one strided-batched cuBLAS GEMM through candle's
 //!   `BackendStorage::matmul`, W read through a transposed layout (`[E, in, out]`, strides
 //!   `[out·in, 1, in]`) without a copy; f32 or bf16 (f32 accumulation), x and W of one dtype.
@@ -13,7 +14,7 @@
 //! One launch instead of one GEMM (and a dozen autograd nodes) per expert; the price is the
 //! padding of every group to the largest one.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 
 /// The op; holds the stacked weights `[E, out, in]` (in the input's dtype).
 pub struct FrozenBatchedLinear {
@@ -35,6 +36,31 @@ pub fn frozen_batched_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tens
         .apply_op1(FrozenBatchedLinear { w: w.contiguous()? })
 }
 
+impl FrozenBatchedLinear {
+    /// The CPU forward on the input's values `data` (of the weights' dtype).
+    fn cpu<T: WithDType>(
+        &self,
+        data: &[T],
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-batched-linear: input not contiguous".into())
+        })?;
+        if self.w.dtype() != T::DTYPE {
+            candle_core::bail!(
+                "frozen-batched-linear: input {:?} and weights {:?}: both must be f32 or both bf16",
+                T::DTYPE,
+                self.w.dtype()
+            );
+        }
+        let x = Tensor::from_vec(data[start..end].to_vec(), layout.shape(), self.w.device())?;
+        let y = x.matmul(&self.w.transpose(1, 2)?)?;
+        let shape = y.shape().clone();
+        let values = y.flatten_all()?.to_vec1::<T>()?;
+        Ok((T::to_cpu_storage_owned(values), shape))
+    }
+}
+
 impl CustomOp1 for FrozenBatchedLinear {
     fn name(&self) -> &'static str {
         "frozen-batched-linear"
@@ -45,15 +71,14 @@ impl CustomOp1 for FrozenBatchedLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("frozen-batched-linear: input not contiguous".into())
-        })?;
-        let data = storage.as_slice::<f32>()?[start..end].to_vec();
-        let x = Tensor::from_vec(data, layout.shape(), self.w.device())?;
-        let y = x.matmul(&self.w.transpose(1, 2)?)?;
-        let shape = y.shape().clone();
-        let values = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(values), shape))
+        match storage {
+            CpuStorage::F32(v) => self.cpu(v, layout),
+            CpuStorage::BF16(v) => self.cpu(v, layout),
+            other => candle_core::bail!(
+                "frozen-batched-linear: input is {:?}, expected f32 or bf16",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -144,6 +169,52 @@ mod tests {
             assert!(dd.to_scalar::<f32>().unwrap() < 1e-6);
         }
         assert_eq!(y.dtype(), DType::F32);
+    }
+
+    /// bf16 on the CPU: forward and dX equal the f32 computation on the same (bf16-exact)
+    /// values rounded once to bf16 — candle's CPU matmul widens bf16 to f32 and multiplies with
+    /// the same f32 GEMM, so the results are bit-identical, not merely within an ulp.
+    #[test]
+    fn bf16_equals_the_f32_computation_rounded_once() {
+        let dev = Device::Cpu;
+        let (e, c, inp, out) = (3, 5, 7, 4);
+        let bf = |v: Vec<f32>, shape: (usize, usize, usize)| {
+            Tensor::from_vec(v, shape, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let x = bf(values(e * c * inp, 4), (e, c, inp));
+        let w = bf(values(e * out * inp, 5), (e, out, inp));
+        let g = bf(values(e * c * out, 6), (e, c, out));
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = frozen_batched_linear(&xv, &w).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let dx = (&y * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&xv)
+            .unwrap()
+            .clone();
+        let (x32, w32, g32) = (f32_of(&x), f32_of(&w), f32_of(&g));
+        let want_y = frozen_batched_linear(&x32, &w32).unwrap();
+        let want_dx = g32.matmul(&w32).unwrap();
+        let bits = |t: &Tensor| {
+            f32_of(&t.to_dtype(DType::BF16).unwrap())
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(bits(&y), bits(&want_y), "forward");
+        assert_eq!(bits(&dx), bits(&want_dx), "dX");
+        // Mixed dtypes are refused, naming both.
+        let err = frozen_batched_linear(&x32, &w).unwrap_err().to_string();
+        assert!(err.contains("F32") && err.contains("BF16"), "{err}");
     }
 
     #[test]

@@ -738,6 +738,57 @@ mod tests {
         check_against_plain(&x, &w, &Arc::new(vec![0, 70]), &g);
     }
 
+    /// bf16 on the CPU: y, dx and dw equal the f32 computation on the same (bf16-exact) values
+    /// rounded once to bf16, bit for bit — the op widens its operands to f32, runs the same f32
+    /// GEMMs (same summation order) and rounds each output once, as the CUDA path accumulates
+    /// in f32 and rounds once (cuBLAS may sum in another order there: within an ulp).
+    #[test]
+    fn bf16_equals_the_f32_computation_rounded_once() {
+        let (x, w, offsets, g) = sample();
+        let bf = |t: &Tensor| t.to_dtype(candle_core::DType::BF16).unwrap();
+        let f32_of = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let run = |x: &Tensor, w: &Tensor, g: &Tensor| {
+            let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+            let y = grouped_linear(xv.as_tensor(), wv.as_tensor(), &offsets, true).unwrap();
+            let grads = (&y * g).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y,
+                grads.get(xv.as_tensor()).unwrap().clone(),
+                grads.get(wv.as_tensor()).unwrap().clone(),
+            ]
+        };
+        let (xb, wb, gb) = (bf(&x), bf(&w), bf(&g));
+        let got = run(&xb, &wb, &gb);
+        let want = run(&f32_of(&xb), &f32_of(&wb), &f32_of(&gb));
+        for (what, got, want) in [
+            ("y", &got[0], &want[0]),
+            ("dx", &got[1], &want[1]),
+            ("dw", &got[2], &want[2]),
+        ] {
+            assert_eq!(got.dtype(), candle_core::DType::BF16, "{what}");
+            let bits = |t: &Tensor| {
+                f32_of(&bf(t))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(bits(got), bits(want), "{what}");
+        }
+        // And the frozen variant's y and dx.
+        let xv = Var::from_tensor(&xb).unwrap();
+        let weight: WeightFn = Arc::new(move || Ok(wb.clone()));
+        let y = grouped_linear_frozen(xv.as_tensor(), weight, (4, 5, 6), &offsets).unwrap();
+        let dx = (&y * &gb).unwrap().sum_all().unwrap().backward().unwrap();
+        let bits = |t: &Tensor| f32_of(t).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits(&y), bits(&got[0]), "frozen y");
+        assert_eq!(
+            bits(dx.get(xv.as_tensor()).unwrap()),
+            bits(&got[1]),
+            "frozen dx"
+        );
+    }
+
     #[test]
     fn frozen_weights_get_no_gradient() {
         let (x, w, offsets, g) = sample();

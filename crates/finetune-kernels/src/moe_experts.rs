@@ -848,7 +848,6 @@ mod tests {
     /// Output and gradients (x, routing weights, the six stacks) of [`moe_experts`] for the
     /// case's values on `device` in `dtype` (x, weights and stacks; adapters f32), as f32 CPU
     /// tensors.
-    #[cfg(feature = "cuda")]
     fn ours_on(c: &Case, device: &Device, dtype: DType) -> Vec<Tensor> {
         let on = |t: &Tensor, dt: DType| t.to_dtype(dt).unwrap().to_device(device).unwrap();
         let x = Var::from_tensor(&on(c.x.as_tensor(), dtype)).unwrap();
@@ -920,6 +919,29 @@ mod tests {
                 assert!(*d < tol, "{dtype:?} {n}: {d}");
             }
         }
+    }
+
+    /// bf16 on the CPU (the per-kernel CPU references in bf16: gather/sum, grouped products,
+    /// SwiGLU): output and every gradient within the CUDA bf16 test's tolerance of the f32
+    /// node, and not equal to it (bf16 really computed). Not exact: the node rounds g, u, h, o
+    /// and its backward's intermediates to bf16 where the f32 node keeps f32.
+    #[test]
+    fn bf16_on_the_cpu_is_within_bf16_precision_of_f32() {
+        let c = case();
+        let want = ours_on(&c, &Device::Cpu, DType::F32);
+        let got = ours_on(&c, &Device::Cpu, DType::BF16);
+        let names = [
+            "y", "dx", "dw", "dA_g", "dB_g", "dA_u", "dB_u", "dA_d", "dB_d",
+        ];
+        let d: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_diff(g, w)).collect();
+        eprintln!(
+            "moe-experts cpu bf16 vs f32: {:?}",
+            names.iter().zip(&d).collect::<Vec<_>>()
+        );
+        for (n, d) in names.iter().zip(&d) {
+            assert!(*d < 3e-2, "{n}: {d}");
+        }
+        assert!(d[0] > 0.0 && d[1] > 0.0, "bf16 equals f32: {d:?}");
     }
 
     /// Output, dx, d(routing weights) and the six adapter gradients equal candle autograd's over

@@ -13,14 +13,15 @@
 //! hidden size, 32k serial iterations at seq 4096 × top-8), and index_select's backward is that
 //! index_add. Here every output element is one thread (sum_rows loops over ≤ top-k slots).
 //!
-//! - CPU (the reference): plain loops, sums in f32 in slot order (the order index_add adds in);
-//!   f32 or bf16 (read as f32, rounded once).
+//! - CPU (the reference): plain loops over f32, bf16 or f16 storage. gather_rows copies rows
+//!   (exact in every dtype); sum_rows adds in slot order (the order index_add adds in), in f32:
+//!   in place for f32, and for bf16/f16 into an f32 row per token that is rounded once, the
+//!   CUDA kernels' convention, so the CPU and GPU give the same bits.
 //! - CUDA (`cuda` feature, kernels/moe_permute.cu): f32 and bf16 (bf16 sums accumulate in f32
 //!   and round once).
 
-use crate::common::{cpu_f32, cpu_out};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, WithDType};
 use std::sync::Arc;
 
 /// The slots of one MoE block's padded expert groups and their inverse.
@@ -106,23 +107,113 @@ struct GatherRows(Arc<Permutation>);
 /// [`sum_rows`]' op (also run on a storage directly by [`crate::moe_experts`]' forward).
 pub(crate) struct SumRows(pub(crate) Arc<Permutation>);
 
+/// The contiguous values of `s` under `l` as `T`.
+fn input<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+fn unsupported<R>(op: &str, s: &CpuStorage) -> candle_core::Result<R> {
+    candle_core::bail!("{op}: input is {:?}, expected f32, bf16 or f16", s.dtype())
+}
+
+/// A 16-bit float that sums in f32 and rounds once (the CUDA kernels' convention).
+trait Half: WithDType {
+    fn widen(self) -> f32;
+    fn round(v: f32) -> Self;
+}
+
+impl Half for half::bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn round(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+impl Half for half::f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn round(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+impl Permutation {
+    /// `[N, h]`: the row of each slot's token, zeros for pad slots (a copy: exact in any dtype).
+    fn gather_cpu<T: WithDType>(&self, x: &[T], h: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); self.slots() * h];
+        for (slot, &row) in self.rows_host.iter().enumerate() {
+            if (row as usize) < self.tokens {
+                let r = row as usize;
+                out[slot * h..(slot + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+            }
+        }
+        out
+    }
+
+    /// The slots of token `t` that hold a row, in slot order.
+    fn slots_of(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
+        let n = self.slots();
+        self.inv_host[t * self.k..(t + 1) * self.k]
+            .iter()
+            .map(|&s| s as usize)
+            .filter(move |&s| s < n)
+    }
+
+    /// `[T, h]` f32: each token's slots summed in slot order, in place in the output.
+    fn sum_cpu_f32(&self, src: &[f32], h: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.tokens * h];
+        for t in 0..self.tokens {
+            let acc = &mut out[t * h..(t + 1) * h];
+            for slot in self.slots_of(t) {
+                let row = &src[slot * h..(slot + 1) * h];
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+        }
+        out
+    }
+
+    /// `[T, h]` of a 16-bit float: the same sums in f32 (from 0, in slot order), rounded once.
+    fn sum_cpu_half<T: Half>(&self, src: &[T], h: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.tokens * h);
+        let mut acc = vec![0f32; h];
+        for t in 0..self.tokens {
+            acc.fill(0.0);
+            for slot in self.slots_of(t) {
+                let row = &src[slot * h..(slot + 1) * h];
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v.widen());
+            }
+            out.extend(acc.iter().map(|&a| T::round(a)));
+        }
+        out
+    }
+}
+
 impl CustomOp1 for GatherRows {
     fn name(&self) -> &'static str {
         "moe-gather-rows"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l, self.name(), "x")?;
-        let h = l.dims()[1];
-        let p = &self.0;
-        let mut out = vec![0f32; p.slots() * h];
-        for (slot, &row) in p.rows_host.iter().enumerate() {
-            if (row as usize) < p.tokens {
-                let r = row as usize;
-                out[slot * h..(slot + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+        let (h, p, op) = (l.dims()[1], &self.0, self.name());
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(p.gather_cpu(input::<f32>(s, l, op)?, h)),
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(p.gather_cpu(input::<half::bf16>(s, l, op)?, h))
             }
-        }
-        Ok((cpu_out(out, s.dtype()), Shape::from((p.slots(), h))))
+            CpuStorage::F16(_) => CpuStorage::F16(p.gather_cpu(input::<half::f16>(s, l, op)?, h)),
+            other => return unsupported(op, other),
+        };
+        Ok((out, Shape::from((p.slots(), h))))
     }
 
     #[cfg(feature = "cuda")]
@@ -149,21 +240,16 @@ impl CustomOp1 for SumRows {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = cpu_f32(s, l, self.name(), "input")?;
-        let h = l.dims()[1];
-        let p = &self.0;
-        let n = p.slots();
-        let mut out = vec![0f32; p.tokens * h];
-        for t in 0..p.tokens {
-            let acc = &mut out[t * h..(t + 1) * h];
-            for &slot in &p.inv_host[t * p.k..(t + 1) * p.k] {
-                if (slot as usize) < n {
-                    let row = &src[slot as usize * h..(slot as usize + 1) * h];
-                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-                }
+        let (h, p, op) = (l.dims()[1], &self.0, self.name());
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(p.sum_cpu_f32(input::<f32>(s, l, op)?, h)),
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(p.sum_cpu_half(input::<half::bf16>(s, l, op)?, h))
             }
-        }
-        Ok((cpu_out(out, s.dtype()), Shape::from((p.tokens, h))))
+            CpuStorage::F16(_) => CpuStorage::F16(p.sum_cpu_half(input::<half::f16>(s, l, op)?, h)),
+            other => return unsupported(op, other),
+        };
+        Ok((out, Shape::from((p.tokens, h))))
     }
 
     #[cfg(feature = "cuda")]
@@ -404,6 +490,111 @@ mod tests {
             f32_of(&summed).to_vec2::<f32>().unwrap(),
             f32_of(&want).to_vec2::<f32>().unwrap()
         );
+    }
+
+    /// bf16 and f16 on the CPU (the CUDA kernels' convention): gather_rows copies, so it
+    /// equals the f32 gather of the upcast values exactly; sum_rows adds the upcast values in
+    /// f32 in slot order, as the f32 path does, and rounds once, so it equals the f32 sum
+    /// rounded once, bit for bit (same values, same order: no ulp of slack needed). The
+    /// backward of each is the other op in the same dtype.
+    #[test]
+    fn half_precision_equals_the_f32_computation_rounded_once() {
+        let dev = Device::Cpu;
+        let (t, h, e, cap) = (37, 24, 6, 15);
+        let rows: Vec<u32> = (0..e * cap)
+            .map(|i| ((i * 37 + i / 7) % (t + 1)) as u32)
+            .collect();
+        let p = Arc::new(Permutation::new(rows, t, &dev).unwrap());
+        for dtype in [DType::BF16, DType::F16] {
+            // Inputs representable in the dtype, so f32 and the dtype see the same values.
+            let x = Tensor::from_vec(values(t * h, 5), (t, h), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let s = Tensor::from_vec(values(e * cap * h, 6), (e * cap, h), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let f32_of = |v: &Tensor| v.to_dtype(DType::F32).unwrap();
+            let gathered = gather_rows(&x, &p).unwrap();
+            assert_eq!(gathered.dtype(), dtype);
+            assert_eq!(
+                f32_of(&gathered).to_vec2::<f32>().unwrap(),
+                gather_rows(&f32_of(&x), &p)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+                "{dtype:?} gather_rows"
+            );
+            let summed = sum_rows(&s, &p).unwrap();
+            assert_eq!(summed.dtype(), dtype);
+            let want = sum_rows(&f32_of(&s), &p).unwrap().to_dtype(dtype).unwrap();
+            assert_eq!(
+                f32_of(&summed).to_vec2::<f32>().unwrap(),
+                f32_of(&want).to_vec2::<f32>().unwrap(),
+                "{dtype:?} sum_rows"
+            );
+            // Gradients: d⟨gather(x), g⟩/dx = sum(g), d⟨sum(s), y⟩/ds = gather(y), in dtype.
+            let xv = Var::from_tensor(&x).unwrap();
+            let grads = (gather_rows(&xv, &p).unwrap() * &s)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = grads.get(&xv).unwrap();
+            assert_eq!(dx.dtype(), dtype);
+            assert_eq!(
+                f32_of(dx).to_vec2::<f32>().unwrap(),
+                f32_of(&summed).to_vec2::<f32>().unwrap(),
+                "{dtype:?} gather_rows' backward"
+            );
+            let sv = Var::from_tensor(&s).unwrap();
+            let grads = (sum_rows(&sv, &p).unwrap() * &x)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert_eq!(
+                f32_of(grads.get(&sv).unwrap()).to_vec2::<f32>().unwrap(),
+                f32_of(&gathered).to_vec2::<f32>().unwrap(),
+                "{dtype:?} sum_rows' backward"
+            );
+        }
+    }
+
+    /// One token over three slots holding 1, 2⁻⁸, 2⁻⁸: rounding to bf16 after each addition
+    /// would give 1 (1 + 2⁻⁸ is a tie that rounds to even, twice); the f32 sum 1 + 2⁻⁷ is a bf16
+    /// value, so summing in f32 and rounding once gives it.
+    #[test]
+    fn bf16_sums_accumulate_in_f32() {
+        let dev = Device::Cpu;
+        let p = Arc::new(Permutation::new(vec![0, 0, 0], 1, &dev).unwrap());
+        let tiny = 2f32.powi(-8);
+        let s = Tensor::new(&[[1f32], [tiny], [tiny]], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let got = sum_rows(&s, &p)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(got, vec![vec![1.0 + 2f32.powi(-7)]]);
+    }
+
+    #[test]
+    fn other_dtypes_are_refused_naming_theirs() {
+        let dev = Device::Cpu;
+        let p = permutation(&dev);
+        let x = Tensor::zeros((5, 2), DType::F64, &dev).unwrap();
+        let err = gather_rows(&x, &p).unwrap_err().to_string();
+        assert!(err.contains("F64") && err.contains("bf16"), "{err}");
+        let s = Tensor::zeros((9, 2), DType::U32, &dev).unwrap();
+        let err = sum_rows(&s, &p).unwrap_err().to_string();
+        assert!(err.contains("U32") && err.contains("moe-sum-rows"), "{err}");
     }
 
     #[test]

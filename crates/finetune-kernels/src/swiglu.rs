@@ -274,6 +274,38 @@ mod tests {
         }
     }
 
+    /// bf16 on the CPU: y, dg and du equal the f32 formulas on the same (bf16-exact) values
+    /// rounded once to bf16, bit for bit (element-wise in f32, one rounding per output: the
+    /// CUDA kernels' convention).
+    #[test]
+    fn bf16_equals_the_f32_computation_rounded_once() {
+        use candle_core::DType;
+        let (g, u, dy) = sample();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (gb, ub, dyb) = (bf(&g), bf(&u), bf(&dy));
+        let bits = |t: &Tensor| {
+            f32_of(&bf(t))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let y = swiglu(&gb, &ub).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        assert_eq!(
+            bits(&y),
+            bits(&swiglu(&f32_of(&gb), &f32_of(&ub)).unwrap()),
+            "y"
+        );
+        let (dg, du) = swiglu_backward(&gb, &ub, &dyb).unwrap();
+        let (want_dg, want_du) =
+            swiglu_backward(&f32_of(&gb), &f32_of(&ub), &f32_of(&dyb)).unwrap();
+        assert_eq!(dg.dtype(), DType::BF16);
+        assert_eq!(bits(&dg), bits(&want_dg), "dg");
+        assert_eq!(bits(&du), bits(&want_du), "du");
+    }
+
     #[test]
     fn shapes_that_differ_are_refused() {
         let err = swiglu(&tensor(&[2, 3], 1), &tensor(&[3, 2], 2))
