@@ -12,7 +12,9 @@
 //! dx only) and for the stacked LoRA A and B of the experts (dx and dw).
 //!
 //! - CPU (the reference): one GEMM of the `gemm` crate per non-empty expert, in place on its
-//!   rows (tested against candle's matmul expert by expert).
+//!   rows (tested against candle's matmul expert by expert); f32 or bf16 operands, bf16 widened
+//!   to f32 and each output rounded once (the CUDA path's convention; tested bit-equal to the
+//!   f32 computation rounded once).
 //! - CUDA: one cuBLAS GEMM per non-empty expert on views of one output buffer (f32 or bf16 with
 //!   f32 accumulation); no custom kernel. Opt-in (`FINETUNE_GROUPED_GEMM_CUBLAS=1` or
 //!   [`set_cublas_grouped`]): the same GEMMs in one `cublasGemmGroupedBatchedEx` call (cuBLAS ≥

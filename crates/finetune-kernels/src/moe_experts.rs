@@ -50,7 +50,9 @@
 //! gradient each, as they do on the autograd path, without copying them into one packed input.
 //!
 //! Device-generic: every step is a tensor op or one of the kernels (CPU reference or CUDA); the
-//! node's own forward runs `sum_rows` on the storage of the weighted rows.
+//! node's own forward runs `sum_rows` on the storage of the weighted rows. In bf16 it runs on
+//! the CPU as on the GPU (every kernel's CPU reference takes bf16, f32 arithmetic, one
+//! rounding per output), so CPU bf16 runs need not fall back to the per-expert path.
 
 use crate::grouped_linear::{grouped_product, Kind};
 use crate::moe_permute::{gather_rows, sum_rows, Permutation, SumRows};

@@ -7,7 +7,8 @@
 //! `[2, …]` tensor, so candle adds no zero-filled gradient per edge), computed in f32 for f32 and
 //! bf16 storage.
 //!
-//! - CPU (the reference, rayon over chunks): [`Swiglu::cpu_fwd`], [`SwigluBwd::cpu_fwd`].
+//! - CPU (the reference, rayon over chunks): [`Swiglu::cpu_fwd`], [`SwigluBwd::cpu_fwd`]; bf16
+//!   widened to f32 and each output rounded once, as on CUDA.
 //! - CUDA (`cuda` feature, kernels/swiglu.cu): element-wise, grid-stride.
 //! - Backward: [`SwigluBwd`], (g, u, dy) → `[2, …shape]` = (dg, du), on both devices.
 
