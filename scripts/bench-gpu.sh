@@ -20,7 +20,9 @@
 #      FINETUNE_LORA_LINEAR_GPU=1), with the experts' GEMMs as one grouped cuBLAS call
 #      (ours-bf16-cublas-grouped, FINETUNE_GROUPED_GEMM_CUBLAS=1), with the grouped MoE path's
 #      hand-written backward (ours-bf16-manual-moe and ours-fp8-manual-moe, --moe grouped-manual:
-#      compare with ours-bf16 and ours-fp8) and the FP8 base through the FP8 tensor-core GEMM
+#      compare with ours-bf16 and ours-fp8), with the attention half's hand-written backward
+#      (ours-bf16-manual-attention, --attention-block manual; ours-bf16-manual-both with
+#      --moe grouped-manual too: compare with ours-bf16-manual-moe), the FP8 base through the FP8 tensor-core GEMM
 #      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns).
 #      RUNS="ours-bf16 ours-fp8 …" picks a subset.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
@@ -84,6 +86,8 @@ for run in $RUNS; do
     ours-bf16-cublas-grouped) FINETUNE_GROUPED_GEMM_CUBLAS=1 run_ours "$run" "$WORK/base/bf16" --bf16 ;;
     ours-bf16-manual-moe) run_ours "$run" "$WORK/base/bf16" --bf16 --moe grouped-manual ;;
     ours-fp8-manual-moe) run_ours "$run" "$WORK/base/fp8" --bf16 --moe grouped-manual ;;
+    ours-bf16-manual-attention) run_ours "$run" "$WORK/base/bf16" --bf16 --attention-block manual ;;
+    ours-bf16-manual-both) run_ours "$run" "$WORK/base/bf16" --bf16 --moe grouped-manual --attention-block manual ;;
     ours-fp8-gemm) FINETUNE_FP8_GEMM=1 run_ours "$run" "$WORK/base/fp8" --bf16 ;;
     *) log "unknown run $run"; exit 2 ;;
   esac
@@ -111,7 +115,8 @@ def load(name):
 rows = [(n, load(n)) for n in ["peft-bf16", "ours-bf16", "ours-bf16-plain-attention", "ours-bf16-padded-moe", "ours-fp8", "ours-bf16-tf32",
                                 "ours-bf16-per-expert", "ours-bf16-recompute", "ours-bf16-tc-attention",
                                 "ours-bf16-fused-lora", "ours-bf16-cublas-grouped", "ours-bf16-manual-moe",
-                                "ours-fp8-manual-moe", "ours-fp8-gemm"]]
+                                "ours-fp8-manual-moe", "ours-bf16-manual-attention", "ours-bf16-manual-both",
+                                "ours-fp8-gemm"]]
 rows = [(n, r) for n, r in rows if n == "peft-bf16" or n in os.environ["RUNS"].split()]
 base = rows[0][1]
 print(f"GPU: {gpu}; model: Qwen3-Coder-30B-A3B shapes, {layers} layers, seq {seq}, r = 16 on attention + experts\n")

@@ -26,13 +26,13 @@ for t in dist/cuda-tests/cuda_parity-*; do
   timeout 120 bash scripts/device-run.sh exec "$t" --nocapture --test-threads 1 > "$OUT/model-cuda-parity.log" 2>&1
   echo "cuda_parity rc $?" >> "$OUT/rc.txt"
   # Again with the opt-in GPU paths on (tensor-core attention, fused LoRA linear, the grouped
-  # cuBLAS call, and every model loaded with the grouped MoE path's hand-written backward as its
-  # default).
-  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1 FINETUNE_MOE_PATH=grouped-manual timeout 120 bash scripts/device-run.sh exec "$t" \
+  # cuBLAS call, and every model loaded with the grouped MoE path's and the attention half's
+  # hand-written backwards as its defaults).
+  FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1 FINETUNE_MOE_PATH=grouped-manual FINETUNE_ATTENTION_BLOCK=manual timeout 120 bash scripts/device-run.sh exec "$t" \
     --nocapture --test-threads 1 > "$OUT/model-cuda-parity-opt-in.log" 2>&1
   echo "cuda_parity opt-in rc $?" >> "$OUT/rc.txt"
 done
-grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda|moe-experts cuda|fp8-linear cuda|fp8-grouped-linear cuda" "$OUT"/*.log | head -80
+grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda|moe-experts cuda|attention-block cuda|fp8-linear cuda|fp8-grouped-linear cuda" "$OUT"/*.log | head -80
 fi
 # Every device and NCCL self-check, including the parallel step over NCCL with the gradient
 # all-reduce on a second stream overlapping the backward (world = the GPUs lent).

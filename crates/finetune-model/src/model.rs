@@ -193,6 +193,9 @@ pub struct SequenceContext {
     device: Device,
     cos: Tensor,
     sin: Tensor,
+    /// cos and sin widened to f32 (the RoPE op's dtype), made on first use and shared by every
+    /// layer (else each RoPE call of each layer makes and keeps its own copies in bf16).
+    tables_f32: std::sync::OnceLock<(Tensor, Tensor)>,
     /// The number of this sequence in its run, the key of its tokens' LoRA dropout masks
     /// ([`crate::dropout`]; 0 unless [`Self::set_dropout_sequence`] says otherwise).
     dropout_sequence: u64,
@@ -226,6 +229,17 @@ impl SequenceContext {
         }
         let docs = finetune_kernels::attention::Documents::new(&self.doc_start, &self.device)?;
         Ok(self.documents.get_or_init(|| docs))
+    }
+
+    /// The RoPE tables in f32 (the compute dtype's values, widened once per sequence).
+    fn rope_tables(&self) -> candle_core::Result<(&Tensor, &Tensor)> {
+        if self.tables_f32.get().is_none() {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+            let tables = (f32(&self.cos)?, f32(&self.sin)?);
+            let _ = self.tables_f32.set(tables);
+        }
+        let (cos, sin) = self.tables_f32.get().expect("set above");
+        Ok((cos, sin))
     }
 
     /// The additive mask: 0 where token i may attend to key j (a cached key, or one of its own
@@ -1123,6 +1137,7 @@ impl Qwen3Moe {
             device: self.device.clone(),
             cos,
             sin,
+            tables_f32: std::sync::OnceLock::new(),
             dropout_sequence: 0,
         })
     }
@@ -1184,7 +1199,8 @@ impl Qwen3Moe {
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let t = ctx.t;
         // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
-        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
+        let (cos, sin) = ctx.rope_tables()?;
+        let rope = |x: &Tensor| finetune_kernels::rope(x, cos, sin);
         let layer = &self.layers[index];
         let rows = ctx.dropout_rows();
         let a = &layer.attn;
@@ -1621,9 +1637,10 @@ impl Qwen3Moe {
             o: l.get(&a.o.name),
             scale: l.scale,
         });
+        let (cos, sin) = ctx.rope_tables()?;
         let positions = Positions {
-            cos: &ctx.cos,
-            sin: &ctx.sin,
+            cos,
+            sin,
             docs: ctx.documents()?,
         };
         attention_block(x, &weights, adapters.as_ref(), &positions)
