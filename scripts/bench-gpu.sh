@@ -20,7 +20,9 @@
 #      FINETUNE_LORA_LINEAR_GPU=1), with the experts' GEMMs as one grouped cuBLAS call
 #      (ours-bf16-cublas-grouped, FINETUNE_GROUPED_GEMM_CUBLAS=1), with the grouped MoE path's
 #      hand-written backward (ours-bf16-manual-moe and ours-fp8-manual-moe, --moe grouped-manual:
-#      compare with ours-bf16 and ours-fp8) and the FP8 base through the FP8 tensor-core GEMM
+#      compare with ours-bf16 and ours-fp8), with the attention half's hand-written backward
+#      (ours-bf16-manual-attention, --attention-block manual; ours-bf16-manual-both with
+#      --moe grouped-manual too: compare with ours-bf16-manual-moe), the FP8 base through the FP8 tensor-core GEMM
 #      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns), the
 #      router's top-k kernel (ours-bf16-route-device, FINETUNE_ROUTE_ON_DEVICE=1), and every
 #      opt-in at once (ours-bf16-opt-ins, ours-fp8-opt-ins with the FP8 GEMM too,
@@ -78,7 +80,7 @@ run_ours() {  # NAME MODEL FLAGS...   (environment assignments from the array EN
 # on would give; the single runs say which one does what.
 OPT_IN_ENV=(FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1
   FINETUNE_ROUTE_ON_DEVICE=1)
-OPT_IN_FLAGS=(--moe grouped-manual)
+OPT_IN_FLAGS=(--moe grouped-manual --attention-block manual)
 
 # run_spec RUN: sets MODEL, ENVS (array) and FLAGS (array) of one of our runs (without -kprof).
 run_spec() {
@@ -97,6 +99,8 @@ run_spec() {
     ours-bf16-route-device) ENVS=(FINETUNE_ROUTE_ON_DEVICE=1) ;;
     ours-bf16-manual-moe) FLAGS+=(--moe grouped-manual) ;;
     ours-fp8-manual-moe) MODEL=$WORK/base/fp8; FLAGS+=(--moe grouped-manual) ;;
+    ours-bf16-manual-attention) FLAGS+=(--attention-block manual) ;;
+    ours-bf16-manual-both) FLAGS+=(--moe grouped-manual --attention-block manual) ;;
     ours-fp8-gemm) MODEL=$WORK/base/fp8; ENVS=(FINETUNE_FP8_GEMM=1) ;;
     ours-bf16-opt-ins) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=("${OPT_IN_FLAGS[@]}") ;;
     ours-bf16-opt-ins-recompute) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=("${OPT_IN_FLAGS[@]}" --recompute) ;;
@@ -129,7 +133,7 @@ kprof() {
 }
 # RUNS picks our runs (default: all, in this order).
 # A name ending in -kprof is that run under the kernel profiler (1 warm-up + KPROF_STEPS).
-export RUNS=${RUNS:-ours-bf16 ours-bf16-opt-ins peft-bf16-kprof ours-bf16-kprof ours-bf16-opt-ins-kprof ours-fp8 ours-fp8-opt-ins ours-bf16-opt-ins-recompute ours-bf16-plain-attention ours-bf16-padded-moe ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-route-device ours-bf16-manual-moe ours-fp8-manual-moe ours-fp8-gemm}
+export RUNS=${RUNS:-ours-bf16 ours-bf16-opt-ins peft-bf16-kprof ours-bf16-kprof ours-bf16-opt-ins-kprof ours-fp8 ours-fp8-opt-ins ours-bf16-opt-ins-recompute ours-bf16-plain-attention ours-bf16-padded-moe ours-bf16-tf32 ours-bf16-per-expert ours-bf16-recompute ours-bf16-tc-attention ours-bf16-fused-lora ours-bf16-cublas-grouped ours-bf16-route-device ours-bf16-manual-moe ours-fp8-manual-moe ours-bf16-manual-attention ours-bf16-manual-both ours-fp8-gemm}
 for run in $RUNS; do  # refuse a misspelt run before spending GPU time
   [ "$run" = peft-bf16-kprof ] || run_spec "${run%-kprof}" || { log "unknown run $run (see run_spec)"; exit 2; }
 done

@@ -30,10 +30,11 @@ bash scripts/device-run.sh unpack dist/pack/finetune.tar.xz
 nvidia-smi > "$OUT/smi.txt"
 PART=${PART:-all}
 FT=dist/cuda/finetune
-# The opt-in GPU paths at once (as bench-gpu.sh's OPT_IN_ENV; FINETUNE_MOE_PATH makes every
-# model the tests load use the grouped MoE path's hand-written backward).
+# The opt-in GPU paths at once (as bench-gpu.sh's OPT_IN_ENV and OPT_IN_FLAGS: FINETUNE_MOE_PATH
+# and FINETUNE_ATTENTION_BLOCK make every model the tests load use the grouped MoE path's and
+# the attention half's hand-written backward).
 OPT_IN_ENV=(FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1
-  FINETUNE_ROUTE_ON_DEVICE=1 FINETUNE_MOE_PATH=grouped-manual)
+  FINETUNE_ROUTE_ON_DEVICE=1 FINETUNE_MOE_PATH=grouped-manual FINETUNE_ATTENTION_BLOCK=manual)
 
 # Time left in a session (a large number outside one); fits N: whether a step limited to N
 # seconds still fits (else it is skipped and the skip logged in rc.txt).
@@ -60,7 +61,7 @@ run_tests() {
       --nocapture --test-threads 1 > "$OUT/model-cuda-parity-opt-in.log" 2>&1
     echo "cuda_parity opt-in rc $?" >> "$OUT/rc.txt"
   done
-  grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda|moe-experts cuda|fp8-linear cuda|fp8-grouped-linear cuda|moe-top-k cuda" "$OUT"/*.log | head -80
+  grep -E "test result|FAILED|panicked|attention cuda|grouped-linear cuda|grouped cuBLAS call|lora-linear cuda|moe-experts cuda|attention-block cuda|fp8-linear cuda|fp8-grouped-linear cuda|moe-top-k cuda" "$OUT"/*.log | head -80
 }
 
 # Every device and NCCL self-check, including the parallel step over NCCL with the gradient

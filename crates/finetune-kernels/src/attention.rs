@@ -74,8 +74,9 @@ pub fn causal_attention_docs(
     past: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let tc = tensor_cores() && tensor_cores_cover(q.dims3()?.2, q.dtype()) && q.device().is_cuda();
-    causal_attention_blocked(q, k, v, docs, past, scale, BLOCK, tc)
+    let op = docs_op(q, k, v, docs, past, scale)?;
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// The documents of one packed sequence: each token's document start, and on a GPU the starts
@@ -146,6 +147,7 @@ pub fn tensor_cores_cover(d: usize, dtype: candle_core::DType) -> bool {
 
 /// [`causal_attention`] with `block` rows per CPU task (tests use small blocks so that a few
 /// tokens span several) and the choice of CUDA kernels (`tensor_cores`: the WMMA variants).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn causal_attention_blocked(
     q: &Tensor,
@@ -157,37 +159,7 @@ fn causal_attention_blocked(
     block: usize,
     tensor_cores: bool,
 ) -> candle_core::Result<Tensor> {
-    let (t, h, d) = q.dims3()?;
-    let (g, s, dk) = k.dims3()?;
-    if v.dims() != k.dims() || dk != d || s != past + t || g == 0 || h % g != 0 {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?}, past {past}: expected q [T, H, d], k = v [G, past + T, d], G dividing H",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if docs.start.len() != t {
-        candle_core::bail!(
-            "attention: doc_start must hold {t} non-decreasing values with doc_start[i] ≤ i, got {} values",
-            docs.start.len()
-        );
-    }
-    if !q.device().is_cpu() && docs.start_dev.is_none() {
-        // Documents made for the CPU, attention on a GPU: upload them for this call.
-        let on = Documents::new(&docs.start, q.device())?;
-        return causal_attention_blocked(q, k, v, &on, past, scale, block, tensor_cores);
-    }
-    let op = Attention {
-        doc_start: docs.start.clone(),
-        doc_start_dev: docs.start_dev.clone(),
-        doc_end_dev: docs.end_dev.clone(),
-        past,
-        scale: scale as f32,
-        block: block.max(1),
-        tensor_cores,
-        lse: Mutex::new(None),
-    };
+    let op = Attention::new(q, k, v, docs, past, scale, block, tensor_cores)?;
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -236,6 +208,70 @@ pub struct Attention {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tensor_cores: bool,
     lse: Mutex<Option<Lse>>,
+}
+
+impl Attention {
+    /// The op for q, k, v of these shapes (checked) and `docs` (uploaded for this call when
+    /// they were made for the CPU and q is on a GPU).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: &Documents,
+        past: usize,
+        scale: f64,
+        block: usize,
+        tensor_cores: bool,
+    ) -> candle_core::Result<Self> {
+        let (t, h, d) = q.dims3()?;
+        let (g, s, dk) = k.dims3()?;
+        if v.dims() != k.dims() || dk != d || s != past + t || g == 0 || h % g != 0 {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?}, past {past}: expected q [T, H, d], k = v [G, past + T, d], G dividing H",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if docs.start.len() != t {
+            candle_core::bail!(
+                "attention: doc_start must hold {t} non-decreasing values with doc_start[i] ≤ i, got {} values",
+                docs.start.len()
+            );
+        }
+        if !q.device().is_cpu() && docs.start_dev.is_none() {
+            // Documents made for the CPU, attention on a GPU: upload them for this call.
+            let on = Documents::new(&docs.start, q.device())?;
+            return Self::new(q, k, v, &on, past, scale, block, tensor_cores);
+        }
+        Ok(Self {
+            doc_start: docs.start.clone(),
+            doc_start_dev: docs.start_dev.clone(),
+            doc_end_dev: docs.end_dev.clone(),
+            past,
+            scale: scale as f32,
+            block: block.max(1),
+            tensor_cores,
+            lse: Mutex::new(None),
+        })
+    }
+}
+
+/// The op [`causal_attention_docs`] applies, for a caller that runs its forward
+/// (`apply_op3_no_bwd` on contiguous q, k, v; the op keeps the row logsumexps) and later its
+/// backward ([`CustomOp3::bwd`] with the same q, k, v, the output and its gradient) itself:
+/// [`crate::attention_block`].
+pub(crate) fn docs_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    docs: &Documents,
+    past: usize,
+    scale: f64,
+) -> candle_core::Result<Attention> {
+    let tc = tensor_cores() && tensor_cores_cover(q.dims3()?.2, q.dtype()) && q.device().is_cuda();
+    Attention::new(q, k, v, docs, past, scale, BLOCK, tc)
 }
 
 #[derive(Clone, Copy)]

@@ -14,13 +14,16 @@
 //! token permutation and its inverse as two adjoint gathers), [`moe_route`] (each token's
 //! top-k experts, the mask kept on the device), [`moe_experts`] (a MoE layer's
 //! routed experts with their adapters as one node with a hand-written backward, built from the
-//! ops above), [`fp8_linear`] (FP8 weights times FP8-quantized activations on the tensor cores:
+//! ops above), [`attention_block`] (a decoder layer's attention half, norms to residual, with
+//! its adapters as one node with a hand-written backward, likewise), [`fp8_linear`] (FP8 weights times FP8-quantized activations on the tensor cores:
 //! block-scaled cuBLASLt, opt-in), and [`device`]: which compute devices this build can use and
 //! a smoke check that runs a small
 //! computation on each and compares it with a plain Rust reference (`finetune doctor`).
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_block;
+mod carrier;
 mod common;
 pub mod cross_entropy;
 pub mod device;
@@ -45,6 +48,7 @@ pub(crate) mod ptx {
 
 pub use adamw::{adamw_step, AdamWHyper, AdamWTensor};
 pub use attention::{causal_attention, causal_attention_docs};
+pub use attention_block::attention_block;
 pub use cross_entropy::linear_cross_entropy;
 pub use fp8_dequant::fp8_dequant;
 pub use fp8_linear::{fp8_grouped_linear, fp8_linear};

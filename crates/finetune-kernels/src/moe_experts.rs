@@ -44,21 +44,22 @@
 //! Gradients of the six stacked adapters: a candle CustomOp takes at most three inputs and its
 //! backward can only return gradients for those. The node's inputs are x, w and a one-element
 //! *carrier* tensor that depends on the six stacks through two carrier nodes (three stacks each)
-//! and a join; the expert node's backward computes the six gradients and posts them to a
-//! mailbox shared with the carriers, whose backward (candle runs it after the node's: the
-//! carriers are its inputs) hands each stack its gradient. The stacks then get exactly one
-//! gradient each, as they do on the autograd path, without copying them into one packed input.
+//! and a join ([`crate::carrier`]); the expert node's backward computes the six gradients and
+//! posts them to a mailbox shared with the carriers, whose backward (candle runs it after the
+//! node's: the carriers are its inputs) hands each stack its gradient. The stacks then get
+//! exactly one gradient each, as they do on the autograd path, without copying them into one
+//! packed input.
 //!
 //! Device-generic: every step is a tensor op or one of the kernels (CPU reference or CUDA); the
 //! node's own forward runs `sum_rows` on the storage of the weighted rows. In bf16 it runs on
 //! the CPU as on the GPU (every kernel's CPU reference takes bf16, f32 arithmetic, one
 //! rounding per output), so CPU bf16 runs need not fall back to the per-expert path.
 
+use crate::carrier::{carry, Mailbox};
 use crate::grouped_linear::{grouped_product, Kind};
 use crate::moe_permute::{gather_rows, sum_rows, Permutation, SumRows};
 use crate::swiglu::{swiglu_backward, Swiglu};
 use crate::WeightFn;
-use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
 };
@@ -224,7 +225,7 @@ pub fn moe_experts(
         lora: adapters,
         pending: Mutex::new(None),
         saved: Mutex::new(None),
-        mailbox: Arc::new(Mailbox::default()),
+        mailbox: Mailbox::new("moe-experts"),
     };
     let trained = x.track_op()
         || weights.track_op()
@@ -240,7 +241,7 @@ pub fn moe_experts(
     match lora {
         Some(l) => {
             let carrier = carry(
-                [&l.gate.0, &l.gate.1, &l.up.0, &l.up.1, &l.down.0, &l.down.1],
+                &[&l.gate.0, &l.gate.1, &l.up.0, &l.up.1, &l.down.0, &l.down.1],
                 &op.mailbox,
             )?;
             x.apply_op3(weights, &carrier, op)
@@ -545,159 +546,6 @@ impl CustomOp3 for MoeExperts {
         // The carrier must receive a gradient, or candle would not run the carriers' backward.
         Ok((Some(dx), Some(dw), Some(carrier.zeros_like()?)))
     }
-}
-
-/// Gradients posted by the expert node's backward for the carriers to hand out, by slot.
-#[derive(Default)]
-struct Mailbox(Mutex<Vec<Option<Tensor>>>);
-
-impl Mailbox {
-    fn post(&self, grads: Vec<Tensor>) -> candle_core::Result<()> {
-        let mut slots = lock(&self.0);
-        if !slots.is_empty() {
-            candle_core::bail!("moe-experts: adapter gradients posted twice");
-        }
-        *slots = grads.into_iter().map(Some).collect();
-        Ok(())
-    }
-
-    fn take(&self, slot: usize) -> candle_core::Result<Tensor> {
-        lock(&self.0)
-            .get_mut(slot)
-            .and_then(Option::take)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "moe-experts: no gradient posted for adapter slot {slot} (the expert node's backward did not run first)"
-                ))
-            })
-    }
-}
-
-/// A one-element f32 zero that depends on its inputs: each input is either a tensor whose
-/// gradient the mailbox holds (`Some(slot)`) or another carrier (`None`: passes the upstream
-/// one-element gradient on).
-struct Carrier {
-    mailbox: Arc<Mailbox>,
-    slots: [Option<usize>; 3],
-}
-
-impl Carrier {
-    fn grad(&self, arg: usize, upstream: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        match self.slots[arg] {
-            Some(slot) => self.mailbox.take(slot).map(Some),
-            None => Ok(Some(upstream.clone())),
-        }
-    }
-}
-
-fn one_zero<S>(s: &S) -> candle_core::Result<(S, Shape)>
-where
-    S: BackendStorage,
-    S::Device: BackendDevice<Storage = S>,
-{
-    let shape = Shape::from(1);
-    Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
-}
-
-impl CustomOp2 for Carrier {
-    fn name(&self) -> &'static str {
-        "moe-experts-carrier"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        one_zero(s)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        one_zero(s)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((self.grad(0, grad)?, self.grad(1, grad)?))
-    }
-}
-
-impl CustomOp3 for Carrier {
-    fn name(&self) -> &'static str {
-        "moe-experts-carrier"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        one_zero(s)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        one_zero(s)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            self.grad(0, grad)?,
-            self.grad(1, grad)?,
-            self.grad(2, grad)?,
-        ))
-    }
-}
-
-/// The carrier of six tensors (mailbox slots 0–5 in this order): two three-input carriers and
-/// a join.
-fn carry(t: [&Tensor; 6], mailbox: &Arc<Mailbox>) -> candle_core::Result<Tensor> {
-    let leaf = |first: usize| Carrier {
-        mailbox: mailbox.clone(),
-        slots: [Some(first), Some(first + 1), Some(first + 2)],
-    };
-    let c1 = t[0].apply_op3(t[1], t[2], leaf(0))?;
-    let c2 = t[3].apply_op3(t[4], t[5], leaf(3))?;
-    c1.apply_op2(
-        &c2,
-        Carrier {
-            mailbox: mailbox.clone(),
-            slots: [None, None, None],
-        },
-    )
 }
 
 #[cfg(test)]

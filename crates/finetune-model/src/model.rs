@@ -111,6 +111,48 @@ impl MoePath {
     }
 }
 
+/// How a decoder layer runs its attention half (input norm to residual add).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// A chain of autograd ops (the fused norm, projection, RoPE and attention ops; the
+    /// default): candle keeps each op's inputs and outputs until the backward.
+    Chain,
+    /// The same math as ONE autograd node whose backward is written out by hand
+    /// (`finetune_kernels::attention_block`): it keeps q and k before their norms, v, the
+    /// attention output and its logsumexps and the `[T, r]` LoRA products, and recomputes the
+    /// norms and RoPE in the backward. Applies where the chain has nothing the node lacks:
+    /// whole layers without a KV cache, frozen norms and projections, LoRA dropout off, the
+    /// fused attention op in use, no FP8 tensor-core GEMM on q/k/v/o; elsewhere the layer runs
+    /// the chain. Opt-in (`FINETUNE_ATTENTION_BLOCK=manual`, `--attention-block manual` on
+    /// `finetune bench train`) until a GPU session has measured it.
+    Manual,
+}
+
+impl AttentionPath {
+    /// The path named as on the command line (`chain`, `manual`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "chain" => Self::Chain,
+            "manual" => Self::Manual,
+            _ => return None,
+        })
+    }
+}
+
+/// The attention path a model starts with: `FINETUNE_ATTENTION_BLOCK` (an
+/// [`AttentionPath::from_name`] name) when set, else the chain.
+fn default_attention_path() -> AttentionPath {
+    let named = std::env::var("FINETUNE_ATTENTION_BLOCK").ok();
+    match named.as_deref().map(|n| (n, AttentionPath::from_name(n))) {
+        Some((_, Some(path))) => path,
+        Some((n, None)) => {
+            eprintln!("FINETUNE_ATTENTION_BLOCK={n}: not one of chain, manual; ignored");
+            AttentionPath::Chain
+        }
+        None => AttentionPath::Chain,
+    }
+}
+
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
@@ -151,6 +193,9 @@ pub struct SequenceContext {
     device: Device,
     cos: Tensor,
     sin: Tensor,
+    /// cos and sin widened to f32 (the RoPE op's dtype), made on first use and shared by every
+    /// layer (else each RoPE call of each layer makes and keeps its own copies in bf16).
+    tables_f32: std::sync::OnceLock<(Tensor, Tensor)>,
     /// The number of this sequence in its run, the key of its tokens' LoRA dropout masks
     /// ([`crate::dropout`]; 0 unless [`Self::set_dropout_sequence`] says otherwise).
     dropout_sequence: u64,
@@ -184,6 +229,17 @@ impl SequenceContext {
         }
         let docs = finetune_kernels::attention::Documents::new(&self.doc_start, &self.device)?;
         Ok(self.documents.get_or_init(|| docs))
+    }
+
+    /// The RoPE tables in f32 (the compute dtype's values, widened once per sequence).
+    fn rope_tables(&self) -> candle_core::Result<(&Tensor, &Tensor)> {
+        if self.tables_f32.get().is_none() {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+            let tables = (f32(&self.cos)?, f32(&self.sin)?);
+            let _ = self.tables_f32.set(tables);
+        }
+        let (cos, sin) = self.tables_f32.get().expect("set above");
+        Ok((cos, sin))
     }
 
     /// The additive mask: 0 where token i may attend to key j (a cached key, or one of its own
@@ -238,6 +294,7 @@ pub struct Qwen3Moe {
     device: Device,
     dtype: DType,
     moe_path: MoePath,
+    attention_path: AttentionPath,
     /// Whether attention may use the fused op on the GPU (`false`: the plain path, for
     /// comparisons; the CPU always uses the fused op).
     fused_attention: bool,
@@ -746,6 +803,7 @@ impl Qwen3Moe {
             device: device.clone(),
             dtype: DType::F32,
             moe_path: default_moe_path(device),
+            attention_path: default_attention_path(),
             fused_attention: true,
             phase_times: std::sync::Mutex::new(None),
         })
@@ -888,6 +946,12 @@ impl Qwen3Moe {
     /// the CPU).
     pub fn set_moe_path(&mut self, path: MoePath) {
         self.moe_path = path;
+    }
+
+    /// Chooses how decoder layers run their attention half (default: the chain, or
+    /// `FINETUNE_ATTENTION_BLOCK`).
+    pub fn set_attention_path(&mut self, path: AttentionPath) {
+        self.attention_path = path;
     }
 
     /// Number of decoder layers.
@@ -1085,6 +1149,7 @@ impl Qwen3Moe {
             device: self.device.clone(),
             cos,
             sin,
+            tables_f32: std::sync::OnceLock::new(),
             dropout_sequence: 0,
         })
     }
@@ -1100,39 +1165,10 @@ impl Qwen3Moe {
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         self.require_whole("a whole decoder layer")?;
-        let c = &self.config;
-        let eps = c.rms_norm_eps;
-        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let t = ctx.t;
-        // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
-        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
+        let eps = self.config.rms_norm_eps;
         let layer = &self.layers[index];
         let rows = ctx.dropout_rows();
-        // Attention.
-        let a = &layer.attn;
-        let (q, mut k, mut v) = self.timed("attn.qkv", || {
-            let n = rms_norm(x, &layer.input_norm, eps)?;
-            let q = project(&n, &a.q, lora, &rows)?.reshape((t, nh, d))?;
-            let k = project(&n, &a.k, lora, &rows)?.reshape((t, nkv, d))?;
-            let v = project(&n, &a.v, lora, &rows)?.reshape((t, nkv, d))?;
-            let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
-            let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
-            // [kv heads, T, d], after the cached keys/values of this layer.
-            Ok((
-                q,
-                k.transpose(0, 1)?.contiguous()?,
-                v.transpose(0, 1)?.contiguous()?,
-            ))
-        })?;
-        if let Some(cache) = cache {
-            if let Some((pk, pv)) = &cache.layers[index] {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
-            cache.layers[index] = Some((k.clone(), v.clone()));
-        }
-        let attn = self.timed("attn.core", || self.attend(&q, &k, &v, ctx))?;
-        let x = self.timed("attn.o_proj", || x + project(&attn, &a.o, lora, &rows)?)?;
+        let x = self.attention_forward(index, x, ctx, lora, cache)?;
 
         // MLP.
         let n = self.timed("mlp.norm", || rms_norm(&x, &layer.post_norm, eps))?;
@@ -1155,6 +1191,59 @@ impl Qwen3Moe {
             },
         };
         x + y
+    }
+
+    /// The attention half of decoder layer `index` on hidden states x `[T, hidden]`:
+    /// h = x + o_proj(attention(…)) as [`Self::layer_forward`] runs it (the chain of autograd
+    /// ops, or [`AttentionPath::Manual`]'s node where it applies), the KV cache extended when
+    /// given.
+    pub fn attention_forward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &SequenceContext,
+        lora: Option<&Lora>,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        self.require_whole("a whole decoder layer")?;
+        let c = &self.config;
+        let eps = c.rms_norm_eps;
+        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let t = ctx.t;
+        // One fused op (finetune_kernels::rope: the formula above, backward the transposed map).
+        let (cos, sin) = ctx.rope_tables()?;
+        let rope = |x: &Tensor| finetune_kernels::rope(x, cos, sin);
+        let layer = &self.layers[index];
+        let rows = ctx.dropout_rows();
+        let a = &layer.attn;
+        if cache.is_none() && ctx.past == 0 && self.attention_block_applies(layer, x, lora) {
+            // AttentionPath::Manual: the same math as one node with a hand-written backward.
+            self.timed("attn.block", || self.attention_block(layer, x, ctx, lora))
+        } else {
+            let (q, mut k, mut v) = self.timed("attn.qkv", || {
+                let n = rms_norm(x, &layer.input_norm, eps)?;
+                let q = project(&n, &a.q, lora, &rows)?.reshape((t, nh, d))?;
+                let k = project(&n, &a.k, lora, &rows)?.reshape((t, nkv, d))?;
+                let v = project(&n, &a.v, lora, &rows)?.reshape((t, nkv, d))?;
+                let q = rope(&rms_norm(&q, &a.q_norm, eps)?)?;
+                let k = rope(&rms_norm(&k, &a.k_norm, eps)?)?;
+                // [kv heads, T, d], after the cached keys/values of this layer.
+                Ok((
+                    q,
+                    k.transpose(0, 1)?.contiguous()?,
+                    v.transpose(0, 1)?.contiguous()?,
+                ))
+            })?;
+            if let Some(cache) = cache {
+                if let Some((pk, pv)) = &cache.layers[index] {
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
+                }
+                cache.layers[index] = Some((k.clone(), v.clone()));
+            }
+            let attn = self.timed("attn.core", || self.attend(&q, &k, &v, ctx))?;
+            self.timed("attn.o_proj", || x + project(&attn, &a.o, lora, &rows)?)
+        }
     }
 
     /// Causal grouped-query attention of q `[T, H, d]` (after RoPE) over k, v `[G, past + T,
@@ -1479,6 +1568,91 @@ impl Qwen3Moe {
         self.timed("moe.experts", || {
             moe_experts(x, weights, &routing, &base, adapters.as_ref())
         })
+    }
+
+    /// Whether `layer`'s attention half runs as [`AttentionPath::Manual`]'s node for input x
+    /// (without a KV cache, which the caller checks): the path chosen, and nothing the chain
+    /// does that the node does not — trainable norms or projections (full-parameter training),
+    /// LoRA dropout (its masks are drawn per use), the plain attention ops (head dims or dtypes
+    /// the fused op does not cover on the GPU, or `set_fused_attention(false)`), the FP8
+    /// tensor-core GEMM on a projection.
+    fn attention_block_applies(&self, layer: &Layer, x: &Tensor, lora: Option<&Lora>) -> bool {
+        let a = &layer.attn;
+        let projections = [&a.q, &a.k, &a.v, &a.o];
+        self.attention_path == AttentionPath::Manual
+            && lora.is_none_or(|l| !l.dropout_active())
+            && ![&layer.input_norm, &a.q_norm, &a.k_norm]
+                .iter()
+                .any(|w| w.is_variable())
+            && !projections.iter().any(|p| {
+                matches!(&p.w, BaseWeight::Dense(t) if t.is_variable()) || fp8_gemm(x, &p.w)
+            })
+            && (x.device().is_cpu()
+                || (self.fused_attention
+                    && finetune_kernels::attention::cuda_supported(
+                        self.config.head_dim(),
+                        x.dtype(),
+                    )))
+    }
+
+    /// [`AttentionPath::Manual`]: h = x + o_proj(attention(…)) of `layer` as one
+    /// `finetune_kernels::attention_block` node (the chain's math, hand-written backward).
+    fn attention_block(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        ctx: &SequenceContext,
+        lora: Option<&Lora>,
+    ) -> candle_core::Result<Tensor> {
+        use finetune_kernels::attention_block::{
+            attention_block, AttentionWeights, BlockAdapters, FrozenWeight, Positions,
+        };
+        let c = &self.config;
+        let a = &layer.attn;
+        let dtype = x.dtype();
+        let frozen = |p: &Proj| -> candle_core::Result<FrozenWeight> {
+            let [out, inp]: [usize; 2] = p.w.shape().try_into().map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "attention block: weight {} is {:?}, not [out, in]",
+                    p.name,
+                    p.w.shape()
+                ))
+            })?;
+            // Dense weights in the compute dtype come back as they are (no copy); FP8 ones are
+            // dequantized for each product and dropped after it.
+            let w = p.w.clone();
+            Ok(FrozenWeight::new(
+                std::sync::Arc::new(move || w.dequantize(dtype)),
+                (out, inp),
+            ))
+        };
+        let weights = AttentionWeights {
+            input_norm: layer.input_norm.clone(),
+            q: frozen(&a.q)?,
+            k: frozen(&a.k)?,
+            v: frozen(&a.v)?,
+            o: frozen(&a.o)?,
+            q_norm: a.q_norm.clone(),
+            k_norm: a.k_norm.clone(),
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            eps: c.rms_norm_eps,
+        };
+        let adapters = lora.map(|l| BlockAdapters {
+            q: l.get(&a.q.name),
+            k: l.get(&a.k.name),
+            v: l.get(&a.v.name),
+            o: l.get(&a.o.name),
+            scale: l.scale,
+        });
+        let (cos, sin) = ctx.rope_tables()?;
+        let positions = Positions {
+            cos,
+            sin,
+            docs: ctx.documents()?,
+        };
+        attention_block(x, &weights, adapters.as_ref(), &positions)
     }
 
     /// The projections LoRA can adapt, with their `[out, in]` shapes, in model order: those of

@@ -15,7 +15,7 @@ use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use finetune_data::pack::Sequence;
-use finetune_model::model::MoePath;
+use finetune_model::model::{AttentionPath, MoePath};
 use finetune_model::{lora_scale, Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
 use finetune_train::{on_large_stack, AdamWConfig, LrSchedule, TrainOptions, Trainer};
 use std::collections::HashMap;
@@ -73,6 +73,11 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         let path = MoePath::from_name(name)
             .with_context(|| format!("flag --moe = {name}: not a MoE path"))?;
         model.set_moe_path(path);
+    }
+    if let Some(name) = args.attention_block.as_deref() {
+        let path = AttentionPath::from_name(name)
+            .with_context(|| format!("flag --attention-block = {name}: not an attention path"))?;
+        model.set_attention_path(path);
     }
     let compute = match (args.bf16, args.tf32) {
         (true, _) => "bf16",
@@ -197,6 +202,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
         "recompute": args.recompute,
         "moe": args.moe.clone().or_else(|| std::env::var("FINETUNE_MOE_PATH").ok()).unwrap_or_else(|| (if device.is_cuda() { "grouped" } else { "per-expert" }).into()),
         "attention": args.attention.as_deref().unwrap_or("fused"),
+        "attention_block": args.attention_block.clone().or_else(|| std::env::var("FINETUNE_ATTENTION_BLOCK").ok()).unwrap_or_else(|| "chain".into()),
         "warmup_steps": args.warmup,
         // The opt-in GPU paths this run had on (environment or flags).
         "opt_ins": {

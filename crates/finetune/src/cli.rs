@@ -172,6 +172,12 @@ pub struct BenchTrainArgs {
     /// `plain` (candle ops with a T×T mask and materialized scores: the comparison).
     #[arg(long, value_name = "PATH", value_parser = ["fused", "tensor-core", "plain"])]
     pub attention: Option<String>,
+    /// How decoder layers run their attention half (input norm to residual add): `chain`
+    /// (autograd ops; the default) or `manual` (one node with a hand-written backward that keeps
+    /// less for the backward, finetune_kernels::attention_block; also
+    /// FINETUNE_ATTENTION_BLOCK=manual; the chain where it does not apply, e.g. LoRA dropout).
+    #[arg(long, value_name = "PATH", value_parser = ["chain", "manual"])]
+    pub attention_block: Option<String>,
     /// After the measured steps, time the forward + loss and the backward of one more step
     /// separately (the device synchronized around each), the forward's phases per kind (each
     /// bracketed by synchronizations), the GPU memory in use before, after the forward and
