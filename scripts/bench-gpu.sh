@@ -201,7 +201,9 @@ for name, r in rows:
         print(f"\n{name}: forward + loss {p['forward_and_loss_secs']:.3f} s, backward {p['backward_secs']:.3f} s, "
               f"rest of the step {p['rest_of_step_secs']:.3f} s (median step {r['median_step_secs']:.3f} s); "
               f"GPU MiB before / after forward / after backward: {p.get('gpu_mib_before')} / "
-              f"{p.get('gpu_mib_after_forward')} / {p.get('gpu_mib_after_backward')}")
+              f"{p.get('gpu_mib_after_forward')} / {p.get('gpu_mib_after_backward')}; kept for the backward: "
+              f"{p.get('graph_retained_mib', 0):.0f} MiB by the graph + {p.get('node_saved_mib', 0):.0f} MiB inside "
+              f"the hand-written nodes")
         phases = p.get("forward_phases") or {}
         if phases:
             print("  forward phases (each synchronized): " + ", ".join(

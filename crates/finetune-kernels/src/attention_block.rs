@@ -69,6 +69,7 @@ use crate::attention::{docs_op, Attention, Documents};
 use crate::carrier::{carry, Mailbox};
 use crate::rms_norm::{RmsNorm, RmsNormBwd};
 use crate::rope::Rope;
+use crate::saved::SavedBytes;
 use crate::WeightFn;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -288,6 +289,8 @@ struct Saved {
     attention: Attention,
     /// ha_q, ha_k, ha_v, ha_o `[T, r]` (projections with adapters).
     ha: [Option<Tensor>; 4],
+    /// The bytes of q, k, v, o and ha, in `crate::saved::held_bytes` while kept.
+    _held: SavedBytes,
 }
 
 const NAMES: [&str; 4] = ["q", "k", "v", "o"];
@@ -413,13 +416,16 @@ impl AttentionBlock {
             false => None,
         };
         let (out, ha_o) = self.project(3, &o, o32.as_ref())?;
+        let ha = [ha_q, ha_k, ha_v, ha_o];
+        let _held = SavedBytes::of([&q, &k, &v, &o].into_iter().chain(ha.iter().flatten()));
         let saved = Saved {
             q,
             k,
             v,
             o,
             attention,
-            ha: [ha_q, ha_k, ha_v, ha_o],
+            ha,
+            _held,
         };
         Ok((out, saved))
     }
@@ -456,6 +462,7 @@ impl AttentionBlock {
             o,
             attention,
             ha,
+            ..
         } = lock(&self.saved).take().ok_or_else(|| {
             candle_core::Error::Msg(
                 "attention-block: no saved activations (backward ran twice, or the forward was not differentiable)"

@@ -58,6 +58,7 @@
 use crate::carrier::{carry, Mailbox};
 use crate::grouped_linear::{grouped_product, Kind};
 use crate::moe_permute::{gather_rows, sum_rows, Permutation, SumRows};
+use crate::saved::SavedBytes;
 use crate::swiglu::{swiglu_backward, Swiglu};
 use crate::WeightFn;
 use candle_core::{
@@ -263,6 +264,8 @@ struct Saved {
     u: Tensor,
     /// ha_g, ha_u, ha_d (with adapters).
     ha: Option<[Tensor; 3]>,
+    /// Their bytes, in `crate::saved::held_bytes` while kept.
+    _held: SavedBytes,
 }
 
 struct MoeExperts {
@@ -328,7 +331,8 @@ impl MoeExperts {
             (Some(a), Some(b), Some(c)) => Some([a, b, c]),
             _ => None,
         };
-        Ok((yw, Saved { g, u, ha }))
+        let _held = SavedBytes::of([&g, &u].into_iter().chain(ha.iter().flatten()));
+        Ok((yw, Saved { g, u, ha, _held }))
     }
 
     /// The node's output from the pending weighted rows: `sum_rows` on their storage.
@@ -345,7 +349,7 @@ impl MoeExperts {
         weights: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let Saved { g, u, ha } = lock(&self.saved).take().ok_or_else(|| {
+        let Saved { g, u, ha, .. } = lock(&self.saved).take().ok_or_else(|| {
             candle_core::Error::Msg(
                 "moe-experts: no saved activations (backward ran twice, or the forward was not differentiable)"
                     .into(),

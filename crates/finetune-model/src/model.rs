@@ -1941,7 +1941,9 @@ impl Qwen3Moe {
         let kv = heads.start / group..heads.end / group;
         let (lh, lkv) = (heads.len(), kv.len());
         let t = ctx.t;
-        let rope = |x: &Tensor| finetune_kernels::rope(x, &ctx.cos, &ctx.sin);
+        // The tables widened to f32 once per sequence, as in layer_forward.
+        let (cos, sin) = ctx.rope_tables()?;
+        let rope = |x: &Tensor| finetune_kernels::rope(x, cos, sin);
         let layer = &self.layers[index];
         let n = rms_norm(x, &layer.input_norm, eps)?;
         let a = &layer.attn;

@@ -226,6 +226,7 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
             "gpu_mib_after_forward": p.memory[1],
             "gpu_mib_after_backward": p.memory[2],
             "graph_retained_mib": p.graph.bytes as f64 / 1048576.0,
+            "node_saved_mib": p.node_saved_bytes as f64 / 1048576.0,
             "graph_retained_storages": p.graph.storages,
             "graph_retained_largest": p.graph.largest.iter().map(|(l, n, b)| serde_json::json!({
                 "tensor": l, "count": n, "mib": *b as f64 / 1048576.0,
@@ -234,9 +235,10 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     });
     if let Some(p) = &result["profile"].as_object() {
         eprintln!(
-            "bench: the autograd graph holds {:.1} MiB in {} storages at the backward's start; largest:",
+            "bench: the autograd graph holds {:.1} MiB in {} storages at the backward's start (and the hand-written nodes {:.1} MiB inside their ops); largest:",
             p["graph_retained_mib"].as_f64().unwrap_or(0.0),
-            p["graph_retained_storages"]
+            p["graph_retained_storages"],
+            p["node_saved_mib"].as_f64().unwrap_or(0.0)
         );
         for g in p["graph_retained_largest"]
             .as_array()
@@ -286,6 +288,9 @@ struct Profile {
     memory: [Option<f64>; 3],
     /// What the autograd graph of the loss keeps alive for the backward ([`GraphRetained`]).
     graph: GraphRetained,
+    /// What the hand-written nodes keep inside their ops at the same moment, which the graph
+    /// walk cannot see (`finetune_kernels::saved`).
+    node_saved_bytes: usize,
 }
 
 /// The storages the autograd graph of a loss holds when the backward starts: every tensor of
@@ -359,6 +364,7 @@ fn forward_backward_secs(
         phases: Vec::new(),
         memory: [None; 3],
         graph: GraphRetained::default(),
+        node_saved_bytes: 0,
     };
     for attempt in 0..3 {
         let timed_phases = attempt == 2;
@@ -384,6 +390,7 @@ fn forward_backward_secs(
         }
         if attempt == 1 {
             p.graph = graph_retained(&loss);
+            p.node_saved_bytes = finetune_kernels::saved::held_bytes();
         }
         let started = std::time::Instant::now();
         let grads = loss.backward()?;
