@@ -209,8 +209,10 @@ for name, r in rows:
             print("  forward phases (each synchronized): " + ", ".join(
                 f"{k} {v:.4f}" + ("" if k.endswith("_rows") else " s") for k, v in phases.items()))
 
-# Per-kernel tables (tools/kernel-profile): whole-process totals / (1 warm-up + KPROF_STEPS).
-steps_run = 1 + int(os.environ.get("KPROF_STEPS", "2"))
+# Per-kernel tables (tools/kernel-profile): totals of the measured steps (scope=range: both
+# sides mark them with cuProfilerStart/Stop) / KPROF_STEPS, or, if no range was seen, of the
+# whole process / (1 warm-up + KPROF_STEPS).
+measured_steps = int(os.environ.get("KPROF_STEPS", "2"))
 def print_kernel_table(name, lines):
     meta = {}
     for l in lines:
@@ -224,9 +226,13 @@ def print_kernel_table(name, lines):
         f = l.split("\t")
         if cols is None: cols = f; continue
         rows.append(dict(zip(cols, f)))
+    in_range = meta.get("scope") == "range"
+    steps_run = measured_steps if in_range else 1 + measured_steps
     ms = lambda ns: int(ns) / steps_run / 1e6
-    print(f"\n{name}: per step = whole process / {steps_run} (1 warm-up + {steps_run - 1} steps; model loading "
-          f"and setup included). Kernels {ms(meta.get('kernel_ns', 0)):.1f} ms, memcpy {ms(meta.get('memcpy_ns', 0)):.1f} ms, "
+    scope = (f"the measured steps' totals / {steps_run} (profiler range; {meta.get('outside_range', '?')} records outside it)"
+             if in_range else f"whole process / {steps_run} (1 warm-up + {steps_run - 1} steps; model loading and setup "
+             "included: no profiler range was seen)")
+    print(f"\n{name}: per step = {scope}. Kernels {ms(meta.get('kernel_ns', 0)):.1f} ms, memcpy {ms(meta.get('memcpy_ns', 0)):.1f} ms, "
           f"memset {ms(meta.get('memset_ns', 0)):.1f} ms; GPU busy (union) {ms(meta.get('gpu_busy_ns', 0)):.1f} ms of a "
           f"{ms(meta.get('span_ns', 0)):.1f} ms span (idle {ms(meta.get('idle_ns', 0)):.1f} ms); {meta.get('kernels', '?')} "
           f"kernel launches ({int(meta.get('kernels', 0)) / steps_run:.0f} per step), {meta.get('distinct_kernels', '?')} "

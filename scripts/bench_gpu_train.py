@@ -164,6 +164,10 @@ def peft_bench(base, seq, steps, warmup, r):
         sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
         for step in range(warmup + steps):
             sync()
+            if step == warmup and DEV == "cuda":
+                # The measured steps as the profiler range (tools/kernel-profile counts only
+                # what runs inside it when it runs; otherwise a no-op).
+                torch.cuda.profiler.start()
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             out = model(input_ids=ids, labels=ids)
@@ -177,6 +181,8 @@ def peft_bench(base, seq, steps, warmup, r):
                   + ("  (warm-up)" if step < warmup else ""), file=sys.stderr, flush=True)
             if step >= warmup:
                 times.append(dt)
+        if DEV == "cuda" and steps > 0:
+            torch.cuda.profiler.stop()
     median = sorted(times)[len(times) // 2]
     inner = model.base_model.model.model
     print(json.dumps(dict(

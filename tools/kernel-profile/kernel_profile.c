@@ -33,8 +33,14 @@
 //     first start, idle_ns = span_ns − gpu_busy_ns (GPU waiting for the host: launch overhead,
 //     host work, synchronizations), and the counts of dropped records and of records CUPTI
 //     delivered without timestamps (both should be 0; if not, totals are undercounts).
-// Totals cover the whole process (model loading included); per-step figures divide by the
-// number of steps run (scripts/bench-gpu.sh divides by warm-up + measured steps).
+// Scope: if the program marks a profiler range (cuProfilerStart .. cuProfilerStop, or the
+// runtime's cudaProfilerStart/Stop, e.g. torch.cuda.profiler.start/stop; the first range
+// only), everything recorded before it opened is dropped and only records that START inside
+// it count, whenever CUPTI delivers them (header `scope=range range_ns=… outside_range=…`);
+// `finetune bench train` and scripts/bench_gpu_train.py mark their measured steps, having
+// synchronized the device. Without a range the totals cover the whole process, model loading
+// included (`scope=process`). scripts/bench-gpu.sh divides by the measured steps, or by
+// warm-up + measured steps for a whole-process table.
 //
 // Record layouts: CUpti_ActivityKernel10 / Memcpy6 / Memset4 are the CUPTI 13.0 headers'
 // current versions. CUPTI fills the newest version of its own release; the fields read here
@@ -98,8 +104,13 @@ static struct {
   size_t cap, len;
   kp_interval *iv;  // every timed record, for the busy-time union
   size_t iv_len, iv_cap;
-  uint64_t n_kernel, n_memcpy, n_memset, n_untimed, n_dropped, n_bad_buffers;
+  uint64_t n_kernel, n_memcpy, n_memset, n_untimed, n_dropped, n_bad_buffers, n_outside_range;
   CUpti_SubscriberHandle subscriber;
+  // The profiler range (cuProfilerStart/cudaProfilerStart .. Stop, the first one only): when
+  // it starts, everything recorded so far is cleared (after a flush), and from then on only
+  // records that start inside it count. range_state: 0 none, 1 open, 2 closed.
+  int range_state;
+  uint64_t range_start, range_end;
 } g = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 __attribute__((format(printf, 1, 2))) static void kp_log(const char *fmt, ...) {
@@ -171,11 +182,53 @@ static void kp_add_interval(uint64_t start, uint64_t end) {
   g.iv[g.iv_len++] = (kp_interval){start, end};
 }
 
+// Whether a record starting at `start` counts: always without a profiler range, else only
+// inside it (a record that started before the range was opened, or after it was closed, is
+// left out, whenever its buffer arrives). Caller holds g.lock.
+static int kp_in_range(uint64_t start) {
+  if (g.range_state == 0) return 1;
+  return start >= g.range_start && (g.range_state == 1 || start <= g.range_end);
+}
+
+// Forgets every row's figures, the intervals and the record counters (the keys stay; rows
+// without calls are not reported). Caller holds g.lock.
+static void kp_clear(void) {
+  for (size_t i = 0; i < g.cap; i++) {
+    kp_entry *e = &g.table[i];
+    if (!e->key) continue;
+    e->calls = e->total_ns = e->max_ns = e->bytes = 0;
+    e->min_ns = UINT64_MAX;
+    e->shape_varies = 0;
+  }
+  g.iv_len = 0;
+  g.n_kernel = g.n_memcpy = g.n_memset = g.n_untimed = 0;
+}
+
+// The first profiler range opens at `ts` (CUPTI's clock, that of the records): what was
+// recorded so far is dropped. Later ranges are ignored. Caller holds g.lock.
+static void kp_range_begin(uint64_t ts) {
+  if (g.range_state != 0) return;
+  kp_clear();
+  g.range_start = ts;
+  g.range_state = 1;
+}
+
+// The open range closes at `ts`. Caller holds g.lock.
+static void kp_range_end(uint64_t ts) {
+  if (g.range_state != 1) return;
+  g.range_end = ts;
+  g.range_state = 2;
+}
+
 // Adds one timed activity to its row. Caller holds g.lock.
 static void kp_record(enum kp_kind kind, const char *key, uint64_t start, uint64_t end,
                       uint64_t bytes, const int32_t grid[3], const int32_t block[3]) {
   if ((start == 0 && end == 0) || end < start) {
     g.n_untimed++;
+    return;
+  }
+  if (!kp_in_range(start)) {
+    g.n_outside_range++;
     return;
   }
   kp_entry *e = kp_row(kind, key);
@@ -230,18 +283,30 @@ static void kp_consume(uint8_t *buffer, size_t valid) {
         const kp_kernel_record *k = (const kp_kernel_record *)rec;
         int32_t grid[3] = {k->gridX, k->gridY, k->gridZ};
         int32_t block[3] = {k->blockX, k->blockY, k->blockZ};
+        if (!kp_in_range(k->start)) {
+          g.n_outside_range++;
+          break;
+        }
         g.n_kernel++;
         kp_record(KP_KERNEL, k->name ? k->name : "(unnamed kernel)", k->start, k->end, 0, grid, block);
         break;
       }
       case CUPTI_ACTIVITY_KIND_MEMCPY: {
         const kp_memcpy_record *m = (const kp_memcpy_record *)rec;
+        if (!kp_in_range(m->start)) {
+          g.n_outside_range++;
+          break;
+        }
         g.n_memcpy++;
         kp_record(KP_MEMCPY, kp_memcpy_kind(m->copyKind), m->start, m->end, m->bytes, NULL, NULL);
         break;
       }
       case CUPTI_ACTIVITY_KIND_MEMSET: {
         const kp_memset_record *m = (const kp_memset_record *)rec;
+        if (!kp_in_range(m->start)) {
+          g.n_outside_range++;
+          break;
+        }
         g.n_memset++;
         kp_record(KP_MEMSET, "memset", m->start, m->end, m->bytes, NULL, NULL);
         break;
@@ -410,7 +475,7 @@ static void kp_write_report(void) {
   size_t nrows = 0, nkernels = 0;
   for (size_t i = 0; i < g.cap; i++) {
     kp_entry *e = &g.table[i];
-    if (!e->key) continue;
+    if (!e->key || e->calls == 0) continue;  // seen only before the profiler range
     rows[nrows++] = e;
     if (e->kind == KP_KERNEL) {
       kernel_ns += e->total_ns;
@@ -455,7 +520,14 @@ static void kp_write_report(void) {
           (unsigned long long)g.n_kernel, (unsigned long long)g.n_memcpy, (unsigned long long)g.n_memset,
           nkernels, (unsigned long long)g.n_dropped, (unsigned long long)g.n_untimed,
           (unsigned long long)g.n_bad_buffers);
-  fprintf(f, "# kernel_ns=%llu memcpy_ns=%llu memset_ns=%llu (sums of durations over the whole process)\n",
+  if (g.range_state) {
+    fprintf(f, "# scope=range range_ns=%llu outside_range=%llu (records inside the profiler range only)\n",
+            (unsigned long long)(g.range_state == 2 ? g.range_end - g.range_start : 0),
+            (unsigned long long)g.n_outside_range);
+  } else {
+    fprintf(f, "# scope=process (no profiler range: the whole process)\n");
+  }
+  fprintf(f, "# kernel_ns=%llu memcpy_ns=%llu memset_ns=%llu (sums of durations in scope)\n",
           (unsigned long long)kernel_ns, (unsigned long long)memcpy_ns, (unsigned long long)memset_ns);
   fprintf(f,
           "# gpu_busy_ns=%llu (union of all intervals) span_ns=%llu (first start to last end) "
@@ -510,8 +582,27 @@ static void kp_flush(void) {
 static void CUPTIAPI kp_callback(void *user, CUpti_CallbackDomain domain, CUpti_CallbackId cbid,
                                  const void *data) {
   (void)user;
-  (void)data;
   if (domain == CUPTI_CB_DOMAIN_RESOURCE && cbid == CUPTI_CBID_RESOURCE_CONTEXT_DESTROY_STARTING) kp_flush();
+  // The profiler range: the program marks its steady state with cuProfilerStart/Stop (or the
+  // runtime's cudaProfilerStart/Stop, which may also call the driver's: the first call wins).
+  // Opened when the start call returns, closed when the stop call is entered; the program
+  // synchronizes the device before both, so no kernel straddles them.
+  int start = (domain == CUPTI_CB_DOMAIN_DRIVER_API && cbid == CUPTI_DRIVER_TRACE_CBID_cuProfilerStart) ||
+              (domain == CUPTI_CB_DOMAIN_RUNTIME_API && cbid == CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStart_v4000);
+  int stop = (domain == CUPTI_CB_DOMAIN_DRIVER_API && cbid == CUPTI_DRIVER_TRACE_CBID_cuProfilerStop) ||
+             (domain == CUPTI_CB_DOMAIN_RUNTIME_API && cbid == CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000);
+  if (!start && !stop) return;
+  const CUpti_CallbackData *cb = (const CUpti_CallbackData *)data;
+  if ((start && cb->callbackSite != CUPTI_API_EXIT) || (stop && cb->callbackSite != CUPTI_API_ENTER)) return;
+  uint64_t now = 0;
+  if (cuptiGetTimestamp(&now) != CUPTI_SUCCESS) return;
+  pthread_mutex_lock(&g.lock);
+  if (start) {
+    kp_range_begin(now);
+  } else {
+    kp_range_end(now);
+  }
+  pthread_mutex_unlock(&g.lock);
 }
 
 static void kp_at_exit(void) {
@@ -565,6 +656,21 @@ __attribute__((visibility("default"))) int InitializeInjection(void) {
   }
   if (r != CUPTI_SUCCESS) {
     kp_log("no flush at context destruction (%s); records are collected at exit", kp_cupti_error(r));
+  } else {
+    static const struct {
+      CUpti_CallbackDomain domain;
+      CUpti_CallbackId cbid;
+    } marks[] = {{CUPTI_CB_DOMAIN_DRIVER_API, CUPTI_DRIVER_TRACE_CBID_cuProfilerStart},
+                 {CUPTI_CB_DOMAIN_DRIVER_API, CUPTI_DRIVER_TRACE_CBID_cuProfilerStop},
+                 {CUPTI_CB_DOMAIN_RUNTIME_API, CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStart_v4000},
+                 {CUPTI_CB_DOMAIN_RUNTIME_API, CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000}};
+    for (size_t i = 0; i < sizeof marks / sizeof marks[0]; i++) {
+      CUptiResult m = cuptiEnableCallback(1, g.subscriber, marks[i].domain, marks[i].cbid);
+      if (m != CUPTI_SUCCESS) {
+        kp_log("profiler-range callback %zu not enabled (%s): the table may cover the whole process", i,
+               kp_cupti_error(m));
+      }
+    }
   }
   atexit(kp_at_exit);
   const char *out = getenv("KERNEL_PROFILE_OUT");

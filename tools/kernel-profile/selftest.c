@@ -4,7 +4,8 @@
 // buffers), writes the TSV through the real report code and compares it with references
 // computed here independently: per-name sums by a linear scan, the busy time (union of
 // intervals) by marking every nanosecond on a bitmap, the sort order, shares summing to 1,
-// and the short-name rules on fixed demangled names. What it cannot check is CUPTI itself
+// the short-name rules on fixed demangled names, and the profiler range (rows cleared when it
+// opens, records outside it left out whenever they arrive). What it cannot check is CUPTI itself
 // (InitializeInjection, record delivery, struct versions): that needs a GPU.
 #include "kernel_profile.c"
 
@@ -174,6 +175,74 @@ int main(void) {
         (unsigned long long)(last - first));
   CHECK(got_untimed == untimed, "without_timestamps %llu, want %llu", (unsigned long long)got_untimed,
         (unsigned long long)untimed);
+  // --- the profiler range ------------------------------------------------------------------
+  // Opened at R0 and closed at R1: rows recorded before are forgotten, and only records that
+  // start in [R0, R1] count, whether they arrive before or after the close (CUPTI delivers
+  // buffers late). References: sums over the in-range records, computed here.
+  {
+    const uint64_t R0 = 5000000, R1 = 6000000;
+    uint64_t rc[NAMES] = {0}, rt[NAMES] = {0}, outside = 0, ev_in = 0;
+    pthread_mutex_lock(&g.lock);
+    g.n_outside_range = 0;
+    kp_range_begin(R0);
+    kp_range_begin(R0 + 10);  // a second start is ignored
+    for (int ev = 0; ev < 3000; ev++) {
+      int n = (int)(next_rand() % NAMES);
+      if (n == 3) continue;  // one name never runs inside the range: its row must vanish
+      if (ev == 2000) kp_range_end(R1);
+      // While the range is open no record can start after R1 (it has not happened yet); after
+      // the close, late buffers bring records from before R0, inside, and after R1.
+      uint64_t span = ev < 2000 ? (R1 - R0) + 500000 : 2000000;
+      uint64_t start = R0 - 500000 + next_rand() % span, d = 1 + next_rand() % 1000;
+      int32_t grid[3] = {1, 1, 1}, block[3] = {64, 1, 1};
+      kp_record(kinds[n], names[n], start, start + d, 0, kinds[n] == KP_KERNEL ? grid : NULL, block);
+      if (start >= R0 && start <= R1) {
+        rc[n]++;
+        rt[n] += d;
+        ev_in++;
+      } else {
+        outside++;
+      }
+    }
+    kp_range_end(R1 + 12345);  // a second stop is ignored
+    setenv("KERNEL_PROFILE_OUT", path, 1);
+    kp_write_report();
+    pthread_mutex_unlock(&g.lock);
+    f = fopen(path, "r");
+    assert(f);
+    int scope_ok = 0, range_rows = 0;
+    while (fgets(line, sizeof line, f)) {
+      unsigned long long rng_ns, out_n;
+      if (sscanf(line, "# scope=range range_ns=%llu outside_range=%llu", &rng_ns, &out_n) == 2) {
+        scope_ok = 1;
+        CHECK(rng_ns == R1 - R0, "range_ns %llu, want %llu", rng_ns, (unsigned long long)(R1 - R0));
+        CHECK(out_n == outside, "outside_range %llu, want %llu", out_n, (unsigned long long)outside);
+      }
+      if (line[0] == '#' || strncmp(line, "kind\t", 5) == 0) continue;
+      char kind[16], full[2048];
+      unsigned long long c, t;
+      if (sscanf(line, "%15[^\t]\t%llu\t%llu\t%*[^\n]", kind, &c, &t) != 3) continue;
+      char *last_tab = strrchr(line, '\t');
+      snprintf(full, sizeof full, "%s", last_tab ? last_tab + 1 : "");
+      full[strcspn(full, "\n")] = 0;
+      range_rows++;
+      int k = -1;
+      for (int i = 0; i < NAMES; i++) {
+        const char *want = i == 0 ? (kp_demangler ? "core::matmul()" : names[0]) : names[i];
+        if (strcmp(full, want) == 0) k = i;
+      }
+      CHECK(k >= 0 && k != 3, "unexpected row in range: %s", full);
+      if (k < 0) continue;
+      CHECK(c == rc[k] && t == rt[k], "range row %s: calls %llu/%llu total %llu/%llu", names[k], c,
+            (unsigned long long)rc[k], t, (unsigned long long)rt[k]);
+    }
+    fclose(f);
+    unlink(path);
+    CHECK(scope_ok, "no scope=range header line");
+    CHECK(range_rows == NAMES - 1, "%d rows in range, want %d", range_rows, NAMES - 1);
+    CHECK(ev_in > 0 && outside > 0, "the range test needs records on both sides");
+  }
+
   if (failures) {
     fprintf(stderr, "kernel-profile selftest: %d failure(s)\n", failures);
     return 1;

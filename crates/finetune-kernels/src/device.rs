@@ -44,6 +44,39 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
     None
 }
 
+/// Marks where a program's steady state starts (`start`) or ends for a CUDA profiler
+/// (`cuProfilerStart` / `cuProfilerStop` on the device's context; tools/kernel-profile then
+/// counts only what runs between the two). Synchronizes the device first, so that no kernel
+/// straddles the mark. A no-op on the CPU; without a profiler attached the driver ignores it.
+pub fn profiler_range(device: &Device, start: bool) -> Result<()> {
+    device.synchronize()?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use cudarc::driver::sys;
+        let stream = d.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| KernelError::Cuda(format!("profiler range: {e}")))?;
+        // SAFETY: plain driver calls on the context bound to this thread just above.
+        let r = unsafe {
+            if start {
+                sys::cuProfilerStart()
+            } else {
+                sys::cuProfilerStop()
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(KernelError::Cuda(format!(
+                "cuProfiler{}: {r:?}",
+                if start { "Start" } else { "Stop" }
+            )));
+        }
+    }
+    let _ = start; // read only by the CUDA build
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::GpuInfo;

@@ -151,6 +151,16 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
     on_large_stack(|| -> Result<()> {
         let mut trainer = Trainer::new(&model, lora, vec![sequence], Vec::new(), options)?;
         let mut last = 0.0;
+        // The measured steps are the CUDA profiler range (tools/kernel-profile then counts only
+        // them; a no-op without a profiler or on the CPU). Best effort: a failed mark is said.
+        let mark = |start: bool| {
+            if let Err(e) = finetune_kernels::device::profiler_range(&device, start) {
+                eprintln!("bench: warning: profiler range mark failed: {e}");
+            }
+        };
+        if args.warmup == 0 {
+            mark(true);
+        }
         trainer.run(None, &stop, &mut |m| {
             let secs = m.elapsed_secs - last;
             last = m.elapsed_secs;
@@ -168,7 +178,11 @@ pub fn train(args: &BenchTrainArgs) -> Result<Outcome> {
                 }
             );
             steps.push((m.step, secs, m.loss, m.tokens));
+            if m.step == args.warmup {
+                mark(true);
+            }
         })?;
+        mark(false);
         if args.profile {
             profile = Some(forward_backward_secs(
                 &model,

@@ -53,6 +53,25 @@ impl Drop for Fixture {
     }
 }
 
+/// A CPU f32 tensor of `shape` with values uniform in ±std·√3 (standard deviation `std`) from
+/// a SplitMix64 stream seeded by `seed`: the same values on every run and machine.
+fn seeded_uniform(shape: &candle_core::Shape, std: f64, seed: u64) -> candle_core::Result<Tensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let half_width = std * 3f64.sqrt();
+    let values: Vec<f32> = (0..shape.elem_count())
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+            ((2.0 * unit - 1.0) * half_width) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
 impl Fixture {
     pub fn new(device: &Device) -> Result<Self, TrainError> {
         let mut config = Preset::Tiny.config();
@@ -91,16 +110,20 @@ impl Fixture {
         .map(String::from)
         .to_vec();
         let init = Lora::init(&cpu.lora_targets(), &modules, 4, 2.0, 1, &Device::Cpu)?;
-        // B ≠ 0 so that A gets a gradient too (PEFT's B = 0 would leave dA = 0).
+        // B ≠ 0 so that A gets a gradient too (PEFT's B = 0 would leave dA = 0). Seeded, not
+        // candle's unseeded CPU randn: each run checks the same instance (with a fresh B per
+        // run, the bf16 layouts' distance from the single-device step varied from 0.009 to
+        // 0.069 between runs of the same code, the bf16 routing flipping on some instances).
         let lora = Lora::from_tensors(
             4,
             2.0,
             init.tensors()
-                .map(|(n, a, b)| {
+                .enumerate()
+                .map(|(i, (n, a, b))| {
                     Ok((
                         n.to_string(),
                         a.clone(),
-                        Tensor::randn(0f32, 0.05, b.shape(), &Device::Cpu)?,
+                        seeded_uniform(b.shape(), 0.05, i as u64)?,
                     ))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?,
