@@ -9,17 +9,14 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use finetune_model::model::{AttentionPath, MoePath};
-use finetune_model::{Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
+use finetune_model::{Lora, Qwen3Moe};
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::{adapters, adapters_where, load, load_from, max_abs, rel_diff, values};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/fixtures/tiny-qwen3-moe")
-}
-
-fn load(config: &Path, weights: &Path) -> Qwen3Moe {
-    let config = Qwen3MoeConfig::from_file(config).unwrap();
-    let weights = Weights::open(weights, &Device::Cpu).unwrap();
-    Qwen3Moe::load(config, &weights, &Device::Cpu).unwrap()
 }
 
 /// A random checkpoint of the `tiny` preset (the directory kept alive by the caller).
@@ -27,53 +24,18 @@ fn tiny() -> (tempfile::TempDir, Qwen3Moe) {
     let dir = tempfile::tempdir().unwrap();
     let config = finetune_model::Preset::Tiny.config();
     finetune_model::init::write_random_checkpoint(&config, 7, dir.path()).unwrap();
-    let model = load(&dir.path().join("config.json"), dir.path());
+    let model = load(dir.path());
     (dir, model)
-}
-
-/// Deterministic values in about [−1, 1) (a hash of the index).
-fn values(n: usize, salt: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut z = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xBF58_476D);
-            z = (z ^ (z >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 29;
-            ((z % 20_000) as f32 / 10_000.0) - 1.0
-        })
-        .collect()
-}
-
-/// r = 4 adapters with A and B both non-zero on the targets `keep` accepts.
-fn adapters(model: &Qwen3Moe, keep: impl Fn(&str) -> bool) -> Lora {
-    let r = 4;
-    let tensors = model
-        .lora_targets()
-        .into_iter()
-        .enumerate()
-        .filter(|(_, (name, _, _))| keep(name))
-        .map(|(i, (name, out, inp))| {
-            let t = |shape: (usize, usize), salt: u64, scale: f32| {
-                let v = values(shape.0 * shape.1, salt)
-                    .iter()
-                    .map(|v| v * scale)
-                    .collect();
-                Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-            };
-            let a = t((r, inp), 2 * i as u64 + 1, 1.0 / (inp as f32).sqrt());
-            let b = t((out, r), 2 * i as u64 + 2, 0.05);
-            (name, a, b)
-        });
-    Lora::from_tensors(r, 2.0, tensors).unwrap()
 }
 
 /// The adapter sets compared: every target; q and v of the attention only (k and o without
 /// an adapter; no experts); none.
 fn adapter_sets(model: &Qwen3Moe) -> Vec<(&'static str, Option<Lora>)> {
     vec![
-        ("all targets", Some(adapters(model, |_| true))),
+        ("all targets", Some(adapters(model))),
         (
             "q and v only",
-            Some(adapters(model, |n| {
+            Some(adapters_where(model, |n| {
                 n.ends_with("self_attn.q_proj") || n.ends_with("self_attn.v_proj")
             })),
         ),
@@ -143,25 +105,6 @@ fn run(model: &Qwen3Moe, ids: &[u32], pos: &[u32], lora: Option<&Lora>) -> Run {
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// max |a − b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    max_abs(&d) / max_abs(b).max(f32::MIN_POSITIVE)
-}
-
 /// The manual path against the chain on `model` for every adapter set and `moe` path, within
 /// `tol` (relative: loss, embeddings' gradient, each LoRA variable's gradient).
 fn compare(what: &str, model: &mut Qwen3Moe, moe: &[MoePath], tol: f32) {
@@ -217,7 +160,7 @@ fn manual_equals_the_chain_on_the_tiny_preset() {
 #[test]
 fn manual_equals_the_chain_on_the_yarn_fixture() {
     let dir = fixtures();
-    let mut model = load(&dir.join("yarn-config.json"), &dir.join("bf16"));
+    let mut model = load_from(&dir.join("yarn-config.json"), &dir.join("bf16"));
     assert_eq!(
         model.config.rope_scaling.as_ref().unwrap().rope_type,
         "yarn"
@@ -228,7 +171,7 @@ fn manual_equals_the_chain_on_the_yarn_fixture() {
 #[test]
 fn manual_equals_the_chain_on_the_fp8_fixture() {
     let dir = fixtures().join("fp8");
-    let mut model = load(&dir.join("config.json"), &dir);
+    let mut model = load(&dir);
     compare("FP8 fixture", &mut model, &[MoePath::GroupedManual], 1e-5);
 }
 
@@ -248,7 +191,7 @@ fn bf16_manual_stays_within_rounding_of_the_bf16_chain() {
 fn dropout_and_the_kv_cache_run_the_chain() {
     let (_dir, mut model) = tiny();
     let (ids, pos) = packed(model.config.vocab_size);
-    let mut lora = adapters(&model, |_| true);
+    let mut lora = adapters(&model);
     lora.set_dropout(0.25, 3);
     lora.set_training(true);
     model.set_attention_path(AttentionPath::Chain);

@@ -7,49 +7,11 @@
 
 use candle_core::{Device, Tensor, Var};
 use finetune_model::model::MoePath;
-use finetune_model::{Lora, Qwen3Moe, Qwen3MoeConfig, Weights};
+use finetune_model::{Lora, Qwen3Moe};
 use std::path::Path;
 
-fn load(dir: &Path) -> Qwen3Moe {
-    let config = Qwen3MoeConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = Weights::open(dir, &Device::Cpu).unwrap();
-    Qwen3Moe::load(config, &weights, &Device::Cpu).unwrap()
-}
-
-/// Deterministic values in about [−1, 1) (a hash of the index).
-fn values(n: usize, salt: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut z = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xBF58_476D);
-            z = (z ^ (z >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 29;
-            ((z % 20_000) as f32 / 10_000.0) - 1.0
-        })
-        .collect()
-}
-
-/// r = 4 adapters on every target with A and B both non-zero (a fresh PEFT B = 0 would leave
-/// every dA zero), expert adapters stacked as `Lora` keeps them.
-fn adapters(model: &Qwen3Moe) -> Lora {
-    let r = 4;
-    let tensors = model
-        .lora_targets()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, out, inp))| {
-            let t = |shape: (usize, usize), salt: u64, scale: f32| {
-                let v = values(shape.0 * shape.1, salt)
-                    .iter()
-                    .map(|v| v * scale)
-                    .collect();
-                Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-            };
-            let a = t((r, inp), 2 * i as u64 + 1, 1.0 / (inp as f32).sqrt());
-            let b = t((out, r), 2 * i as u64 + 2, 0.05);
-            (name, a, b)
-        });
-    Lora::from_tensors(r, 2.0, tensors).unwrap()
-}
+mod common;
+use common::{adapters, load, max_abs, rel_diff, values};
 
 struct Run {
     loss: f32,
@@ -91,22 +53,6 @@ fn run(model: &Qwen3Moe, ids: &[u32], lora: Option<&Lora>) -> Run {
         dx: grads.get(x0.as_tensor()).unwrap().clone(),
         lora,
     }
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// max |a − b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(a - b).unwrap()) / max_abs(b).max(f32::MIN_POSITIVE)
 }
 
 /// Tokens per expert of MoE layer `layer` for the hidden states `x` entering it: the routing
