@@ -103,6 +103,16 @@ pub fn sum_rows(s: &Tensor, p: &Arc<Permutation>) -> candle_core::Result<Tensor>
     s.contiguous()?.apply_op1(SumRows(p.clone()))
 }
 
+/// The routing weight of each slot, `[N, 1]`: entry `t·E + e` of `weights` `[T, E]` for the
+/// slot of token t at expert e (`p` is a permutation over the T·E entries listing those of the
+/// slots; T·E, past the table, for a pad slot, which reads 0). A [`gather_rows`] over the
+/// flattened table, so its backward is a [`sum_rows`] (one thread per entry) rather than
+/// `index_select`'s backward, candle's CUDA `index_add`, which for a one-column source runs
+/// ONE thread over all N = T·k slots.
+pub fn slot_weights(weights: &Tensor, p: &Arc<Permutation>) -> candle_core::Result<Tensor> {
+    gather_rows(&weights.reshape((weights.elem_count(), 1))?, p)
+}
+
 struct GatherRows(Arc<Permutation>);
 /// [`sum_rows`]' op (also run on a storage directly by [`crate::moe_experts`]' forward).
 pub(crate) struct SumRows(pub(crate) Arc<Permutation>);

@@ -26,7 +26,7 @@ use crate::lora::Lora;
 use crate::shard::{BaseShard, Cut};
 use crate::weights::{BaseWeight, Weights, WeightsError};
 use candle_core::{DType, Device, Tensor, Var, D};
-use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
+use finetune_kernels::moe_permute::{gather_rows, slot_weights, sum_rows, Permutation};
 
 type Result<T> = std::result::Result<T, WeightsError>;
 
@@ -426,18 +426,6 @@ fn project_with(
         }
         None => Ok(y),
     }
-}
-
-/// The routing weight of each slot, `[N, 1]`: entry `t·E + e` of `weights` `[T, E]` for the
-/// slot of token t at expert e (`weight_perm` lists those entries; T·E, past the table, for a
-/// pad slot, which reads 0). A `gather_rows` over the flattened table, so its backward is a
-/// `sum_rows` (one thread per entry) rather than `index_select`'s backward, candle's CUDA
-/// `index_add`, which for a one-column source runs ONE thread over all N = T·k slots.
-fn slot_weights(
-    weights: &Tensor,
-    weight_perm: &std::sync::Arc<Permutation>,
-) -> candle_core::Result<Tensor> {
-    gather_rows(&weights.reshape((weights.elem_count(), 1))?, weight_perm)
 }
 
 /// Whether the batched MoE path can run with `lora`: no adapters, or one on every expert's

@@ -46,7 +46,7 @@ use crate::TrainError;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use finetune_data::Sequence;
-use finetune_kernels::moe_permute::{gather_rows, sum_rows, Permutation};
+use finetune_kernels::moe_permute::{gather_rows, slot_weights, sum_rows, Permutation};
 use finetune_model::{Lora, Qwen3Moe, SequenceContext};
 use std::sync::Arc;
 
@@ -306,11 +306,9 @@ fn moe_forward(
     let out = if tok_idx.is_empty() {
         Tensor::zeros((t_len, hidden), dtype, dev)?
     } else {
-        // Each slot's routing weight: entry t·E + e of the [T, E] table (see model.rs'
-        // slot_weights), a gather whose backward is a sum over at most one slot per entry.
-        let table = weights.reshape((t_len * n_exp, 1))?;
+        // Each slot's routing weight: entry t·E + e of the [T, E] table.
         let w_perm = Arc::new(Permutation::new(w_idx, t_len * n_exp, dev)?);
-        let w = gather_rows(&table, &w_perm)?;
+        let w = slot_weights(&weights, &w_perm)?;
         let contrib = yback.as_tensor().broadcast_mul(&w)?;
         sum_rows(&contrib, &send_perm)?
     };
