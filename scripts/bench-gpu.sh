@@ -26,7 +26,7 @@
 #      (ours-fp8-gemm, FINETUNE_FP8_GEMM=1: activations quantized to FP8 per 128 columns), the
 #      router's top-k kernel (ours-bf16-route-device, FINETUNE_ROUTE_ON_DEVICE=1), and every
 #      opt-in at once (ours-bf16-opt-ins, ours-fp8-opt-ins with the FP8 GEMM too,
-#      ours-bf16-opt-ins-recompute: OPT_IN_ENV and OPT_IN_FLAGS below). run_spec lists them all.
+#      ours-bf16-opt-ins-recompute: scripts/opt-ins.sh). run_spec lists them all.
 #      RUNS="ours-bf16 ours-fp8 …" picks a subset and their order.
 #   4. transformers + PEFT, r = 16 on q/k/v/o + the fused experts (target_parameters), bf16.
 #   5. Per-kernel GPU time (runs peft-bf16-kprof and <run>-kprof for any of ours, in RUNS): PEFT
@@ -75,12 +75,10 @@ run_ours() {  # NAME MODEL FLAGS...   (environment assignments from the array EN
   tail -3 "$OUT_DIR/$name.log" >&2
 }
 
-# Every opt-in GPU path at once (each is also a run of its own below): the environment
-# switches and the bench flags. ours-bf16-opt-ins against ours-bf16 is what turning them all
-# on would give; the single runs say which one does what.
-OPT_IN_ENV=(FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1
-  FINETUNE_ROUTE_ON_DEVICE=1)
-OPT_IN_FLAGS=(--moe grouped-manual --attention-block manual)
+# Every opt-in GPU path at once (each is also a run of its own below): OPT_IN_ENV of
+# scripts/opt-ins.sh. ours-bf16-opt-ins against ours-bf16 is what turning them all on would
+# give; the single runs say which one does what.
+source scripts/opt-ins.sh
 
 # run_spec RUN: sets MODEL, ENVS (array) and FLAGS (array) of one of our runs (without -kprof).
 run_spec() {
@@ -102,9 +100,9 @@ run_spec() {
     ours-bf16-manual-attention) FLAGS+=(--attention-block manual) ;;
     ours-bf16-manual-both) FLAGS+=(--moe grouped-manual --attention-block manual) ;;
     ours-fp8-gemm) MODEL=$WORK/base/fp8; ENVS=(FINETUNE_FP8_GEMM=1) ;;
-    ours-bf16-opt-ins) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=("${OPT_IN_FLAGS[@]}") ;;
-    ours-bf16-opt-ins-recompute) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=("${OPT_IN_FLAGS[@]}" --recompute) ;;
-    ours-fp8-opt-ins) MODEL=$WORK/base/fp8; ENVS=("${OPT_IN_ENV[@]}" FINETUNE_FP8_GEMM=1); FLAGS+=("${OPT_IN_FLAGS[@]}") ;;
+    ours-bf16-opt-ins) ENVS=("${OPT_IN_ENV[@]}") ;;
+    ours-bf16-opt-ins-recompute) ENVS=("${OPT_IN_ENV[@]}"); FLAGS+=(--recompute) ;;
+    ours-fp8-opt-ins) MODEL=$WORK/base/fp8; ENVS=("${OPT_IN_ENV[@]}" FINETUNE_FP8_GEMM=1) ;;
     *) return 1 ;;
   esac
 }

@@ -30,11 +30,8 @@ bash scripts/device-run.sh unpack dist/pack/finetune.tar.xz
 nvidia-smi > "$OUT/smi.txt"
 PART=${PART:-all}
 FT=dist/cuda/finetune
-# The opt-in GPU paths at once (as bench-gpu.sh's OPT_IN_ENV and OPT_IN_FLAGS: FINETUNE_MOE_PATH
-# and FINETUNE_ATTENTION_BLOCK make every model the tests load use the grouped MoE path's and
-# the attention half's hand-written backward).
-OPT_IN_ENV=(FINETUNE_ATTENTION_TENSOR_CORES=1 FINETUNE_LORA_LINEAR_GPU=1 FINETUNE_GROUPED_GEMM_CUBLAS=1
-  FINETUNE_ROUTE_ON_DEVICE=1 FINETUNE_MOE_PATH=grouped-manual FINETUNE_ATTENTION_BLOCK=manual)
+# The opt-in GPU paths at once, for the opt-in parity run (OPT_IN_ENV, as bench-gpu.sh's runs).
+source scripts/opt-ins.sh
 
 # Time left in a session (a large number outside one); fits N: whether a step limited to N
 # seconds still fits (else it is skipped and the skip logged in rc.txt).
