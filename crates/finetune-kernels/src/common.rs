@@ -37,6 +37,39 @@ impl EnvSwitch {
     }
 }
 
+/// A kernel launch's geometry, computed by a plain function next to each op so that the CUDA
+/// launch and the emulated launch of the tests (finetune-kernel-emu: the same kernel source
+/// run on the CPU) use the same numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+pub(crate) struct LaunchShape {
+    pub(crate) grid: (u32, u32, u32),
+    pub(crate) block: (u32, u32, u32),
+    pub(crate) shared_mem_bytes: u32,
+}
+
+#[cfg(feature = "cuda")]
+impl From<LaunchShape> for candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    fn from(s: LaunchShape) -> Self {
+        Self {
+            grid_dim: s.grid,
+            block_dim: s.block,
+            shared_mem_bytes: s.shared_mem_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+impl From<LaunchShape> for finetune_kernel_emu::Geometry {
+    fn from(s: LaunchShape) -> Self {
+        Self {
+            grid: s.grid,
+            block: s.block,
+            shared_mem_bytes: s.shared_mem_bytes,
+        }
+    }
+}
+
 /// The contiguous f32 values of `s` under `l` (borrowed for f32, converted for bf16).
 pub(crate) fn cpu_f32<'a>(
     s: &'a CpuStorage,

@@ -22,7 +22,7 @@
 //! No backward: the selection is piecewise constant; the routing weights' gradient flows
 //! through the probabilities the mask multiplies (finetune-model's `route_tokens`).
 
-use crate::common::{cpu_f32, EnvSwitch};
+use crate::common::{cpu_f32, EnvSwitch, LaunchShape};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
 static ON_DEVICE: EnvSwitch = EnvSwitch::new("FINETUNE_ROUTE_ON_DEVICE");
@@ -105,6 +105,16 @@ struct TopKOp {
     k: usize,
 }
 
+/// `moe_top_k`'s launch for `t` tokens: one warp per token, 8 warps per block.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+fn launch_shape(t: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (t.div_ceil(8) as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// The comparison key of a probability: NaN ranks as −∞.
 fn key(p: f32) -> f32 {
     if p.is_nan() {
@@ -170,12 +180,7 @@ impl CustomOp1 for TopKOp {
         let mut b = f.builder();
         b.arg(&p).arg(&out).arg(&t_u).arg(&e_u).arg(&k_u);
         if t > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (t.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(LaunchConfig::from(launch_shape(t))) }.w()?;
         }
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
@@ -251,6 +256,48 @@ mod tests {
             .all(|&m| m == 1.0));
         let err = top_k(&p, 5).err().unwrap().to_string();
         assert!(err.contains("k = 5 of 4"), "{err}");
+    }
+
+    /// kernels/moe_route.cu itself, run on the CPU by finetune-kernel-emu with the CUDA
+    /// launch's geometry, in both fiber orders: bit-identical to the CPU reference (the kernel
+    /// only compares, so no tolerance), NaN rows included.
+    #[test]
+    fn emulated_kernel_equals_the_cpu_reference_bit_for_bit() {
+        use finetune_kernel_emu::{launch, Buffer, Order};
+        extern "C" {
+            fn moe_top_k(p: *const f32, out: *mut f32, t: u32, e: u32, k: u32);
+        }
+        for (t, e, k) in [
+            (37usize, 160usize, 8usize),
+            (9, 32, 32),
+            (5, 1000, 3),
+            (20, 128, 8),
+        ] {
+            let mut p = tied(t, e, 7);
+            p[3] = f32::NAN; // a NaN among token 0's probabilities
+            p[e..2 * e].fill(f32::NAN); // token 1: all NaN
+            let want = top_k(
+                &Tensor::from_vec(p.clone(), (t, e), &Device::Cpu).unwrap(),
+                k,
+            )
+            .unwrap()
+            .packed
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+            for order in Order::BOTH {
+                let probs = Buffer::from_slice(&p);
+                let out = Buffer::filled(t * (e + k), f32::NAN);
+                launch(launch_shape(t).into(), order, || unsafe {
+                    moe_top_k(probs.ptr(), out.mut_ptr(), t as u32, e as u32, k as u32)
+                })
+                .unwrap();
+                let got: Vec<u32> = out.to_vec().iter().map(|v| v.to_bits()).collect();
+                let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "{t}×{e} k {k}, {order:?}");
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]

@@ -1,0 +1,60 @@
+// probes.cu: kernels that break CUDA's rules on purpose, for the scheduler's own tests
+// (tests/scheduler.rs): each check of runtime.cpp must be seen to fail.
+#include <cuda_bf16.h>
+#include <mma.h>
+#include <stdint.h>
+
+// out[i] = the value thread (i + 1) % n wrote to shared memory; `barrier` says whether the
+// read waits for the write.
+extern "C" __global__ void probe_neighbour(float* out, int barrier) {
+    __shared__ float cell[256];
+    int i = threadIdx.x, n = blockDim.x;
+    cell[i] = (float)(blockIdx.x * 1000 + i);
+    if (barrier) __syncthreads();
+    out[blockIdx.x * n + i] = cell[(i + 1) % n];
+}
+
+// out[i] = the warp's sum by xor shuffles; lanes ≥ `live` return first.
+extern "C" __global__ void probe_warp_sum(float* out, int live) {
+    int lane = threadIdx.x % 32;
+    if (lane >= live) return;
+    float v = (float)lane;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    out[threadIdx.x] = v;
+}
+
+// Half a warp at __syncwarp, the other half at __syncthreads: neither can complete.
+extern "C" __global__ void probe_deadlock() {
+    if (threadIdx.x % 32 < 16) __syncwarp();
+    else __syncthreads();
+}
+
+// One 16×16×16 WMMA product from global memory at `offset` elements past `a`.
+extern "C" __global__ void probe_wmma(const __nv_bfloat16* a, float* out, int offset) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+    wmma::fill_fragment(fc, 0.f);
+    wmma::load_matrix_sync(fa, a + offset, 16);
+    wmma::load_matrix_sync(fb, a + offset, 16);
+    wmma::mma_sync(fc, fa, fb, fc);
+    wmma::store_matrix_sync(out, fc, 16, wmma::mem_row_major);
+}
+
+// Dynamic shared memory: thread i writes then (after a barrier) reads back element i.
+extern "C" __global__ void probe_dynamic(float* out) {
+    extern __shared__ __align__(16) float dyn[];
+    dyn[threadIdx.x] = 2.f * threadIdx.x;
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = dyn[(threadIdx.x + 1) % blockDim.x];
+}
+
+// E4M3 conversions of cuda_fp8.h: q[i] = e4m3(x[i]) (saturating), back[i] = its value.
+#include <cuda_fp8.h>
+extern "C" __global__ void probe_e4m3(const float* x, uint8_t* q, float* back, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    q[i] = __nv_cvt_float_to_fp8(x[i], __NV_SATFINITE, __NV_E4M3);
+    back[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(q[i], __NV_E4M3)));
+}
