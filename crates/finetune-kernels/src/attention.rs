@@ -34,7 +34,7 @@
 //! two-pass forward) when [`set_tensor_cores`] or `FINETUNE_ATTENTION_TENSOR_CORES=1` turns
 //! them on — opt-in until a GPU session has run their test (written without a GPU).
 
-use crate::common::{cpu_f32, exp_sub_sum, gemm_f32, max, simd};
+use crate::common::{cpu_f32, exp_sub_sum, gemm_f32, max, simd, LaunchShape};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -636,10 +636,81 @@ impl CustomOp3 for Attention {
     }
 }
 
+/// Rows per block of the scalar kernels (kernels/attention.cu's FWD_BR, BWD_BR, BWD_BC).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FWD_BR: usize = 32;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const BWD_BR: usize = 16;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const BWD_BC: usize = 16;
+/// The tensor-core kernels' rows per block (TC_ROWS = TC_TILE in attention.cu).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const TC_ROWS: usize = 64;
+
+/// The three tensor-core kernels, whose dynamic shared memory differs.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum TcKernel {
+    Forward,
+    Dq,
+    DkDv,
+}
+
+/// The launch shape of one kernel over `rows` (query rows or keys) × `grid_y` heads: a
+/// tensor-core kernel (`tc`) in blocks of TC_ROWS rows with its dynamic shared memory, a
+/// scalar one in blocks of `scalar_rows` rows, 4 threads a row.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn launch_shape(
+    tc: Option<TcKernel>,
+    d: usize,
+    (rows, grid_y): (usize, usize),
+    scalar_rows: usize,
+) -> LaunchShape {
+    match tc {
+        Some(which) => LaunchShape {
+            grid: (rows.div_ceil(TC_ROWS) as u32, grid_y as u32, 1),
+            block: (128, 1, 1),
+            shared_mem_bytes: tc_smem(which, d) as u32,
+        },
+        None => LaunchShape {
+            grid: (rows.div_ceil(scalar_rows) as u32, grid_y as u32, 1),
+            block: ((scalar_rows * 4) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    }
+}
+
+/// Dynamic shared memory of a tensor-core kernel (the layouts in attention.cu's comments):
+/// bf16 tiles of 64 rows × (D + 8), f32 score tiles 64 × 68, bf16 probability tiles 64 × 72.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn tc_smem(which: TcKernel, d: usize) -> usize {
+    let tile_h = TC_ROWS * (d + 8) * 2;
+    let tile_s = TC_ROWS * (TC_ROWS + 4) * 4;
+    let tile_p = TC_ROWS * (TC_ROWS + 8) * 2;
+    match which {
+        TcKernel::Forward => 3 * tile_h + tile_s + tile_p,
+        TcKernel::Dq => 4 * tile_h + 2 * tile_s + tile_p,
+        TcKernel::DkDv => 4 * tile_h + 2 * tile_s + 2 * tile_p + 2 * TC_ROWS * 4,
+    }
+}
+
+/// `attention_bwd_dot_*`'s launch over `rows` = T·H rows: one warp a row, 8 per block.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn dot_launch_shape(rows: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (rows.div_ceil(8) as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     //! Launches of kernels/attention.cu (tile sizes must match its FWD_BR / BWD_BR / BWD_BC).
-    use super::{cuda_supported, Attention, Dims, Lse};
+    use super::{
+        cuda_supported, dot_launch_shape, launch_shape, tc_smem, Attention, Dims, Lse, TcKernel,
+        BWD_BC, BWD_BR, FWD_BR,
+    };
     use crate::common::cuda::{suffix, view};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -650,60 +721,22 @@ mod cuda {
     use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 
     const NAME: &str = "causal-attention (cuda)";
-    const FWD_BR: usize = 32;
-    const BWD_BR: usize = 16;
-    const BWD_BC: usize = 16;
-    /// The tensor-core kernels' rows per block (TC_ROWS = TC_TILE in attention.cu).
-    const TC_ROWS: usize = 64;
     const MAX_DYNAMIC_SMEM: CUfunction_attribute =
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 
-    #[derive(Clone, Copy)]
-    enum TcKernel {
-        Forward,
-        Dq,
-        DkDv,
-    }
-
-    /// The launch shape of one kernel over `rows` (query rows or keys) × `grid_y` heads: a
-    /// tensor-core kernel (`tc`) in blocks of TC_ROWS rows with its dynamic shared memory (the
-    /// limit raised on `f`), a scalar one in blocks of `scalar_rows` rows, 4 threads a row.
+    /// [`launch_shape`], with a tensor-core kernel's dynamic shared memory limit raised on `f`.
     fn config(
         f: &CudaFunction,
         tc: Option<TcKernel>,
         d: usize,
-        (rows, grid_y): (usize, usize),
+        dims: (usize, usize),
         scalar_rows: usize,
     ) -> candle_core::Result<LaunchConfig> {
-        Ok(match tc {
-            Some(which) => {
-                let smem = tc_smem(which, d);
-                f.set_attribute(MAX_DYNAMIC_SMEM, smem as i32).w()?;
-                LaunchConfig {
-                    grid_dim: (rows.div_ceil(TC_ROWS) as u32, grid_y as u32, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                }
-            }
-            None => LaunchConfig {
-                grid_dim: (rows.div_ceil(scalar_rows) as u32, grid_y as u32, 1),
-                block_dim: ((scalar_rows * 4) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        })
-    }
-
-    /// Dynamic shared memory of a tensor-core kernel (the layouts in attention.cu's comments):
-    /// bf16 tiles of 64 rows × (D + 8), f32 score tiles 64 × 68, bf16 probability tiles 64 × 72.
-    fn tc_smem(which: TcKernel, d: usize) -> usize {
-        let tile_h = TC_ROWS * (d + 8) * 2;
-        let tile_s = TC_ROWS * (TC_ROWS + 4) * 4;
-        let tile_p = TC_ROWS * (TC_ROWS + 8) * 2;
-        match which {
-            TcKernel::Forward => 3 * tile_h + tile_s + tile_p,
-            TcKernel::Dq => 4 * tile_h + 2 * tile_s + tile_p,
-            TcKernel::DkDv => 4 * tile_h + 2 * tile_s + 2 * tile_p + 2 * TC_ROWS * 4,
+        if let Some(which) = tc {
+            f.set_attribute(MAX_DYNAMIC_SMEM, tc_smem(which, d) as i32)
+                .w()?;
         }
+        Ok(launch_shape(tc, d, dims, scalar_rows).into())
     }
 
     /// `attention_<what>_<f32|bf16>[_d<D>]` of kernels/attention.cu.
@@ -916,12 +949,7 @@ mod cuda {
             )?;
             let mut b = f.builder();
             b.arg(&d_o).arg(&o).arg(&big_d).arg(&rows_i).arg(&d_i);
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(LaunchConfig::from(dot_launch_shape(rows))) }.w()?;
             let (t, h, g, past) = (n.t as i32, n.h as i32, n.g as i32, self.op.past as i32);
             let scale = self.op.scale;
             let (mut dq, mut dkv) = out.split_at_mut(nq);

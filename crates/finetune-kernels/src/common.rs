@@ -41,7 +41,7 @@ impl EnvSwitch {
 /// launch and the emulated launch of the tests (finetune-kernel-emu: the same kernel source
 /// run on the CPU) use the same numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct LaunchShape {
     pub(crate) grid: (u32, u32, u32),
     pub(crate) block: (u32, u32, u32),
