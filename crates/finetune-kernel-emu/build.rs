@@ -7,7 +7,11 @@
 //! - `extern __shared__ [__align__(n)] T name[];` (dynamic shared memory) becomes
 //!   `T* name = EMU_DYNAMIC_SHARED(T);`, this launch's buffer (which ends at a guard page);
 //! - every other `__shared__` becomes `static thread_local`: one copy per OS thread, which the
-//!   block's fibers share because a launch runs its blocks one after the other on one thread.
+//!   block's fibers share because a launch runs its blocks one after the other on one thread;
+//!   each such declaration is followed (on the same line, so compiler messages keep the
+//!   kernel's line numbers) by `EMU_POISON_SHARED(name);`, which fills the array with 0xff bytes
+//!   (NaN as f32) the first time a thread of a new block passes it, as real shared memory starts
+//!   with whatever the previous block left: a read before any write shows in the results.
 //!
 //! Compiled at -O2 whatever the profile (the tests run sizeable launches) with contraction off,
 //! so a product is never fused into a sum the kernel did not write as `fmaf`.
@@ -27,6 +31,10 @@ fn main() {
         r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;",
     )
     .expect("valid regex");
+    // A statement `__shared__ [__align__(n)] T a[N], b;` at the start of a line.
+    let static_decl =
+        regex::Regex::new(r"(?m)^([ \t]*)__shared__\s+((?:__align__\(\s*\d+\s*\)\s+)?)([^;]+);")
+            .expect("valid regex");
     let mut sources = Vec::new();
     // The kernels, and the scheduler's own probes (emu/probes.cu, for tests/scheduler.rs).
     let mut entries: Vec<PathBuf> = std::fs::read_dir(&kernels)
@@ -44,6 +52,14 @@ fn main() {
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         let text = dynamic.replace_all(&text, "$1* $2 = EMU_DYNAMIC_SHARED($1);");
+        let text = static_decl.replace_all(&text, |c: &regex::Captures| {
+            let poison: String = declared_names(&c[3])
+                .iter()
+                .map(|name| format!(" EMU_POISON_SHARED({name});"))
+                .collect();
+            format!("{}static thread_local {}{};{poison}", &c[1], &c[2], &c[3])
+        });
+        // What is left (comments) reads the same either way.
         let text = text.replace("__shared__", "static thread_local");
         let name = path
             .file_name()
@@ -87,4 +103,42 @@ fn write_if_changed(path: &Path, text: &str) {
         std::fs::write(path, text)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
+}
+
+/// The names a declaration `T a[N], b, *c` declares (the identifier before each top-level
+/// comma's `[` or end).
+fn declared_names(declaration: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut depth = 0usize;
+    let mut part = String::new();
+    let mut flush = |part: &mut String| {
+        let head = part.split('[').next().unwrap_or("");
+        let name: String = head
+            .trim_end()
+            .chars()
+            .rev()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if !name.is_empty() {
+            names.push(name);
+        }
+        part.clear();
+    };
+    for ch in declaration.chars() {
+        match ch {
+            '[' | '(' => depth += 1,
+            ']' | ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                flush(&mut part);
+                continue;
+            }
+            _ => {}
+        }
+        part.push(ch);
+    }
+    flush(&mut part);
+    names
 }

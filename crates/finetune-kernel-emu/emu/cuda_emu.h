@@ -36,6 +36,8 @@ void sync_warp(unsigned mask);
 // lane's bits. Returns the source lane's value.
 uint64_t shuffle(unsigned mask, uint64_t bits, int src_lane);
 [[noreturn]] void fail(const char* what);
+// Fills a static shared array with 0xff bytes once per block (build.rs inserts the calls).
+void poison_shared(void* p, size_t bytes);
 }  // namespace emu
 
 #define threadIdx (emu::current.thread)
@@ -51,6 +53,7 @@ uint64_t shuffle(unsigned mask, uint64_t bits, int src_lane);
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define EMU_DYNAMIC_SHARED(T) (reinterpret_cast<T*>(emu::dynamic_shared))
+#define EMU_POISON_SHARED(x) emu::poison_shared(&(x), sizeof(x))
 
 inline void __syncthreads() { emu::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::sync_warp(mask); }

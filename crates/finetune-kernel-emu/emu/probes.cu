@@ -58,3 +58,13 @@ extern "C" __global__ void probe_e4m3(const float* x, uint8_t* q, float* back, i
     q[i] = __nv_cvt_float_to_fp8(x[i], __NV_SATFINITE, __NV_E4M3);
     back[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(q[i], __NV_E4M3)));
 }
+
+// Static shared memory written only by the first `written` threads, then read by all: the
+// rest read what the block started with (poisoned by the emulator, garbage on a GPU).
+extern "C" __global__ void probe_unwritten(float* out, int written) {
+    __shared__ float cell[64], other;
+    if ((int)threadIdx.x < written) cell[threadIdx.x] = (float)blockIdx.x;
+    if (threadIdx.x == 0) other = 1.f;
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = cell[threadIdx.x] * other;
+}

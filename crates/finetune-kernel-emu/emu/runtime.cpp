@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace emu {
@@ -54,6 +55,8 @@ struct State {
 };
 
 thread_local State* state = nullptr;
+// Counts blocks run on this OS thread (never reset, so every block is a new generation).
+thread_local unsigned long block_generation = 0;
 thread_local std::vector<Stack> stack_pool;
 
 unsigned char* map_or_die(size_t bytes) {
@@ -216,6 +219,15 @@ bool run_block(State& s, unsigned threads, int order) {
 
 void sync_block() { park(Wait::Block); }
 
+void poison_shared(void* p, size_t bytes) {
+    static thread_local std::unordered_map<void*, unsigned long> poisoned_in;
+    unsigned long& generation = poisoned_in[p];
+    if (generation != block_generation) {
+        memset(p, 0xff, bytes);
+        generation = block_generation;
+    }
+}
+
 void sync_warp(unsigned mask) {
     state->running->mask = mask;
     park(Wait::WarpSync);
@@ -283,6 +295,7 @@ extern "C" int finetune_emu_launch(unsigned gx, unsigned gy, unsigned gz, unsign
         for (unsigned y = 0; y < gy && ok; ++y)
             for (unsigned x = 0; x < gx && ok; ++x) {
                 current.block = {x, y, z};
+                ++block_generation;
                 memset(shared, 0xff, span);
                 ok = run_block(s, threads, order);
             }

@@ -10,6 +10,7 @@ extern "C" {
     fn probe_wmma(a: *const u16, out: *mut f32, offset: i32);
     fn probe_dynamic(out: *mut f32);
     fn probe_e4m3(x: *const f32, q: *mut u8, back: *mut f32, n: i32);
+    fn probe_unwritten(out: *mut f32, written: i32);
 }
 
 fn geometry(blocks: u32, threads: u32, shared: u32) -> Geometry {
@@ -179,6 +180,34 @@ fn e4m3_conversions_agree_with_the_float8_crate() {
         }
         assert_eq!(q[i], reference.to_bits(), "x = {:e}", xs[i]);
         assert_eq!(back[i], reference.to_f32(), "x = {:e}", xs[i]);
+    }
+}
+
+#[test]
+fn static_shared_memory_starts_each_block_poisoned() {
+    let out = Buffer::filled(3 * 64, 0f32);
+    let run = |written: i32| {
+        launch(geometry(3, 64, 0), Order::Ascending, || unsafe {
+            probe_unwritten(out.mut_ptr(), written)
+        })
+        .unwrap();
+        out.to_vec()
+    };
+    // Every cell written: each block sees its own values (none left from the block before).
+    let full = run(64);
+    assert!(
+        full.iter().enumerate().all(|(i, &v)| v == (i / 64) as f32),
+        "{full:?}"
+    );
+    // Half written: the other half reads the poison (NaN) in every block, not the previous
+    // block's values.
+    let half = run(32);
+    for (i, &v) in half.iter().enumerate() {
+        if i % 64 < 32 {
+            assert_eq!(v, (i / 64) as f32, "{i}");
+        } else {
+            assert!(v.is_nan(), "{i}: {v}");
+        }
     }
 }
 
