@@ -18,6 +18,7 @@
 //! written in place (on CUDA through their device addresses, so they must not share storage
 //! with any other live tensor).
 
+use crate::common::LaunchShape;
 use candle_core::{DType, Device, Tensor, Var};
 
 /// The hyper-parameters of one step.
@@ -51,6 +52,60 @@ fn scalars(h: &AdamWHyper, t: u64) -> (f32, f32, f32) {
         (h.lr / bias1) as f32,
         (1.0 / bias2_sqrt) as f32,
     )
+}
+
+/// Elements per block of kernels/adamw.cu.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const CHUNK: usize = 4096;
+
+/// kernels/adamw.cu's scalar arguments after the chunk length: β₁, 1 − β₁, β₂, 1 − β₂, ε, each
+/// rounded to f32 once (as [`cpu_step`] rounds them).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernel_scalars(h: &AdamWHyper) -> [f32; 5] {
+    [
+        h.beta1 as f32,
+        (1.0 - h.beta1) as f32,
+        h.beta2 as f32,
+        (1.0 - h.beta2) as f32,
+        h.eps as f32,
+    ]
+}
+
+/// kernels/adamw.cu's metadata row of one tensor with `len` elements at its `t`-th update:
+/// the device addresses of p, m, v and g, the element count, decay | step << 32 and inv_b2
+/// (f32 bits).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn meta_row(addresses: [u64; 4], len: usize, h: &AdamWHyper, t: u64) -> [u64; 7] {
+    let (decay, step, inv_b2) = scalars(h, t);
+    let [p, m, v, g] = addresses;
+    [
+        p,
+        m,
+        v,
+        g,
+        len as u64,
+        u64::from(decay.to_bits()) | (u64::from(step.to_bits()) << 32),
+        u64::from(inv_b2.to_bits()),
+    ]
+}
+
+/// Appends tensor `tensor`'s (tensor, chunk) pairs, one per block, for `len` elements.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn push_chunks(chunks: &mut Vec<u32>, tensor: usize, len: usize) {
+    for c in 0..len.div_ceil(CHUNK) {
+        chunks.extend([tensor as u32, c as u32]);
+    }
+}
+
+/// kernels/adamw.cu's launch for a chunk table of `blocks` pairs: one block of 256 threads per
+/// chunk.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn launch_shape(blocks: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (blocks as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn check(tensors: &[AdamWTensor]) -> candle_core::Result<Option<Device>> {
@@ -126,13 +181,12 @@ fn cpu_step(tensors: &[AdamWTensor], h: &AdamWHyper) -> candle_core::Result<()> 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{scalars, AdamWHyper, AdamWTensor};
+    use super::{
+        kernel_scalars, launch_shape, meta_row, push_chunks, AdamWHyper, AdamWTensor, CHUNK,
+    };
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{Storage, Tensor};
-
-    /// Elements per block.
-    const CHUNK: usize = 4096;
 
     pub(super) fn step(
         dev: &CudaDevice,
@@ -158,7 +212,8 @@ mod cuda {
         let mut chunks = Vec::new();
         let mut records = Vec::new();
         for (i, x) in tensors.iter().enumerate() {
-            for (storage, layout) in &guards[4 * i..4 * i + 4] {
+            let mut addresses = [0u64; 4];
+            for (a, (storage, layout)) in addresses.iter_mut().zip(&guards[4 * i..4 * i + 4]) {
                 let Storage::Cuda(s) = &**storage else {
                     candle_core::bail!("adamw: tensor {i} is not on the CUDA device");
                 };
@@ -166,17 +221,12 @@ mod cuda {
                     candle_core::Error::Msg(format!("adamw: tensor {i} is not contiguous"))
                 })?;
                 let (ptr, record) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
-                meta.push(ptr + (start * 4) as u64);
+                *a = ptr + (start * 4) as u64;
                 records.push(record);
             }
             let len = x.param.elem_count();
-            let (decay, step, inv_b2) = scalars(h, x.t);
-            meta.push(len as u64);
-            meta.push(u64::from(decay.to_bits()) | (u64::from(step.to_bits()) << 32));
-            meta.push(u64::from(inv_b2.to_bits()));
-            for c in 0..len.div_ceil(CHUNK) {
-                chunks.extend([i as u32, c as u32]);
-            }
+            meta.extend(meta_row(addresses, len, h, x.t));
+            push_chunks(&mut chunks, i, len);
         }
         if chunks.is_empty() {
             return Ok(());
@@ -185,9 +235,7 @@ mod cuda {
         let chunks_d = dev.clone_htod(&chunks)?;
         let f = dev.get_or_load_custom_func("adamw_multi", "adamw", crate::ptx::ADAMW)?;
         let chunk_len = CHUNK as i32;
-        let (b1, omb1) = (h.beta1 as f32, (1.0 - h.beta1) as f32);
-        let (b2, omb2) = (h.beta2 as f32, (1.0 - h.beta2) as f32);
-        let eps = h.eps as f32;
+        let [b1, omb1, b2, omb2, eps] = kernel_scalars(h);
         let mut b = f.builder();
         b.arg(&meta_d)
             .arg(&chunks_d)
@@ -197,11 +245,7 @@ mod cuda {
             .arg(&b2)
             .arg(&omb2)
             .arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: ((chunks.len() / 2) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig::from(launch_shape(chunks.len() / 2));
         unsafe { b.launch(cfg) }.w()?;
         drop(records);
         drop(guards);
@@ -319,6 +363,104 @@ mod tests {
         };
         let err = adamw_step(&[zero], &H).unwrap_err().to_string();
         assert!(err.contains("1-based"), "{err}");
+    }
+
+    /// kernels/adamw.cu run on the CPU by finetune-kernel-emu in both fiber orders, with the
+    /// metadata table, chunk table, scalars and geometry the CUDA path builds (the same
+    /// functions; the "device addresses" are those of the emulator's buffers): p, m and v bit
+    /// for bit the CPU reference's (no tolerance: the kernel does the reference's f32
+    /// operations in its order, each rounded once, and √ and ÷ are correctly rounded on both).
+    /// Tensors of 8,194 elements (two full chunks and a 2-element one), exactly one chunk, 5,
+    /// 77 and none (no chunk at all, its row still in the table), at different update counts.
+    #[test]
+    fn emulated_kernel_equals_the_cpu_reference_bit_for_bit() {
+        use finetune_kernel_emu::{launch, Buffer, Order};
+        extern "C" {
+            fn adamw_multi(
+                meta: *const u64,
+                chunks: *const u32,
+                chunk_len: i32,
+                beta1: f32,
+                one_minus_beta1: f32,
+                beta2: f32,
+                one_minus_beta2: f32,
+                eps: f32,
+            );
+        }
+        let shapes = [
+            (vec![2, 4097], 1u64),
+            (vec![5], 3),
+            (vec![0], 2),
+            (vec![4096], 7),
+            (vec![7, 11], 10),
+        ];
+        let sample: Vec<_> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (shape, t))| {
+                let salt = 100 * i as u64;
+                (
+                    tensor(shape, salt + 1),
+                    (tensor(shape, salt + 2) * 0.01).unwrap(),
+                    (tensor(shape, salt + 3).sqr().unwrap() * 1e-4).unwrap(),
+                    tensor(shape, salt + 4),
+                    *t,
+                )
+            })
+            .collect();
+        // The reference, on Vars holding copies.
+        let cpu: Vec<_> = sample
+            .iter()
+            .map(|(p, m, v, g, t)| {
+                let var = |x: &Tensor| Var::from_tensor(&x.copy().unwrap()).unwrap();
+                (var(p), var(m), var(v), g.clone(), *t)
+            })
+            .collect();
+        run(&cpu);
+        for order in Order::BOTH {
+            let buffers: Vec<[Buffer<f32>; 4]> = sample
+                .iter()
+                .map(|(p, m, v, g, _)| [p, m, v, g].map(|x| Buffer::from_slice(&values(x))))
+                .collect();
+            let (mut meta, mut chunks) = (Vec::new(), Vec::new());
+            for (i, (b, (_, _, _, _, t))) in buffers.iter().zip(&sample).enumerate() {
+                let addresses = [0, 1, 2, 3].map(|j| b[j].ptr() as u64);
+                meta.extend(meta_row(addresses, b[0].len(), &H, *t));
+                push_chunks(&mut chunks, i, b[0].len());
+            }
+            // 3 + 1 + 0 + 1 + 1 chunks.
+            assert_eq!(chunks.len() / 2, 6);
+            let (meta_b, chunks_b) = (Buffer::from_slice(&meta), Buffer::from_slice(&chunks));
+            let [b1, omb1, b2, omb2, eps] = kernel_scalars(&H);
+            launch(launch_shape(chunks.len() / 2).into(), order, || unsafe {
+                adamw_multi(
+                    meta_b.ptr(),
+                    chunks_b.ptr(),
+                    CHUNK as i32,
+                    b1,
+                    omb1,
+                    b2,
+                    omb2,
+                    eps,
+                )
+            })
+            .unwrap();
+            for (i, (b, want)) in buffers.iter().zip(&cpu).enumerate() {
+                for (j, (what, w)) in [("param", &want.0), ("m", &want.1), ("v", &want.2)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let got = b[j].to_vec();
+                    assert_eq!(
+                        finetune_kernel_emu::first_bit_difference(&got, &values(w.as_tensor())),
+                        None,
+                        "tensor {i} {what}, {order:?}"
+                    );
+                }
+                // The gradient is only read.
+                assert_eq!(b[3].to_vec(), values(&sample[i].3), "tensor {i} grad");
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]

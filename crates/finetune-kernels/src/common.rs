@@ -48,6 +48,21 @@ pub(crate) struct LaunchShape {
     pub(crate) shared_mem_bytes: u32,
 }
 
+impl LaunchShape {
+    /// The geometry of a grid-stride kernel over `n` elements: cudarc's
+    /// `LaunchConfig::for_num_elems` (blocks of 1,024 threads, ⌈n / 1,024⌉ of them, no shared
+    /// memory) for n capped at 2³⁰, beyond which the kernel's loop covers the rest.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn for_num_elems(n: usize) -> Self {
+        const THREADS: u32 = 1024;
+        LaunchShape {
+            grid: ((n.min(1 << 30) as u32).div_ceil(THREADS), 1, 1),
+            block: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl From<LaunchShape> for candle_core::cuda_backend::cudarc::driver::LaunchConfig {
     fn from(s: LaunchShape) -> Self {
@@ -439,5 +454,27 @@ pub(crate) mod test {
                 None
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod launch_shape_tests {
+    use super::LaunchShape;
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+
+    /// [`LaunchShape::for_num_elems`] is cudarc's geometry (no GPU needed: plain arithmetic).
+    #[test]
+    fn for_num_elems_equals_cudarc() {
+        for n in [1usize, 1023, 1024, 1025, 33_800, 1 << 30] {
+            let want = LaunchConfig::for_num_elems(n as u32);
+            let got = LaunchConfig::from(LaunchShape::for_num_elems(n));
+            assert_eq!(
+                (got.grid_dim, got.block_dim, got.shared_mem_bytes),
+                (want.grid_dim, want.block_dim, want.shared_mem_bytes),
+                "n {n}"
+            );
+        }
+        let capped = LaunchConfig::from(LaunchShape::for_num_elems((1 << 30) + 5));
+        assert_eq!(capped.grid_dim, (1 << 20, 1, 1));
     }
 }

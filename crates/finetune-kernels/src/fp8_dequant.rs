@@ -118,6 +118,7 @@ impl CustomOp2 for Fp8Dequant {
         s: &candle_core::CudaStorage,
         ls: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::common::LaunchShape;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
         let (rows, cols) = lq.shape().dims2()?;
@@ -138,7 +139,7 @@ impl CustomOp2 for Fp8Dequant {
         })?;
         let scale = s.as_cuda_slice::<f32>()?.slice(sa..sb);
         let (rows_i, cols_i, sc_i) = (rows as i32, cols as i32, scale_cols as i32);
-        let cfg = LaunchConfig::for_num_elems(n.min(1 << 30) as u32);
+        let cfg = LaunchConfig::from(LaunchShape::for_num_elems(n));
         let storage = match self.dtype {
             DType::F32 => {
                 let out = dev.alloc_zeros::<f32>(n)?;
@@ -262,6 +263,112 @@ mod tests {
             err.contains("[130, 260]") && err.contains("[2, 3]") && err.contains("[1, 3]"),
             "{err}"
         );
+    }
+
+    /// kernels/fp8_dequant.cu run on the CPU by finetune-kernel-emu in both fiber orders, with
+    /// the CUDA launch's geometry and with a grid of 3 blocks (fewer threads than elements, so
+    /// the grid-stride loop runs several rounds): bit for bit the CPU reference, f32 and bf16.
+    /// No tolerance: the kernel does the reference's operations (an exact E4M3 → f32
+    /// conversion, one f32 multiply, for bf16 one rounding to nearest even). NaN matches NaN
+    /// whatever its sign: the reference's table holds +NaN for both NaN patterns (0x7f, 0xff),
+    /// the conversion keeps the pattern's sign.
+    #[test]
+    fn emulated_kernels_equal_the_cpu_reference_bit_for_bit() {
+        use crate::common::{test::data, LaunchShape};
+        use finetune_kernel_emu::{launch, Buffer, Order};
+        extern "C" {
+            fn fp8_dequant_bf16(
+                q: *const u8,
+                scale_inv: *const f32,
+                out: *mut u16,
+                rows: i32,
+                cols: i32,
+                scale_cols: i32,
+            );
+            fn fp8_dequant_f32(
+                q: *const u8,
+                scale_inv: *const f32,
+                out: *mut f32,
+                rows: i32,
+                cols: i32,
+                scale_cols: i32,
+            );
+        }
+        // NaN as one pattern, then the index of the first difference (None: equal).
+        let first_difference =
+            |got: &[u32], want: &[u32], nan: u32, is_nan: &dyn Fn(u32) -> bool| {
+                let canon = |b: u32| if is_nan(b) { nan } else { b };
+                got.iter()
+                    .zip(want)
+                    .position(|(&g, &w)| canon(g) != canon(w))
+                    .or((got.len() != want.len()).then_some(got.len().min(want.len())))
+            };
+        let f32_nan = |b: u32| f32::from_bits(b).is_nan();
+        let bf16_nan = |b: u32| half::bf16::from_bits(b as u16).is_nan();
+        // Both dimensions past a 128 boundary (3 × 3 scale blocks, the last ones partial), one
+        // column, one row.
+        for (rows, cols) in [(257usize, 300usize), (130, 1), (1, 129)] {
+            let n = rows * cols;
+            let (sr, sc) = (rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK));
+            // Every bit pattern (NaNs, ±0, subnormals, ±448); scales of both signs and of
+            // magnitudes from 10⁻³ to 10³, so that the bf16 rounding has work to do.
+            let bits: Vec<u8> = (0..n).map(|i| ((i * 7 + i / 3) % 256) as u8).collect();
+            let scales: Vec<f32> = data(sr * sc, 11)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| v * 10f32.powi((i % 7) as i32 - 3))
+                .collect();
+            let q = Tensor::from_vec(bits.clone(), (rows, cols), &Device::Cpu).unwrap();
+            let s = Tensor::from_vec(scales.clone(), (sr, sc), &Device::Cpu).unwrap();
+            let want_f32: Vec<u32> = fp8_dequant(&q, &s, DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let want_bf16: Vec<u32> = fp8_dequant(&q, &s, DType::BF16)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| u32::from(v.to_bits()))
+                .collect();
+            let full = LaunchShape::for_num_elems(n);
+            let strided = LaunchShape {
+                grid: (3, 1, 1),
+                ..full
+            };
+            let (r, c, k) = (rows as i32, cols as i32, sc as i32);
+            for (shape, order) in [full, strided]
+                .into_iter()
+                .flat_map(|g| Order::BOTH.map(|o| (g, o)))
+            {
+                let (qb, sb) = (Buffer::from_slice(&bits), Buffer::from_slice(&scales));
+                let out = Buffer::filled(n, f32::NAN);
+                launch(shape.into(), order, || unsafe {
+                    fp8_dequant_f32(qb.ptr(), sb.ptr(), out.mut_ptr(), r, c, k)
+                })
+                .unwrap();
+                let got: Vec<u32> = out.to_vec().iter().map(|v| v.to_bits()).collect();
+                let at = first_difference(&got, &want_f32, f32::NAN.to_bits(), &f32_nan);
+                assert_eq!(at, None, "f32 {rows}×{cols} {shape:?} {order:?}");
+                // Filled with bf16 NaN: an unwritten element matches only where the reference
+                // is NaN too (a NaN pattern), where the kernel would have written NaN.
+                let out = Buffer::filled(n, 0x7fc0u16);
+                launch(shape.into(), order, || unsafe {
+                    fp8_dequant_bf16(qb.ptr(), sb.ptr(), out.mut_ptr(), r, c, k)
+                })
+                .unwrap();
+                let got: Vec<u32> = out.to_vec().iter().map(|&v| u32::from(v)).collect();
+                let at = first_difference(&got, &want_bf16, 0x7fc0, &bf16_nan);
+                assert_eq!(at, None, "bf16 {rows}×{cols} {shape:?} {order:?}");
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]

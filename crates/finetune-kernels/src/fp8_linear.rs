@@ -55,7 +55,7 @@
 //! On by default nowhere: [`enabled`] (`FINETUNE_FP8_GEMM=1` or [`set_enabled`]) decides whether
 //! the model uses it for FP8 weights, until a GPU session has run `cuda_equals_the_cpu_reference`.
 
-use crate::common::{cpu_f32, cpu_out, gemm_f32, EnvSwitch};
+use crate::common::{cpu_f32, cpu_out, gemm_f32, EnvSwitch, LaunchShape};
 use crate::fp8_dequant::{e4m3_table, FP8_BLOCK};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -132,6 +132,17 @@ pub fn act_scale_bases(offsets: &[usize], k_blocks: usize) -> (Vec<usize>, usize
         next += ((pair[1] - pair[0]) * k_blocks).next_multiple_of(4);
     }
     (bases, next)
+}
+
+/// kernels/fp8_quantize.cu's launch for x `[rows, cols]` with `k_blocks` = ⌈cols/128⌉: one
+/// block of 128 threads (one per column of the block) per row (x) and column block (y).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn quantize_launch_shape(rows: usize, k_blocks: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (rows as u32, k_blocks as u32, 1),
+        block: (FP8_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The E4M3 bit pattern of `v` (round to nearest even, saturating to ±448, NaN → 0x7f): the
@@ -426,7 +437,7 @@ impl CustomOp1 for Fp8Linear {
 #[cfg(feature = "cuda")]
 mod cuda {
     //! The quantize launch and the block-scaled cuBLASLt matmuls.
-    use super::{act_scale_bases, dequantize_stack, Fp8Linear, FP8_BLOCK};
+    use super::{act_scale_bases, dequantize_stack, quantize_launch_shape, Fp8Linear, FP8_BLOCK};
     use crate::common::cuda::view;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
@@ -470,11 +481,7 @@ mod cuda {
         let offsets_d = dev.clone_htod(&to_i32(offsets)?)?;
         let bases_d = dev.clone_htod(&to_i32(&bases)?)?;
         let (rows_i, cols_i, groups) = (rows as i32, cols as i32, (offsets.len() - 1) as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, k_blocks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig::from(quantize_launch_shape(rows, k_blocks));
         let name = match s.dtype() {
             DType::BF16 => "fp8_quantize_rows_bf16",
             DType::F32 => "fp8_quantize_rows_f32",
@@ -974,6 +981,140 @@ mod tests {
         let (qt, st) = fp8_quantize_rows(&xt, &offsets).unwrap();
         assert_eq!(qt.flatten_all().unwrap().to_vec1::<u8>().unwrap(), q);
         assert_eq!(st.to_vec1::<f32>().unwrap(), s);
+    }
+
+    /// kernels/fp8_quantize.cu (both instantiations) run on the CPU by finetune-kernel-emu in
+    /// both fiber orders with the CUDA launch's geometry: the bytes and every scale of
+    /// [`quantize_rows_cpu`] bit for bit (no tolerance: the kernel does the same operations, an
+    /// amax (max is exact and order-free, NaN ignored by both fmaxf and f32::max), one f32
+    /// division for the scale and one per element, round to nearest even with saturation), and
+    /// the padding between groups' scales left as it was. Several row groups with empty ones
+    /// first, between and last, 300 columns (a 44-wide last block), exactly 128, and 5; an
+    /// all-zero and an all −0 block, NaNs of both signs, a block whose largest element divided
+    /// by its scale is 448.00003 (past 448 by the scale's rounding), and an f32 block of
+    /// subnormals whose scale rounds so coarsely that its largest element becomes 560 before
+    /// saturating to 448.
+    #[test]
+    fn emulated_kernels_equal_the_cpu_reference_bit_for_bit() {
+        use finetune_kernel_emu::{launch, Buffer, Order};
+        extern "C" {
+            fn fp8_quantize_rows_f32(
+                x: *const f32,
+                q: *mut u8,
+                scales: *mut f32,
+                rows: i32,
+                cols: i32,
+                offsets: *const i32,
+                bases: *const i32,
+                groups: i32,
+            );
+            fn fp8_quantize_rows_bf16(
+                x: *const u16,
+                q: *mut u8,
+                scales: *mut f32,
+                rows: i32,
+                cols: i32,
+                offsets: *const i32,
+                bases: *const i32,
+                groups: i32,
+            );
+        }
+        let subnormal = |units: u32| f32::from_bits(units); // units of 2⁻¹⁴⁹
+        for (rows, cols, offsets) in [
+            (41usize, 300usize, vec![0usize, 0, 5, 5, 23, 41, 41]),
+            (9, 128, vec![0, 9]),
+            (3, 5, vec![0, 1, 3]),
+        ] {
+            let mut x = activations(rows, cols, 3);
+            let at = |r: usize, c: usize| r * cols + c.min(cols - 1);
+            let block0 = |r: usize| r * cols..r * cols + FP8_BLOCK.min(cols);
+            if rows > 6 {
+                x[block0(5)].fill(-0.0);
+                x[at(4, 1)] = f32::NAN;
+                x[at(4, 2)] = -f32::NAN;
+                // Row 6 is scaled by 0.1 (|x| < 0.2): 2.046875 (a bf16 value) is its first
+                // block's amax, and 2.046875 / f32(2.046875 / 448) = 448.00003.
+                x[at(6, 7)] = 2.046875;
+                let s = 2.046875f32 / E4M3_MAX;
+                assert!(2.046875 / s > E4M3_MAX);
+                // Largest 1,120·2⁻¹⁴⁹: its scale 2.5·2⁻¹⁴⁹ rounds to 2·2⁻¹⁴⁹ (even), so the
+                // element divides to 560 and saturates; the others land in between.
+                for (i, v) in x[block0(3)].iter_mut().enumerate() {
+                    *v = subnormal((i as u32 * 97) % 1120);
+                }
+                x[at(3, 9)] = -subnormal(1120);
+                assert_eq!(subnormal(1120) / (subnormal(1120) / E4M3_MAX), 560.0);
+            }
+            let k_blocks = cols.div_ceil(FP8_BLOCK);
+            let (bases, len) = act_scale_bases(&offsets, k_blocks);
+            // The scales the groups define; the rest is padding (4-float alignment).
+            let mut defined = vec![false; len.max(1)];
+            for (g, pair) in offsets.windows(2).enumerate() {
+                defined[bases[g]..bases[g] + (pair[1] - pair[0]) * k_blocks].fill(true);
+            }
+            let offsets_i: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+            let bases_i: Vec<i32> = bases.iter().map(|&b| b as i32).collect();
+            let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let x_of_bf16: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let shape = quantize_launch_shape(rows, k_blocks);
+            for bf16 in [false, true] {
+                let (want_q, want_s) =
+                    quantize_rows_cpu(if bf16 { &x_of_bf16 } else { &x }, cols, &offsets);
+                for order in Order::BOTH {
+                    let what = format!("{rows}×{cols} {offsets:?} bf16 {bf16} {order:?}");
+                    let (xf, xh) = (Buffer::from_slice(&x), Buffer::from_slice(&xb));
+                    let (off, bas) = (Buffer::from_slice(&offsets_i), Buffer::from_slice(&bases_i));
+                    // 0x7f (+NaN) where no element should be one: only +NaN inputs map to it.
+                    let q = Buffer::filled(rows * cols, 0x7fu8);
+                    let scales = Buffer::filled(len.max(1), f32::NAN);
+                    let (r, c, g) = (rows as i32, cols as i32, (offsets.len() - 1) as i32);
+                    launch(shape.into(), order, || unsafe {
+                        if bf16 {
+                            fp8_quantize_rows_bf16(
+                                xh.ptr().cast(),
+                                q.mut_ptr(),
+                                scales.mut_ptr(),
+                                r,
+                                c,
+                                off.ptr(),
+                                bas.ptr(),
+                                g,
+                            )
+                        } else {
+                            fp8_quantize_rows_f32(
+                                xf.ptr(),
+                                q.mut_ptr(),
+                                scales.mut_ptr(),
+                                r,
+                                c,
+                                off.ptr(),
+                                bas.ptr(),
+                                g,
+                            )
+                        }
+                    })
+                    .unwrap();
+                    let got_q = q.to_vec();
+                    if let Some(i) = (0..got_q.len()).find(|&i| got_q[i] != want_q[i]) {
+                        panic!(
+                            "{what}: q[{}][{}] = {:#04x}, want {:#04x} (x = {:e})",
+                            i / cols,
+                            i % cols,
+                            got_q[i],
+                            want_q[i],
+                            x[i]
+                        );
+                    }
+                    for (i, got) in scales.to_vec().into_iter().enumerate() {
+                        if defined[i] {
+                            assert_eq!(got.to_bits(), want_s[i].to_bits(), "{what}: scale {i}");
+                        } else {
+                            assert!(got.is_nan(), "{what}: padding scale {i} written ({got})");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

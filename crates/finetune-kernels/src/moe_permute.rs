@@ -282,6 +282,7 @@ impl CustomOp1 for SumRows {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::common::LaunchShape;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -335,7 +336,7 @@ mod cuda {
             builder.arg(d);
         }
         if len > 0 {
-            let cfg = LaunchConfig::for_num_elems(len.min(1 << 30) as u32);
+            let cfg = LaunchConfig::from(LaunchShape::for_num_elems(len));
             unsafe { builder.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -345,6 +346,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::LaunchShape;
     use candle_core::{DType, Var};
 
     fn values(n: usize, salt: usize) -> Vec<f32> {
@@ -617,6 +619,175 @@ mod tests {
             err.contains("slot 1") && err.contains("token 7 of 3"),
             "{err}"
         );
+    }
+
+    /// Runs one of kernels/moe_permute.cu's kernels on the CPU (finetune-kernel-emu) over `len`
+    /// output elements, `call` passing (input, index, output) and the dims: the output, filled
+    /// with `fill` (NaN) first so that an element the kernel leaves out shows.
+    fn emulate<T: Copy>(
+        input: &[T],
+        index: &[u32],
+        len: usize,
+        fill: T,
+        (shape, order): (LaunchShape, finetune_kernel_emu::Order),
+        call: &dyn Fn(*const T, *const u32, *mut T),
+    ) -> Vec<T> {
+        use finetune_kernel_emu::{launch, Buffer};
+        let (x, idx) = (Buffer::from_slice(input), Buffer::from_slice(index));
+        let out = Buffer::filled(len, fill);
+        launch(shape.into(), order, || {
+            call(x.ptr(), idx.ptr(), out.mut_ptr())
+        })
+        .unwrap();
+        out.to_vec()
+    }
+
+    /// kernels/moe_permute.cu's four kernels (gather_rows and sum_rows, f32 and bf16) run on the
+    /// CPU by finetune-kernel-emu in both fiber orders, with the CUDA launch's geometry and with
+    /// a 2-block grid (fewer threads than elements: the grid-stride loop runs several rounds),
+    /// on the index tensors the CUDA path passes (`rows`, `inv`): bit for bit the CPU
+    /// reference. No tolerance: the gather copies (a bf16 → f32 → bf16 round trip is exact),
+    /// and sum_rows adds in f32 from 0 in slot order (inv's order) and rounds once, the
+    /// reference's operations in its order. Permutations with pad slots, tokens in several
+    /// slots, tokens in none (their sum is a zero row), k > 1 with unused inv entries, and
+    /// widths of 1, 24 and 1,030 (not multiples of the 1,024-thread block).
+    #[test]
+    fn emulated_kernels_equal_the_cpu_reference_bit_for_bit() {
+        use finetune_kernel_emu::Order;
+        extern "C" {
+            fn gather_rows_f32(
+                x: *const f32,
+                rows: *const u32,
+                out: *mut f32,
+                n: u32,
+                h: u32,
+                t: u32,
+            );
+            fn gather_rows_bf16(
+                x: *const u16,
+                rows: *const u32,
+                out: *mut u16,
+                n: u32,
+                h: u32,
+                t: u32,
+            );
+            fn sum_rows_f32(
+                src: *const f32,
+                inv: *const u32,
+                out: *mut f32,
+                t: u32,
+                k: u32,
+                h: u32,
+                n: u32,
+            );
+            fn sum_rows_bf16(
+                src: *const u16,
+                inv: *const u32,
+                out: *mut u16,
+                t: u32,
+                k: u32,
+                h: u32,
+                n: u32,
+            );
+        }
+        let dev = Device::Cpu;
+        // (token of each slot, tokens, width)
+        let cases: Vec<(Vec<u32>, usize, usize)> = vec![
+            // 6 experts × 15 slots over 37 tokens: pads (37), duplicates; tokens 5 and 11 are
+            // dropped (routed nowhere).
+            (
+                (0..6 * 15)
+                    .map(|i| match ((i * 37 + i / 7) % 38) as u32 {
+                        5 | 11 => 37,
+                        r => r,
+                    })
+                    .collect(),
+                37,
+                24,
+            ),
+            // A routing-weight table (slot_weights): one column, at most one slot per entry.
+            (vec![0, 9, 21, 6, 14, 3, 17, 10, 23, 12, 24, 24], 24, 1),
+            // Rows wider than a block; token 4 in three slots, token 2 in none.
+            (vec![0, 4, 1, 4, 5, 3, 0, 4, 5], 5, 1030),
+        ];
+        for (rows, t, h) in cases {
+            let p = Permutation::new(rows, t, &dev).unwrap();
+            let (n, k) = (p.slots(), p.k);
+            assert!(
+                p.inv_host.contains(&(n as u32)) || k == 1,
+                "unused inv entries"
+            );
+            let x = Tensor::from_vec(values(t * h, 3), (t, h), &dev).unwrap();
+            let s = Tensor::from_vec(values(n * h, 4), (n, h), &dev).unwrap();
+            let p = Arc::new(p);
+            let geometries = |len: usize| {
+                let full = LaunchShape::for_num_elems(len);
+                [
+                    full,
+                    LaunchShape {
+                        grid: (2, 1, 1),
+                        ..full
+                    },
+                ]
+                .into_iter()
+                .flat_map(|g| Order::BOTH.map(|o| (g, o)))
+            };
+            let (nu, tu, ku, hu) = (n as u32, t as u32, k as u32, h as u32);
+            for launch in geometries(n * h) {
+                let what = format!("gather_rows {n}×{h} of {t} tokens, {launch:?}");
+                let want = gather_rows(&x, &p).unwrap().flatten_all().unwrap();
+                let got = emulate(
+                    &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &p.rows_host,
+                    n * h,
+                    f32::NAN,
+                    launch,
+                    &|a, b, c| unsafe { gather_rows_f32(a, b, c, nu, hu, tu) },
+                );
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert!(bits(got) == bits(want.to_vec1().unwrap()), "f32 {what}");
+                let xb = x.to_dtype(DType::BF16).unwrap();
+                let want = gather_rows(&xb, &p).unwrap().flatten_all().unwrap();
+                let got = emulate(
+                    &xb.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+                    &p.rows_host,
+                    n * h,
+                    half::bf16::NAN,
+                    launch,
+                    &|a, b, c| unsafe { gather_rows_bf16(a.cast(), b, c.cast(), nu, hu, tu) },
+                );
+                let bits =
+                    |v: Vec<half::bf16>| v.into_iter().map(half::bf16::to_bits).collect::<Vec<_>>();
+                assert!(bits(got) == bits(want.to_vec1().unwrap()), "bf16 {what}");
+            }
+            for launch in geometries(t * h) {
+                let what = format!("sum_rows {n}×{h} to {t} tokens (k {k}), {launch:?}");
+                let want = sum_rows(&s, &p).unwrap().flatten_all().unwrap();
+                let got = emulate(
+                    &s.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &p.inv_host,
+                    t * h,
+                    f32::NAN,
+                    launch,
+                    &|a, b, c| unsafe { sum_rows_f32(a, b, c, tu, ku, hu, nu) },
+                );
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert!(bits(got) == bits(want.to_vec1().unwrap()), "f32 {what}");
+                let sb = s.to_dtype(DType::BF16).unwrap();
+                let want = sum_rows(&sb, &p).unwrap().flatten_all().unwrap();
+                let got = emulate(
+                    &sb.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(),
+                    &p.inv_host,
+                    t * h,
+                    half::bf16::NAN,
+                    launch,
+                    &|a, b, c| unsafe { sum_rows_bf16(a.cast(), b, c.cast(), tu, ku, hu, nu) },
+                );
+                let bits =
+                    |v: Vec<half::bf16>| v.into_iter().map(half::bf16::to_bits).collect::<Vec<_>>();
+                assert!(bits(got) == bits(want.to_vec1().unwrap()), "bf16 {what}");
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]
