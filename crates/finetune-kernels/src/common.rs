@@ -70,6 +70,13 @@ impl From<LaunchShape> for finetune_kernel_emu::Geometry {
     }
 }
 
+/// Blocks of `threads` for a grid-stride loop over `n` items (capped: the loop covers
+/// the rest).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn stride_grid(n: usize, threads: u32) -> u32 {
+    (n.div_ceil(threads as usize)).clamp(1, 65_535 * 8) as u32
+}
+
 /// The contiguous f32 values of `s` under `l` (borrowed for f32, converted for bf16).
 pub(crate) fn cpu_f32<'a>(
     s: &'a CpuStorage,
@@ -313,12 +320,6 @@ pub(crate) mod cuda {
             "f32"
         }
     }
-
-    /// Blocks of `threads` for a grid-stride loop over `n` items (capped: the loop covers
-    /// the rest).
-    pub(crate) fn grid(n: usize, threads: u32) -> u32 {
-        (n.div_ceil(threads as usize)).clamp(1, 65_535 * 8) as u32
-    }
 }
 
 #[cfg(test)]
@@ -427,6 +428,39 @@ pub(crate) mod test {
             }
         });
         diff / scale
+    }
+
+    /// `values` rounded to bf16, as the bit patterns an emulated kernel reads (`__nv_bfloat16`).
+    pub(crate) fn bf16_bits(values: &[f32]) -> Vec<u16> {
+        values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect()
+    }
+
+    /// The first index where bf16 `got` and `want` (bit patterns) differ by more than
+    /// `tol`·max(1, |want|) plus one bf16 ulp (the larger of the two values' ulps), with both
+    /// values; NaN matches only NaN. For outputs computed in f32 that may differ by `tol` (a
+    /// different summation order) before each is rounded once to bf16: two f32 values δ
+    /// apart round to bf16 values at most δ + ulp apart.
+    pub(crate) fn bf16_mismatch(got: &[u16], want: &[u16], tol: f32) -> Option<(usize, f32, f32)> {
+        assert_eq!(got.len(), want.len(), "lengths differ");
+        let f = |b: u16| half::bf16::from_bits(b).to_f32();
+        // The distance from |b| to the next bf16 up (f32::MAX's neighbour for the largest).
+        let ulp = |b: u16| {
+            let m = b & 0x7fff;
+            (f(m + 1) - f(m)).min(f32::MAX)
+        };
+        got.iter()
+            .zip(want)
+            .position(|(&g, &w)| {
+                let (a, b) = (f(g), f(w));
+                if a.is_nan() || b.is_nan() {
+                    return !(a.is_nan() && b.is_nan());
+                }
+                (a - b).abs() > tol * b.abs().max(1.0) + ulp(g).max(ulp(w))
+            })
+            .map(|i| (i, f(got[i]), f(want[i])))
     }
 
     /// The first CUDA device, or `None` (with a message) where there is none.
