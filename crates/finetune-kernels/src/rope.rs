@@ -288,7 +288,9 @@ mod tests {
     /// fiber orders, against [`Rope`]'s CPU forward: bit for bit, as both do the same f32
     /// operations per element (two products and a difference or sum, no fused multiply-add)
     /// and round bf16 outputs once to nearest even. Shapes: 6 tokens × 3 heads × 8; 7 × 5 × 70
-    /// (1,225 pairs: a partial last block; half 35, not a multiple of a warp); 3 × 1 × 2 (one
+    /// (1,225 pairs: a partial last block; half 35, not a multiple of a warp), also with
+    /// arbitrary tables whose halves differ (a model's repeat their frequencies, which would
+    /// hide a kernel reading cosᵢ for cos_{i+D/2}); 3 × 1 × 2 (one
     /// pair per row); 11 × 2 × 64 with the grid capped at 2 blocks, so that the grid-stride
     /// loop covers the rest (as the CUDA grid, capped at 524,280 blocks, does for huge
     /// inputs); no tokens (one block with nothing to do).
@@ -319,15 +321,20 @@ mod tests {
                 transpose: i32,
             );
         }
-        for (n, h, d, capped) in [
-            (6usize, 3usize, 8usize, false),
-            (7, 5, 70, false),
-            (3, 1, 2, false),
-            (11, 2, 64, true),
-            (0, 2, 4, false),
+        for (n, h, d, capped, yarn) in [
+            (6usize, 3usize, 8usize, false, true),
+            (7, 5, 70, false, true),
+            (7, 5, 70, false, false),
+            (3, 1, 2, false, true),
+            (11, 2, 64, true, true),
+            (0, 2, 4, false, true),
         ] {
             let x = data(n * h * d, (n * h * d) as u64);
-            let (cos, sin) = yarn_tables(n, d);
+            let (cos, sin) = if yarn {
+                yarn_tables(n, d)
+            } else {
+                (data(n * d, 1), data(n * d, 2))
+            };
             let cpu = candle_core::Device::Cpu;
             let (ct, st) = (
                 Tensor::from_vec(cos.clone(), (n, d), &cpu).unwrap(),
@@ -399,7 +406,9 @@ mod tests {
                             .unwrap();
                             y.to_vec().iter().map(|&b| (b as u32) << 16).collect()
                         };
-                        let what = format!("{n}×{h}×{d} transpose {transpose} {dtype:?} {order:?}");
+                        let what = format!(
+                            "{n}×{h}×{d} yarn {yarn} transpose {transpose} {dtype:?} {order:?}"
+                        );
                         let first = got.iter().zip(&want).position(|(a, b)| a != b);
                         assert!(
                             first.is_none(),
