@@ -538,8 +538,9 @@ mod tests {
     /// against [`CeRows`]' CPU forward. Vocabularies of 1 (softmax 1: gradient and loss 0), 37
     /// (most of the 512 threads idle, part of one warp), 512 (one element per thread) and 1,000
     /// (a partial second stride); targets 0, V − 1 (the vocabulary's edges), [`IGNORE`] (a
-    /// zero row and loss) and interior ones; logits in [−16, 16) so that exp spans e^±32 and
-    /// the max shift matters; no rows (one block that returns).
+    /// zero row and loss) and interior ones; logits in [−16, 16) so that exp spans e^±32, and
+    /// one of 120 per shape (e^120 overflows f32 unless the row's max is subtracted); no rows
+    /// (one block that returns).
     ///
     /// Tolerance 1e-5 relative to max(1, |value|) (gradients are probabilities in [−1, 1], so
     /// for them it is absolute): the kernel sums exp(z − m) in its own order (strided
@@ -559,10 +560,15 @@ mod tests {
             fn ce_rows_bf16(z: *const u16, targets: *const u32, out: *mut f32, n: i32, v: i32);
         }
         for (n, v) in [(3usize, 1usize), (9, 37), (4, 512), (6, 1000), (0, 37)] {
-            let logits: Vec<f32> = data(n * v, (n * v) as u64)
+            let mut logits: Vec<f32> = data(n * v, (n * v) as u64)
                 .iter()
                 .map(|x| x * 8.0)
                 .collect();
+            // One row whose last logit (in the second stride of the threads when V = 1,000)
+            // dominates: without the max shift, or with a max that missed it, e^120 overflows.
+            if n >= 2 {
+                logits[(n - 2) * v + v - 1] = 120.0;
+            }
             let targets: Vec<u32> = (0..n)
                 .map(|r| match r % 4 {
                     0 => 0,
