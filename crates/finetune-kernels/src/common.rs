@@ -85,6 +85,13 @@ impl From<LaunchShape> for finetune_kernel_emu::Geometry {
     }
 }
 
+/// Blocks of `threads` for a grid-stride loop over `n` items (capped: the loop covers
+/// the rest).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn stride_grid(n: usize, threads: u32) -> u32 {
+    (n.div_ceil(threads as usize)).clamp(1, 65_535 * 8) as u32
+}
+
 /// The contiguous f32 values of `s` under `l` (borrowed for f32, converted for bf16).
 pub(crate) fn cpu_f32<'a>(
     s: &'a CpuStorage,
@@ -328,12 +335,6 @@ pub(crate) mod cuda {
             "f32"
         }
     }
-
-    /// Blocks of `threads` for a grid-stride loop over `n` items (capped: the loop covers
-    /// the rest).
-    pub(crate) fn grid(n: usize, threads: u32) -> u32 {
-        (n.div_ceil(threads as usize)).clamp(1, 65_535 * 8) as u32
-    }
 }
 
 #[cfg(test)]
@@ -442,6 +443,36 @@ pub(crate) mod test {
             }
         });
         diff / scale
+    }
+
+    /// `values` rounded to bf16, as the bit patterns an emulated kernel reads (`__nv_bfloat16`).
+    pub(crate) fn bf16_bits(values: &[f32]) -> Vec<u16> {
+        values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect()
+    }
+
+    /// The first index where bf16 `got` (bit patterns) is not the round-to-nearest-even of
+    /// some value within `tol`·max(1, |want|) of the f32 `want`, with both values; NaN matches
+    /// only NaN. For a kernel that computes `want` in f32 up to `tol` (another summation order)
+    /// and rounds it once: rounding is monotonic, so its result lies between the roundings of
+    /// want − δ and want + δ (one bf16 ulp apart at most where `want` is near a rounding
+    /// boundary, equal elsewhere).
+    pub(crate) fn bf16_outside(got: &[u16], want: &[f32], tol: f32) -> Option<(usize, f32, f32)> {
+        assert_eq!(got.len(), want.len(), "lengths differ");
+        let round = |v: f32| half::bf16::from_f32(v).to_f32();
+        got.iter()
+            .zip(want)
+            .position(|(&g, &w)| {
+                let g = half::bf16::from_bits(g).to_f32();
+                if g.is_nan() || w.is_nan() {
+                    return !(g.is_nan() && w.is_nan());
+                }
+                let delta = tol * w.abs().max(1.0);
+                !(round(w - delta) <= g && g <= round(w + delta))
+            })
+            .map(|i| (i, half::bf16::from_bits(got[i]).to_f32(), want[i]))
     }
 
     /// The first CUDA device, or `None` (with a message) where there is none.

@@ -21,7 +21,7 @@
 //!   logits, f32 results.
 //! - [`Precomputed`]: the op that puts the loss into the graph with its stored gradient.
 
-use crate::common::{cpu_f32, exp_sub_sum, float_dtype, gemm_f32, max, simd};
+use crate::common::{cpu_f32, exp_sub_sum, float_dtype, gemm_f32, max, simd, LaunchShape};
 use crate::moe_permute::{gather_rows, sum_rows, Permutation};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor,
@@ -289,11 +289,7 @@ impl CustomOp2 for CeRows {
             crate::ptx::CROSS_ENTROPY,
         )?;
         let (n_i, v_i) = (n as i32, v as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (n.max(1) as u32, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig::from(launch_shape(n));
         match zs.dtype() {
             DType::BF16 => {
                 let z = view::<half::bf16>(zs, zl, self.name(), "logits")?;
@@ -312,6 +308,17 @@ impl CustomOp2 for CeRows {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from(n * v + n),
         ))
+    }
+}
+
+/// `ce_rows_*`'s launch for `n` rows: one block of 512 threads per row (at least one block:
+/// a launch of an empty grid is an error, and the kernel's blocks past `n` return).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn launch_shape(n: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (n.max(1) as u32, 1, 1),
+        block: (512, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -524,6 +531,96 @@ mod tests {
         assert!(!a.track_op());
         let want = plain(&h, &w, &t).to_scalar::<f32>().unwrap();
         assert!((a.to_scalar::<f32>().unwrap() - want).abs() <= 1e-5 * want.abs());
+    }
+
+    /// kernels/cross_entropy.cu (`ce_rows_f32`, `ce_rows_bf16`) run on the CPU by
+    /// finetune-kernel-emu with the CUDA launch's geometry and arguments, in both fiber orders,
+    /// against [`CeRows`]' CPU forward. Vocabularies of 1 (softmax 1: gradient and loss 0), 37
+    /// (most of the 512 threads idle, part of one warp), 512 (one element per thread) and 1,000
+    /// (a partial second stride); targets 0, V − 1 (the vocabulary's edges), [`IGNORE`] (a
+    /// zero row and loss) and interior ones; logits in [−16, 16) so that exp spans e^±32, and
+    /// one of 120 per shape (e^120 overflows f32 unless the row's max is subtracted); no rows
+    /// (one block that returns).
+    ///
+    /// Tolerance 1e-5 relative to max(1, |value|) (gradients are probabilities in [−1, 1], so
+    /// for them it is absolute): the kernel sums exp(z − m) in its own order (strided
+    /// per-thread partial sums, then warp and block trees) with libm's expf, and forms each
+    /// probability as exp(z − m − lse); the reference sums 16 vectorised partial sums of a
+    /// polynomial exp (≈ 2e-7 relative) and divides by the sum. Each step is a few f32
+    /// roundings (the sum of ≤ 1,000 positive terms: ≈ 1e-6 relative in practice); the
+    /// largest error, exp of an argument up to ≈ 40 in magnitude rounded once, is ≈ 40·6e-8 =
+    /// 2.4e-6 relative (measured here: at most 1.1e-7). Ignored rows must be exactly zero on
+    /// both sides.
+    #[test]
+    fn emulated_kernels_equal_the_cpu_reference() {
+        use crate::common::test::{bf16_bits, data};
+        use finetune_kernel_emu::{launch, max_relative_difference, Buffer, Order};
+        extern "C" {
+            fn ce_rows_f32(z: *const f32, targets: *const u32, out: *mut f32, n: i32, v: i32);
+            fn ce_rows_bf16(z: *const u16, targets: *const u32, out: *mut f32, n: i32, v: i32);
+        }
+        for (n, v) in [(3usize, 1usize), (9, 37), (4, 512), (6, 1000), (0, 37)] {
+            let mut logits: Vec<f32> = data(n * v, (n * v) as u64)
+                .iter()
+                .map(|x| x * 8.0)
+                .collect();
+            // One row whose last logit (in the second stride of the threads when V = 1,000)
+            // dominates: without the max shift, or with a max that missed it, e^120 overflows.
+            if n >= 2 {
+                logits[(n - 2) * v + v - 1] = 120.0;
+            }
+            let targets: Vec<u32> = (0..n)
+                .map(|r| match r % 4 {
+                    0 => 0,
+                    1 => v as u32 - 1,
+                    2 => IGNORE,
+                    _ => (r * 7 % v) as u32,
+                })
+                .collect();
+            let tg = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let z = Tensor::from_vec(logits.clone(), (n, v), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let want = z
+                    .apply_op2_no_bwd(&tg, &CeRows)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for order in Order::BOTH {
+                    let t = Buffer::from_slice(&targets);
+                    let out = Buffer::filled(n * v + n, f32::NAN);
+                    let (n_i, v_i) = (n as i32, v as i32);
+                    let shape = launch_shape(n).into();
+                    if dtype == DType::BF16 {
+                        let z = Buffer::from_slice(&bf16_bits(&logits));
+                        launch(shape, order, || unsafe {
+                            ce_rows_bf16(z.ptr(), t.ptr(), out.mut_ptr(), n_i, v_i)
+                        })
+                    } else {
+                        let z = Buffer::from_slice(&logits);
+                        launch(shape, order, || unsafe {
+                            ce_rows_f32(z.ptr(), t.ptr(), out.mut_ptr(), n_i, v_i)
+                        })
+                    }
+                    .unwrap();
+                    let got = out.to_vec();
+                    let what = format!("{n}×{v} {dtype:?} {order:?}");
+                    let (err, at) = max_relative_difference(&got, &want);
+                    assert!(
+                        err <= 1e-5,
+                        "{what}: {err:e} at {at} ({} vs {})",
+                        got[at],
+                        want[at]
+                    );
+                    for (r, _) in targets.iter().enumerate().filter(|(_, &t)| t == IGNORE) {
+                        let zeros = got[r * v..(r + 1) * v].iter().all(|&g| g == 0.0);
+                        assert!(zeros && got[n * v + r] == 0.0, "{what}: ignored row {r}");
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]

@@ -11,7 +11,7 @@
 //! - CUDA (`cuda` feature, kernels/rms_norm.cu): one warp per row.
 //! - Backward: [`RmsNormBwd`], its own op (x, w, dy) → dx, so it runs on both devices.
 
-use crate::common::{cpu_f32, cpu_out, rows_per_task, same_dtype};
+use crate::common::{cpu_f32, cpu_out, rows_per_task, same_dtype, LaunchShape};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -201,6 +201,17 @@ impl CustomOp3 for RmsNormBwd {
     }
 }
 
+/// `rms_norm_{fwd,bwd}_*`'s launch for `rows` rows: one warp per row, 8 rows per block of
+/// 256 threads (at least one block; the warps past `rows` return).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn launch_shape(rows: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (rows.div_ceil(8).max(1) as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use crate::common::cuda::{suffix, view};
@@ -237,11 +248,7 @@ mod cuda {
             b.arg(v);
         }
         b.arg(&out).arg(&rows_i).arg(&d_i).arg(&eps_f);
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig::from(super::launch_shape(rows));
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
@@ -316,6 +323,171 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[3, 5, 48]") && err.contains("[47]"), "{err}");
+    }
+
+    /// kernels/rms_norm.cu (`rms_norm_{fwd,bwd}_{f32,bf16}`) run on the CPU by
+    /// finetune-kernel-emu with the CUDA launch's geometry and arguments, in both fiber orders,
+    /// against [`RmsNorm`]'s and [`RmsNormBwd`]'s CPU forward. Rows 13, 17 and 31 (a last block
+    /// of 5, 1 and 7 of its 8 row warps: the rest return; 31 rows need all 4 blocks' 8 rows,
+    /// which a block stride of 7 would miss), 8 (exactly one block), 1 and 3; D 1 and
+    /// 5 (most lanes idle), 48 and 100 (a partial last stride of the lanes), 32 and 257.
+    ///
+    /// Tolerances: the kernel and the reference do the same f32 operations per element
+    /// (x·r·w; r·dy·w − x·c with c = r³·dot / D), but sum x² and dy·w·x in another order
+    /// (32 lane-strided partial sums and a shuffle tree, vs a sequential sum): a few f32
+    /// roundings of a sum of ≤ 257 terms, ≈ 1e-6 relative (measured here: at most 3.3e-7), so
+    /// 1e-5 relative to max(1, |value|) in f32 (absolute near zero, where dx's two terms
+    /// cancel). A bf16 output must be the rounding (to nearest even) of a value within that
+    /// 1e-5 of the f32 reference on the same bf16 inputs: the kernel rounds its f32 result
+    /// once, as the op's bf16 CPU forward rounds this reference.
+    #[test]
+    fn emulated_kernels_equal_the_cpu_reference() {
+        use crate::common::test::{bf16_bits, bf16_outside, data};
+        use finetune_kernel_emu::{launch, max_relative_difference, Buffer, Order};
+        type Bf = u16;
+        extern "C" {
+            fn rms_norm_fwd_f32(
+                x: *const f32,
+                w: *const f32,
+                y: *mut f32,
+                rows: i32,
+                d: i32,
+                eps: f32,
+            );
+            fn rms_norm_fwd_bf16(
+                x: *const Bf,
+                w: *const Bf,
+                y: *mut Bf,
+                rows: i32,
+                d: i32,
+                eps: f32,
+            );
+            fn rms_norm_bwd_f32(
+                x: *const f32,
+                w: *const f32,
+                dy: *const f32,
+                dx: *mut f32,
+                rows: i32,
+                d: i32,
+                eps: f32,
+            );
+            fn rms_norm_bwd_bf16(
+                x: *const Bf,
+                w: *const Bf,
+                dy: *const Bf,
+                dx: *mut Bf,
+                rows: i32,
+                d: i32,
+                eps: f32,
+            );
+        }
+        const TOL: f32 = 1e-5;
+        for (rows, d) in [
+            (13usize, 48usize),
+            (17, 5),
+            (8, 32),
+            (1, 257),
+            (3, 1),
+            (31, 100),
+        ] {
+            let salt = (rows * 1000 + d) as u64;
+            let (x, w, g) = (
+                data(rows * d, salt),
+                data(d, salt + 1),
+                data(rows * d, salt + 2),
+            );
+            let (rows_i, d_i, eps) = (rows as i32, d as i32, EPS as f32);
+            let shape = launch_shape(rows).into();
+            for dtype in [DType::F32, DType::BF16] {
+                // The reference in f32 on the values the kernel reads (rounded to bf16 for the
+                // bf16 kernels): the op's bf16 CPU forward is this rounded once.
+                let t = |v: &[f32], dims: &[usize]| {
+                    Tensor::from_vec(v.to_vec(), dims, &candle_core::Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                };
+                let (xt, wt, gt) = (t(&x, &[rows, d]), t(&w, &[d]), t(&g, &[rows, d]));
+                let want_y = xt.apply_op2_no_bwd(&wt, &RmsNorm { eps: EPS }).unwrap();
+                let want_dx = xt
+                    .apply_op3_no_bwd(&wt, &gt, &RmsNormBwd { eps: EPS })
+                    .unwrap();
+                for order in Order::BOTH {
+                    let what = format!("{rows}×{d} {dtype:?} {order:?}");
+                    if dtype == DType::F32 {
+                        let (xb, wb, gb) = (
+                            Buffer::from_slice(&x),
+                            Buffer::from_slice(&w),
+                            Buffer::from_slice(&g),
+                        );
+                        let y = Buffer::filled(rows * d, f32::NAN);
+                        let dx = Buffer::filled(rows * d, f32::NAN);
+                        launch(shape, order, || unsafe {
+                            rms_norm_fwd_f32(xb.ptr(), wb.ptr(), y.mut_ptr(), rows_i, d_i, eps)
+                        })
+                        .unwrap();
+                        launch(shape, order, || unsafe {
+                            rms_norm_bwd_f32(
+                                xb.ptr(),
+                                wb.ptr(),
+                                gb.ptr(),
+                                dx.mut_ptr(),
+                                rows_i,
+                                d_i,
+                                eps,
+                            )
+                        })
+                        .unwrap();
+                        for (name, got, want) in
+                            [("y", y.to_vec(), &want_y), ("dx", dx.to_vec(), &want_dx)]
+                        {
+                            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                            let (err, at) = max_relative_difference(&got, &want);
+                            assert!(
+                                err <= TOL,
+                                "{what} {name}: {err:e} at {at} ({} vs {})",
+                                got[at],
+                                want[at]
+                            );
+                        }
+                    } else {
+                        let (xb, wb, gb) = (
+                            Buffer::from_slice(&bf16_bits(&x)),
+                            Buffer::from_slice(&bf16_bits(&w)),
+                            Buffer::from_slice(&bf16_bits(&g)),
+                        );
+                        // 0xFFFF: a NaN, for what the kernel leaves unwritten.
+                        let y = Buffer::filled(rows * d, 0xFFFFu16);
+                        let dx = Buffer::filled(rows * d, 0xFFFFu16);
+                        launch(shape, order, || unsafe {
+                            rms_norm_fwd_bf16(xb.ptr(), wb.ptr(), y.mut_ptr(), rows_i, d_i, eps)
+                        })
+                        .unwrap();
+                        launch(shape, order, || unsafe {
+                            rms_norm_bwd_bf16(
+                                xb.ptr(),
+                                wb.ptr(),
+                                gb.ptr(),
+                                dx.mut_ptr(),
+                                rows_i,
+                                d_i,
+                                eps,
+                            )
+                        })
+                        .unwrap();
+                        for (name, got, want) in
+                            [("y", y.to_vec(), &want_y), ("dx", dx.to_vec(), &want_dx)]
+                        {
+                            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                            let bad = bf16_outside(&got, &want, TOL);
+                            assert!(bad.is_none(), "{what} {name}: {bad:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]

@@ -14,7 +14,7 @@
 //! - CUDA (`cuda` feature, kernels/rope.cu): one thread per (row, i) pair, f32 arithmetic for
 //!   f32 and bf16 x.
 
-use crate::common::{cpu_f32, cpu_out, rows_per_task};
+use crate::common::{cpu_f32, cpu_out, rows_per_task, stride_grid, LaunchShape};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -141,9 +141,20 @@ impl CustomOp3 for Rope {
     }
 }
 
+/// `rope_*`'s launch for x `[n, h, d]`: a grid-stride loop over the n·h·d/2 rotation pairs,
+/// blocks of 256 threads.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn launch_shape(n: usize, h: usize, d: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (stride_grid(n * h * d / 2, 256), 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::common::cuda::{grid, suffix, view};
+    use crate::common::cuda::{suffix, view};
     use candle_core::cuda_backend::cudarc::driver::{
         DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
@@ -182,11 +193,7 @@ mod cuda {
             .arg(&h_i)
             .arg(&d_i)
             .arg(&t_i);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(n * h * d / 2, 256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig::from(super::launch_shape(n, h, d));
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
@@ -258,6 +265,161 @@ mod tests {
             err.contains("[6, 3, 8]") && err.contains("[5, 1, 8]"),
             "{err}"
         );
+    }
+
+    /// YaRN-style tables `[n, d]` (as the model builds them): angle p·θᵢ with θᵢ = 10000^(−2i/d)
+    /// blended towards θᵢ/4 (interpolation) over a ramp of the frequencies, both halves the
+    /// same, cos and sin scaled by YaRN's attention factor 0.1·ln 4 + 1 (cos² + sin² ≠ 1).
+    fn yarn_tables(n: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = d / 2;
+        let mscale = 0.1 * 4f32.ln() + 1.0;
+        let theta = |i: usize| {
+            let t = 10_000f32.powf(-2.0 * i as f32 / d as f32);
+            let ramp = (i as f32 / half.max(2) as f32).clamp(0.0, 1.0);
+            t * (1.0 - ramp) + t / 4.0 * ramp
+        };
+        let angle = |k: usize| (k / d) as f32 * theta(k % d % half);
+        let table = |f: fn(f32) -> f32| (0..n * d).map(|k| f(angle(k)) * mscale).collect();
+        (table(f32::cos), table(f32::sin))
+    }
+
+    /// kernels/rope.cu (`rope_f32`, `rope_bf16`) run on the CPU by finetune-kernel-emu with the
+    /// CUDA launch's geometry and arguments, forward and transposed (the backward), in both
+    /// fiber orders, against [`Rope`]'s CPU forward: bit for bit, as both do the same f32
+    /// operations per element (two products and a difference or sum, no fused multiply-add)
+    /// and round bf16 outputs once to nearest even. Shapes: 6 tokens × 3 heads × 8; 7 × 5 × 70
+    /// (1,225 pairs: a partial last block; half 35, not a multiple of a warp), also with
+    /// arbitrary tables whose halves differ (a model's repeat their frequencies, which would
+    /// hide a kernel reading cosᵢ for cos_{i+D/2}); 3 × 1 × 2 (one
+    /// pair per row); 11 × 2 × 64 with the grid capped at 2 blocks, so that the grid-stride
+    /// loop covers the rest (as the CUDA grid, capped at 524,280 blocks, does for huge
+    /// inputs); no tokens (one block with nothing to do).
+    #[test]
+    fn emulated_kernel_equals_the_cpu_reference_bit_for_bit() {
+        use crate::common::test::{bf16_bits, data};
+        use finetune_kernel_emu::{launch, Buffer, Order};
+        type Bf = u16;
+        extern "C" {
+            fn rope_f32(
+                x: *const f32,
+                cos: *const f32,
+                sin: *const f32,
+                y: *mut f32,
+                n: i32,
+                h: i32,
+                d: i32,
+                transpose: i32,
+            );
+            fn rope_bf16(
+                x: *const Bf,
+                cos: *const f32,
+                sin: *const f32,
+                y: *mut Bf,
+                n: i32,
+                h: i32,
+                d: i32,
+                transpose: i32,
+            );
+        }
+        for (n, h, d, capped, yarn) in [
+            (6usize, 3usize, 8usize, false, true),
+            (7, 5, 70, false, true),
+            (7, 5, 70, false, false),
+            (3, 1, 2, false, true),
+            (11, 2, 64, true, true),
+            (0, 2, 4, false, true),
+        ] {
+            let x = data(n * h * d, (n * h * d) as u64);
+            let (cos, sin) = if yarn {
+                yarn_tables(n, d)
+            } else {
+                (data(n * d, 1), data(n * d, 2))
+            };
+            let cpu = candle_core::Device::Cpu;
+            let (ct, st) = (
+                Tensor::from_vec(cos.clone(), (n, d), &cpu).unwrap(),
+                Tensor::from_vec(sin.clone(), (n, d), &cpu).unwrap(),
+            );
+            let mut shape = launch_shape(n, h, d);
+            if capped {
+                assert!(
+                    shape.grid.0 > 2,
+                    "the cap must leave pairs to the stride loop"
+                );
+                shape.grid.0 = 2;
+            }
+            let (cb, sb) = (Buffer::from_slice(&cos), Buffer::from_slice(&sin));
+            let (n_i, h_i, d_i) = (n as i32, h as i32, d as i32);
+            for transpose in [false, true] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let xt = Tensor::from_vec(x.clone(), (n, h, d), &cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    // The reference's output as f32 bits (bf16 widens exactly).
+                    let want: Vec<u32> = xt
+                        .apply_op3_no_bwd(&ct, &st, &Rope { transpose })
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    for order in Order::BOTH {
+                        let t_i = i32::from(transpose);
+                        let got: Vec<u32> = if dtype == DType::F32 {
+                            let xb = Buffer::from_slice(&x);
+                            let y = Buffer::filled(n * h * d, f32::NAN);
+                            launch(shape.into(), order, || unsafe {
+                                rope_f32(
+                                    xb.ptr(),
+                                    cb.ptr(),
+                                    sb.ptr(),
+                                    y.mut_ptr(),
+                                    n_i,
+                                    h_i,
+                                    d_i,
+                                    t_i,
+                                )
+                            })
+                            .unwrap();
+                            y.to_vec().iter().map(|v| v.to_bits()).collect()
+                        } else {
+                            let xb = Buffer::from_slice(&bf16_bits(&x));
+                            let y = Buffer::filled(n * h * d, 0xFFFFu16); // NaN
+                            launch(shape.into(), order, || unsafe {
+                                rope_bf16(
+                                    xb.ptr(),
+                                    cb.ptr(),
+                                    sb.ptr(),
+                                    y.mut_ptr(),
+                                    n_i,
+                                    h_i,
+                                    d_i,
+                                    t_i,
+                                )
+                            })
+                            .unwrap();
+                            y.to_vec().iter().map(|&b| (b as u32) << 16).collect()
+                        };
+                        let what = format!(
+                            "{n}×{h}×{d} yarn {yarn} transpose {transpose} {dtype:?} {order:?}"
+                        );
+                        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+                        assert!(
+                            first.is_none(),
+                            "{what}: first difference at {first:?}: {:?} vs {:?}",
+                            first.map(|i| f32::from_bits(got[i])),
+                            first.map(|i| f32::from_bits(want[i]))
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]

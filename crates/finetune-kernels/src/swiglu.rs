@@ -12,7 +12,7 @@
 //! - CUDA (`cuda` feature, kernels/swiglu.cu): element-wise, grid-stride.
 //! - Backward: [`SwigluBwd`], (g, u, dy) → `[2, …shape]` = (dg, du), on both devices.
 
-use crate::common::{cpu_f32, cpu_out, same_dtype, PAR_GRAIN};
+use crate::common::{cpu_f32, cpu_out, same_dtype, stride_grid, LaunchShape, PAR_GRAIN};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -188,9 +188,20 @@ impl CustomOp3 for SwigluBwd {
     }
 }
 
+/// `swiglu_{fwd,bwd}_*`'s launch over `n` elements: a grid-stride loop, blocks of 256
+/// threads.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn launch_shape(n: usize) -> LaunchShape {
+    LaunchShape {
+        grid: (stride_grid(n, 256), 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::common::cuda::{grid, suffix, view};
+    use crate::common::cuda::{suffix, view};
     use candle_core::cuda_backend::cudarc::driver::{
         DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
@@ -223,11 +234,7 @@ mod cuda {
             b.arg(v);
         }
         b.arg(&out).arg(&n_arg);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(n, 256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig::from(super::launch_shape(n));
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
@@ -313,6 +320,135 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+    }
+
+    /// kernels/swiglu.cu (`swiglu_{fwd,bwd}_{f32,bf16}`) run on the CPU by finetune-kernel-emu
+    /// with the CUDA launch's geometry and arguments, in both fiber orders, against
+    /// [`Swiglu`]'s and [`SwigluBwd`]'s CPU forward: bit for bit, as both do the same f32
+    /// operations per element in the same order with the same expf (the emulator's is libm's,
+    /// which Rust's `f32::exp` calls too; a GPU's differs by an ulp, which its own test
+    /// allows), and round bf16 outputs once to nearest even. n = 1, 255, 256, 257 and 1,000
+    /// (partial last blocks); 1,000 again with the grid capped at 2 blocks, so that the
+    /// grid-stride loop covers the rest (as the CUDA grid, capped at 524,280 blocks, does for
+    /// huge inputs); 0 (one block with nothing to do). g spans [−16, 16) (σ saturates) plus
+    /// ±100 and ±0 (e^100 overflows to ∞).
+    #[test]
+    fn emulated_kernels_equal_the_cpu_reference_bit_for_bit() {
+        use crate::common::test::{bf16_bits, data};
+        use candle_core::DType;
+        use finetune_kernel_emu::{launch, Buffer, Order};
+        type Bf = u16;
+        extern "C" {
+            fn swiglu_fwd_f32(g: *const f32, u: *const f32, y: *mut f32, n: usize);
+            fn swiglu_fwd_bf16(g: *const Bf, u: *const Bf, y: *mut Bf, n: usize);
+            fn swiglu_bwd_f32(
+                g: *const f32,
+                u: *const f32,
+                dy: *const f32,
+                out: *mut f32,
+                n: usize,
+            );
+            fn swiglu_bwd_bf16(g: *const Bf, u: *const Bf, dy: *const Bf, out: *mut Bf, n: usize);
+        }
+        /// A tensor's values as f32 bits (bf16 widens exactly).
+        fn bits(t: &Tensor) -> Vec<u32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        }
+        fn assert_same(got: &[u32], want: &[u32], what: &str) {
+            let first = got.iter().zip(want).position(|(a, b)| a != b);
+            assert!(
+                first.is_none() && got.len() == want.len(),
+                "{what}: first difference at {first:?}: {:?} vs {:?}",
+                first.map(|i| f32::from_bits(got[i])),
+                first.map(|i| f32::from_bits(want[i]))
+            );
+        }
+        for (n, capped) in [
+            (1usize, false),
+            (255, false),
+            (256, false),
+            (257, false),
+            (1000, false),
+            (1000, true),
+            (0, false),
+        ] {
+            let mut g: Vec<f32> = data(n, n as u64).iter().map(|x| x * 8.0).collect();
+            for (slot, v) in g.iter_mut().zip([100.0, -100.0, 0.0, -0.0]) {
+                *slot = v;
+            }
+            let (u, dy) = (data(n, n as u64 + 1), data(n, n as u64 + 2));
+            let mut shape = launch_shape(n);
+            if capped {
+                assert!(
+                    shape.grid.0 > 2,
+                    "the cap must leave elements to the stride loop"
+                );
+                shape.grid.0 = 2;
+            }
+            for dtype in [DType::F32, DType::BF16] {
+                let t = |v: &[f32]| {
+                    Tensor::from_vec(v.to_vec(), n, &candle_core::Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let (gt, ut, dyt) = (t(&g), t(&u), t(&dy));
+                let want_y = bits(&gt.apply_op2_no_bwd(&ut, &Swiglu).unwrap());
+                let want_b = bits(&gt.apply_op3_no_bwd(&ut, &dyt, &SwigluBwd).unwrap());
+                for order in Order::BOTH {
+                    let what = format!("n {n} capped {capped} {dtype:?} {order:?}");
+                    let (y, b) = if dtype == DType::F32 {
+                        let (gb, ub, db) = (
+                            Buffer::from_slice(&g),
+                            Buffer::from_slice(&u),
+                            Buffer::from_slice(&dy),
+                        );
+                        let y = Buffer::filled(n, f32::NAN);
+                        let out = Buffer::filled(2 * n, f32::NAN);
+                        launch(shape.into(), order, || unsafe {
+                            swiglu_fwd_f32(gb.ptr(), ub.ptr(), y.mut_ptr(), n)
+                        })
+                        .unwrap();
+                        launch(shape.into(), order, || unsafe {
+                            swiglu_bwd_f32(gb.ptr(), ub.ptr(), db.ptr(), out.mut_ptr(), n)
+                        })
+                        .unwrap();
+                        let f = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        (f(y.to_vec()), f(out.to_vec()))
+                    } else {
+                        let (gb, ub, db) = (
+                            Buffer::from_slice(&bf16_bits(&g)),
+                            Buffer::from_slice(&bf16_bits(&u)),
+                            Buffer::from_slice(&bf16_bits(&dy)),
+                        );
+                        // 0xFFFF: a NaN, for what the kernel leaves unwritten.
+                        let y = Buffer::filled(n, 0xFFFFu16);
+                        let out = Buffer::filled(2 * n, 0xFFFFu16);
+                        launch(shape.into(), order, || unsafe {
+                            swiglu_fwd_bf16(gb.ptr(), ub.ptr(), y.mut_ptr(), n)
+                        })
+                        .unwrap();
+                        launch(shape.into(), order, || unsafe {
+                            swiglu_bwd_bf16(gb.ptr(), ub.ptr(), db.ptr(), out.mut_ptr(), n)
+                        })
+                        .unwrap();
+                        let f =
+                            |v: Vec<u16>| v.iter().map(|&b| (b as u32) << 16).collect::<Vec<_>>();
+                        (f(y.to_vec()), f(out.to_vec()))
+                    };
+                    assert_same(&y, &want_y, &format!("{what} y"));
+                    assert_same(&b, &want_b, &format!("{what} (dg, du)"));
+                }
+            }
+        }
     }
 
     #[cfg(feature = "cuda")]
