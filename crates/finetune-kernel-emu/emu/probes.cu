@@ -68,3 +68,29 @@ extern "C" __global__ void probe_unwritten(float* out, int written) {
     __syncthreads();
     out[blockIdx.x * blockDim.x + threadIdx.x] = cell[threadIdx.x] * other;
 }
+
+// Two block-wide sums through the same 32-float scratch (cross_entropy.cu's block_reduce):
+// out[0] = Σ 1, out[1] = Σ 2 over the block. Without `first_barrier`, a warp that has finished
+// the first sum writes its part of the second over a slot another warp has yet to read.
+__device__ float probe_warp_total(float v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+__device__ float probe_block_total(float v, float* scratch, int first_barrier) {
+    v = probe_warp_total(v);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (first_barrier) __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.f;
+    return probe_warp_total(v);
+}
+extern "C" __global__ void probe_two_sums(float* out, int first_barrier) {
+    __shared__ float scratch[32];
+    float a = probe_block_total(1.f, scratch, first_barrier);
+    float b = probe_block_total(2.f, scratch, first_barrier);
+    if (threadIdx.x == 0) {
+        out[0] = a;
+        out[1] = b;
+    }
+}

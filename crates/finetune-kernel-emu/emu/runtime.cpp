@@ -4,10 +4,9 @@
 // releases what is complete — a __syncthreads once every live thread of the block waits at
 // one, a warp's __syncwarp or shuffle once every lane of its mask waits at one (a shuffle's
 // results are computed at that moment, from the values the lanes brought) — and reports a
-// deadlock when nothing is. Because a fiber runs alone until it blocks, a kernel that reads
-// shared memory another thread writes without a barrier in between reads it stale or
-// unwritten; running the launch in both fiber orders (`order`) exposes such races as
-// differing results.
+// deadlock when nothing is. Warps run one at a time up to the block barrier (run_block), so
+// a kernel that reads shared memory another warp or lane writes without the barrier between
+// them reads it stale or unwritten in one of the two orders (`order`): the tests run both.
 #include "cuda_emu.h"
 
 #include <stdio.h>
@@ -106,63 +105,61 @@ void fail_launch(std::string what) {
     }
 }
 
-// Releases complete warp groups; false with an error set on undefined behaviour.
-bool release_warps(State& s, unsigned threads, bool& released) {
-    for (unsigned base = 0; base < threads; base += 32) {
-        for (unsigned lane = 0; lane < 32 && base + lane < threads; ++lane) {
-            Fiber& f = s.fibers[base + lane];
-            if (f.wait != Wait::WarpSync && f.wait != Wait::Shuffle) continue;
-            bool complete = true;
-            for (unsigned other = 0; other < 32; ++other) {
-                if (!((f.mask >> other) & 1u)) continue;
-                if (base + other >= threads) {
-                    fail_launch(where(f) + ": mask names lane " + std::to_string(other) +
-                                ", which the block does not have");
-                    return false;
-                }
-                Fiber& o = s.fibers[base + other];
-                if (o.wait == Wait::Done) {
-                    fail_launch(where(f) + ": a " +
-                                (f.wait == Wait::Shuffle ? "shuffle" : "__syncwarp") +
-                                "'s mask names lane " + std::to_string(other) +
-                                ", which has exited (undefined behaviour)");
-                    return false;
-                }
-                if (o.wait == Wait::Ready || o.wait == Wait::Block) {
-                    complete = false;
-                    continue;
-                }
-                if (o.wait != f.wait || o.mask != f.mask) {
-                    fail_launch(where(f) + " and lane " + std::to_string(other) +
-                                " meet at different warp operations (shuffle vs __syncwarp or "
-                                "different masks)");
-                    return false;
-                }
+// Releases the complete warp operations of the warp whose lane 0 is `base`; false with an
+// error set on undefined behaviour.
+bool release_warp(State& s, unsigned base, unsigned threads, bool& released) {
+    for (unsigned lane = 0; lane < 32 && base + lane < threads; ++lane) {
+        Fiber& f = s.fibers[base + lane];
+        if (f.wait != Wait::WarpSync && f.wait != Wait::Shuffle) continue;
+        bool complete = true;
+        for (unsigned other = 0; other < 32; ++other) {
+            if (!((f.mask >> other) & 1u)) continue;
+            if (base + other >= threads) {
+                fail_launch(where(f) + ": mask names lane " + std::to_string(other) +
+                            ", which the block does not have");
+                return false;
             }
-            if (!complete) continue;
-            // Everyone in the mask is here: compute shuffle results from the values brought.
-            std::vector<uint64_t> out(32);
-            for (unsigned other = 0; other < 32; ++other) {
-                if (!((f.mask >> other) & 1u)) continue;
-                Fiber& o = s.fibers[base + other];
-                if (o.wait == Wait::Shuffle) {
-                    unsigned src = (unsigned)o.source;
-                    if (src >= 32 || !((f.mask >> src) & 1u)) {
-                        fail_launch(where(o) + ": shuffle reads lane " + std::to_string(src) +
-                                    ", outside its mask");
-                        return false;
-                    }
-                    out[other] = s.fibers[base + src].bits;
-                }
+            Fiber& o = s.fibers[base + other];
+            if (o.wait == Wait::Done) {
+                fail_launch(where(f) + ": a " + (f.wait == Wait::Shuffle ? "shuffle" : "__syncwarp") +
+                            "'s mask names lane " + std::to_string(other) +
+                            ", which has exited (undefined behaviour)");
+                return false;
             }
-            for (unsigned other = 0; other < 32; ++other) {
-                if (!((f.mask >> other) & 1u)) continue;
-                Fiber& o = s.fibers[base + other];
-                if (o.wait == Wait::Shuffle) o.bits = out[other];
-                o.wait = Wait::Ready;
+            if (o.wait == Wait::Ready || o.wait == Wait::Block) {
+                complete = false;
+                continue;
             }
-            released = true;
+            if (o.wait != f.wait || o.mask != f.mask) {
+                fail_launch(where(f) + " and lane " + std::to_string(other) +
+                            " meet at different warp operations (shuffle vs __syncwarp or "
+                            "different masks)");
+                return false;
+            }
         }
+        if (!complete) continue;
+        // Everyone in the mask is here: compute shuffle results from the values brought.
+        uint64_t out[32] = {};
+        for (unsigned other = 0; other < 32; ++other) {
+            if (!((f.mask >> other) & 1u)) continue;
+            Fiber& o = s.fibers[base + other];
+            if (o.wait == Wait::Shuffle) {
+                unsigned src = (unsigned)o.source;
+                if (src >= 32 || !((f.mask >> src) & 1u)) {
+                    fail_launch(where(o) + ": shuffle reads lane " + std::to_string(src) +
+                                ", outside its mask");
+                    return false;
+                }
+                out[other] = s.fibers[base + src].bits;
+            }
+        }
+        for (unsigned other = 0; other < 32; ++other) {
+            if (!((f.mask >> other) & 1u)) continue;
+            Fiber& o = s.fibers[base + other];
+            if (o.wait == Wait::Shuffle) o.bits = out[other];
+            o.wait = Wait::Ready;
+        }
+        released = true;
     }
     return true;
 }
@@ -179,19 +176,33 @@ bool run_block(State& s, unsigned threads, int order) {
         f.context.uc_link = &s.scheduler;
         makecontext(&f.context, fiber_entry, 0);
     }
+    // Warp by warp (ascending or descending): a warp's lanes run (in the same order) until
+    // each is blocked, its complete warp operations are released, and again, until the warp
+    // waits at __syncthreads, has exited or is stuck; only then does the next warp start. So
+    // one warp always runs ahead of the others to the barrier, and within a warp one lane
+    // ahead of the others to the next warp operation: a read that another warp's or lane's
+    // write must precede, without the barrier that orders them, comes first in one order.
+    const unsigned warps = (threads + 31) / 32;
     for (;;) {
-        for (unsigned n = 0; n < threads; ++n) {
-            unsigned i = order == 0 ? n : threads - 1 - n;
-            Fiber& f = s.fibers[i];
-            if (f.wait != Wait::Ready) continue;
-            s.running = &f;
-            current.thread = f.thread;
-            swapcontext(&s.scheduler, &f.context);
-            if (s.failed) return false;
+        for (unsigned wn = 0; wn < warps; ++wn) {
+            unsigned base = 32 * (order == 0 ? wn : warps - 1 - wn);
+            unsigned width = threads - base < 32 ? threads - base : 32;
+            for (;;) {
+                bool ran = false;
+                for (unsigned n = 0; n < width; ++n) {
+                    Fiber& f = s.fibers[base + (order == 0 ? n : width - 1 - n)];
+                    if (f.wait != Wait::Ready) continue;
+                    s.running = &f;
+                    current.thread = f.thread;
+                    swapcontext(&s.scheduler, &f.context);
+                    if (s.failed) return false;
+                    ran = true;
+                }
+                bool released = false;
+                if (!release_warp(s, base, threads, released)) return false;
+                if (!ran && !released) break;
+            }
         }
-        bool released = false;
-        if (!release_warps(s, threads, released)) return false;
-        if (released) continue;
         unsigned live = 0, at_block = 0, at_warp = 0;
         for (unsigned i = 0; i < threads; ++i) {
             Wait w = s.fibers[i].wait;

@@ -11,6 +11,7 @@ extern "C" {
     fn probe_dynamic(out: *mut f32);
     fn probe_e4m3(x: *const f32, q: *mut u8, back: *mut f32, n: i32);
     fn probe_unwritten(out: *mut f32, written: i32);
+    fn probe_two_sums(out: *mut f32, first_barrier: i32);
 }
 
 fn geometry(blocks: u32, threads: u32, shared: u32) -> Geometry {
@@ -46,6 +47,32 @@ fn a_missing_barrier_changes_the_result_and_the_barrier_restores_it() {
         .filter(|&&o| neighbour(false, o) != want)
         .count();
     assert!(wrong >= 1, "the race went unseen in both orders");
+}
+
+/// The race a lane-by-lane schedule misses: one warp reusing shared scratch for a second
+/// reduction while another warp still has to read the first one's value from it. Warps run one
+/// at a time up to the barrier, so in one of the orders the early warp overwrites the slot.
+#[test]
+fn a_warp_running_ahead_into_reused_scratch_is_seen() {
+    let sums = |first_barrier: bool, order: Order| {
+        let out = Buffer::filled(2, f32::NAN);
+        launch(geometry(1, 256, 0), order, || unsafe {
+            probe_two_sums(out.mut_ptr(), first_barrier as i32)
+        })
+        .unwrap();
+        out.to_vec()
+    };
+    for order in Order::BOTH {
+        assert_eq!(sums(true, order), vec![256.0, 512.0], "{order:?}");
+    }
+    let wrong = Order::BOTH
+        .iter()
+        .filter(|&&o| sums(false, o) != vec![256.0, 512.0])
+        .count();
+    assert!(
+        wrong >= 1,
+        "the overwritten scratch went unseen in both orders"
+    );
 }
 
 #[test]
