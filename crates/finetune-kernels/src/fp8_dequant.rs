@@ -155,7 +155,10 @@ impl CustomOp2 for Fp8Dequant {
                     .arg(&rows_i)
                     .arg(&cols_i)
                     .arg(&sc_i);
-                unsafe { b.launch(cfg) }.w()?;
+                // An empty weight launches nothing (a grid of 0 blocks is a launch error).
+                if n > 0 {
+                    unsafe { b.launch(cfg) }.w()?;
+                }
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev)
             }
             _ => {
@@ -172,7 +175,10 @@ impl CustomOp2 for Fp8Dequant {
                     .arg(&rows_i)
                     .arg(&cols_i)
                     .arg(&sc_i);
-                unsafe { b.launch(cfg) }.w()?;
+                // An empty weight launches nothing (a grid of 0 blocks is a launch error).
+                if n > 0 {
+                    unsafe { b.launch(cfg) }.w()?;
+                }
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev)
             }
         };
