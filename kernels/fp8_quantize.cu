@@ -1,7 +1,7 @@
 // fp8_quantize: activations x [rows, cols] (f32 or bf16) to FP8 E4M3 with one f32 scale per row
-// and 128-column block, the DeepSeek-V3 recipe: s = amax / 448 over the block (s = 1 for an
-// all-zero block), q = e4m3(x / s) rounded to nearest even and saturated to ±448, so that
-// x ≈ q · s. The input of the block-scaled cuBLASLt GEMM (crates/finetune-kernels/src/fp8_linear.rs),
+// and 128-column block, the DeepSeek-V3 recipe: s = amax / 448 over the block (s = 1 where that
+// is 0: a zero block or an underflow), q = e4m3(x / s) rounded to nearest even and saturated
+// to ±448, so that x ≈ q · s. The input of the block-scaled cuBLASLt GEMM (crates/finetune-kernels/src/fp8_linear.rs),
 // whose CPU reference (`quantize_rows_cpu`) does the same operations in the same order
 // (an IEEE f32 division each, then the `float8` crate's port of cuda_fp8.hpp's rounding).
 //
@@ -35,7 +35,8 @@ __device__ void quantize_rows(const T* __restrict__ x, uint8_t* __restrict__ q,
     __syncthreads();
     if (threadIdx.x == 0) {
         float amax = fmaxf(fmaxf(warp_amax[0], warp_amax[1]), fmaxf(warp_amax[2], warp_amax[3]));
-        float s = amax > 0.f ? amax / 448.f : 1.f;
+        float s = amax / 448.f;
+        if (!(s > 0.f)) s = 1.f;  // a zero block, or an amax so small that s underflows to 0
         block_scale = s;
         // The row's group: the last g with offsets[g] <= row (offsets non-decreasing, empty
         // groups skipped because their successor has the same start).

@@ -5,7 +5,8 @@
 //! group (expert) multiplies the two FP8 operands with f32 accumulation and writes bf16.
 //!
 //! Math, for rows n of group e (rows `offsets[e]..offsets[e + 1]`, W = `q`·`scale_inv` per block):
-//!   s[n][b] = max_{c in block b} |x[n][c]| / 448   (1 where the block is all zero)
+//!   s[n][b] = max_{c in block b} |x[n][c]| / 448   (1 where that is 0: a zero block, or an
+//!                                                   amax under 224·2⁻¹⁴⁹ whose quotient underflows)
 //!   qx[n][c] = e4m3(x[n][c] / s[n][c/128])          (round to nearest even, saturating)
 //!   y[n][o] = Σ_c qx[n][c]·s[n][c/128] · q_e[o][c]·scale_inv_e[o/128][c/128]
 //! i.e. today's path (x·dequant(W)ᵀ in bf16) with x replaced by its FP8 round trip: the
@@ -152,10 +153,13 @@ fn e4m3_bits(v: f32) -> u8 {
     float8::F8E4M3::from_f32(v).to_bits()
 }
 
-/// The block scale of a block whose largest magnitude is `amax`.
+/// The block scale of a block whose largest magnitude is `amax`: amax / 448, or 1 where that
+/// is not positive (an all-zero block, or subnormals whose scale underflows to 0: dividing by
+/// a 0 scale would give NaN and ±448 bytes for values that are all but zero).
 fn block_scale(amax: f32) -> f32 {
-    if amax > 0.0 {
-        amax / E4M3_MAX
+    let s = amax / E4M3_MAX;
+    if s > 0.0 {
+        s
     } else {
         1.0
     }
@@ -1044,6 +1048,12 @@ mod tests {
                 }
                 x[at(3, 9)] = -subnormal(1120);
                 assert_eq!(subnormal(1120) / (subnormal(1120) / E4M3_MAX), 560.0);
+                // Largest 100·2⁻¹⁴⁹: amax / 448 underflows to 0, so the scale is 1 (a 0 scale
+                // would turn the block's elements into NaN and ±448 bytes).
+                for (i, v) in x[block0(7)].iter_mut().enumerate() {
+                    *v = subnormal((i as u32 * 13) % 101);
+                }
+                assert_eq!(subnormal(100) / E4M3_MAX, 0.0);
             }
             let k_blocks = cols.div_ceil(FP8_BLOCK);
             let (bases, len) = act_scale_bases(&offsets, k_blocks);
