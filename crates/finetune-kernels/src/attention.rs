@@ -998,6 +998,9 @@ mod cuda {
 }
 
 #[cfg(test)]
+mod emulated;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::common::test::{rel_diff, tensor};
