@@ -94,3 +94,14 @@ extern "C" __global__ void probe_two_sums(float* out, int first_barrier) {
         out[1] = b;
     }
 }
+
+// A warp stores a WMMA accumulator tile (all 2.0) to shared memory, then each lane reads an
+// element another lane stored: correct only with the __syncwarp between (`sync`).
+extern "C" __global__ void probe_wmma_store_read(float* out, int sync) {
+    __shared__ __align__(32) float tile[16 * 16];
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c;
+    nvcuda::wmma::fill_fragment(c, 2.f);
+    nvcuda::wmma::store_matrix_sync(tile, c, 16, nvcuda::wmma::mem_row_major);
+    if (sync) __syncwarp();
+    out[threadIdx.x] = tile[threadIdx.x * 8 + 1];
+}

@@ -12,6 +12,7 @@ extern "C" {
     fn probe_e4m3(x: *const f32, q: *mut u8, back: *mut f32, n: i32);
     fn probe_unwritten(out: *mut f32, written: i32);
     fn probe_two_sums(out: *mut f32, first_barrier: i32);
+    fn probe_wmma_store_read(out: *mut f32, sync: i32);
 }
 
 fn geometry(blocks: u32, threads: u32, shared: u32) -> Geometry {
@@ -135,6 +136,31 @@ fn wmma_multiplies_and_refuses_a_misaligned_tile() {
     })
     .unwrap_err();
     assert!(err.0.contains("not 256-bit aligned"), "{err}");
+}
+
+/// A WMMA store is each lane's share of the tile, so reading what other lanes stored needs
+/// the __syncwarp the GPU needs.
+#[test]
+fn reading_a_stored_wmma_tile_needs_a_syncwarp() {
+    let read = |sync: bool, order: Order| {
+        let out = Buffer::filled(32, f32::NAN);
+        launch(geometry(1, 32, 0), order, || unsafe {
+            probe_wmma_store_read(out.mut_ptr(), sync as i32)
+        })
+        .unwrap();
+        out.to_vec()
+    };
+    for order in Order::BOTH {
+        assert_eq!(read(true, order), vec![2.0; 32], "{order:?}");
+    }
+    let wrong = Order::BOTH
+        .iter()
+        .filter(|&&o| read(false, o) != vec![2.0; 32])
+        .count();
+    assert_eq!(
+        wrong, 2,
+        "a read of other lanes' elements before they stored them went unseen"
+    );
 }
 
 #[test]

@@ -1,16 +1,15 @@
 // mma.h for finetune-kernel-emu: nvcuda::wmma on the CPU. A fragment's element layout across
 // the warp's lanes is unspecified by CUDA, so here every lane holds the whole tile: each lane
-// loads, multiplies and stores all of it, which gives the warp-level result the API defines.
+// loads and multiplies all of it, which gives the warp-level result the API defines; a store
+// writes each lane's share only (below), so reads of a stored tile need the __syncwarp the GPU
+// needs.
 // A kernel that indexes fragment elements by position (layout-dependent code) would not port;
 // uniform element-wise updates over x[0..num_elements) do. Alignment rules of the API are
 // checked: pointers 256-bit aligned, ldm a multiple of 16 bytes.
 #pragma once
 #include "cuda_bf16.h"
+#include "cuda_emu.h"  // emu_lane, emu::fail
 #include <stdint.h>
-
-namespace emu {
-[[noreturn]] void fail(const char* what);
-}
 
 namespace nvcuda {
 namespace wmma {
@@ -75,15 +74,19 @@ inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, u
         for (int c = 0; c < N; ++c)
             f.x[r * N + c] = layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
 }
+// Each lane stores only its share of the tile (element e where e % 32 is the lane), as on the
+// GPU, where each lane holds part of the fragment: a lane that reads elements of the stored
+// tile before a __syncwarp sees the other lanes' elements unwritten.
 template <int M, int N, int K, typename T>
 inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
                               layout_t layout) {
     check_operand<T>(p, ldm, "wmma::store_matrix_sync: pointer not 256-bit aligned or ldm not a multiple of 16 bytes");
-    for (int r = 0; r < M; ++r)
-        for (int c = 0; c < N; ++c) {
-            if (layout == mem_row_major) p[(size_t)r * ldm + c] = f.x[r * N + c];
-            else p[(size_t)c * ldm + r] = f.x[r * N + c];
-        }
+    const int lane = emu_lane();
+    for (int e = lane; e < M * N; e += 32) {
+        int r = e / N, c = e % N;
+        if (layout == mem_row_major) p[(size_t)r * ldm + c] = f.x[e];
+        else p[(size_t)c * ldm + r] = f.x[e];
+    }
 }
 
 // d = a·b + c: exact products of the 16-bit inputs summed in f32, k in order.
