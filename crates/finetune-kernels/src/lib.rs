@@ -31,6 +31,7 @@ pub mod fp8_dequant;
 pub mod fp8_linear;
 pub mod frozen_batched_linear;
 pub mod frozen_linear;
+pub mod grouped_gemm;
 pub mod grouped_linear;
 pub mod lora_linear;
 pub mod moe_experts;

@@ -14,6 +14,9 @@
 //! - `grouped_linear(cublas grouped call)` (GPU): the same GEMMs as one
 //!   `cublasGemmGroupedBatchedEx` call (`FINETUNE_GROUPED_GEMM_CUBLAS=1`).
 //! - `grouped_linear_frozen(fp8)` (GPU): the same from an FP8 block-128 stack dequantized in the op.
+//! - `grouped_gemm(fp8 kernel)` (GPU, bf16): the same product by kernels/grouped_gemm.cu, one
+//!   launch for all experts reading the FP8 stack directly; forward + dX = its nt then nn
+//!   launches; baseline: `grouped_linear_frozen(fp8)`'s forward.
 //! - `fp8_linear` (GPU, bf16, q_proj's shape) and `fp8_grouped_linear` (GPU, the experts' shape):
 //!   the FP8 tensor-core GEMM including the activations' quantization, the same flops as their
 //!   bf16 rows; baselines: candle's bf16 matmul and the bf16 `grouped_linear`. Each also as a
@@ -332,6 +335,38 @@ pub fn kernels(args: &BenchKernelsArgs) -> Result<Outcome> {
             "TFLOPS",
             ("matmul (one GEMM, same flops)", dense_s, flops),
         );
+        if dtype == DType::BF16 {
+            // The same product by the one-launch grouped kernel reading the FP8 stack directly
+            // (finetune_kernels::grouped_gemm, not wired into the model): forward = nt, forward
+            // + dX = nt then nn, against the dequantize + per-expert cuBLAS path just above.
+            let frozen8_fwd_s = fwd;
+            let q3 = q.reshape((e, i, h))?;
+            let s3 = values(
+                &[e, i.div_ceil(128), h.div_ceil(128)],
+                23,
+                DType::F32,
+                &device,
+            )?
+            .abs()?;
+            let dy = values(&[n, i], 24, dtype, &device)?;
+            let experts = || finetune_kernels::grouped_gemm::Experts::Fp8 {
+                q: &q3,
+                scale_inv: &s3,
+            };
+            let gg = |x: &Tensor, nn: bool| {
+                finetune_kernels::grouped_gemm::grouped_gemm(x, experts(), &offsets, nn)
+            };
+            let fwd = time(&mut || gg(&xe, false).map(|_| ()))?;
+            let bwd = time(&mut || gg(&xe, false).and_then(|_| gg(&dy, true)).map(|_| ()))?;
+            push(
+                "grouped_gemm(fp8 kernel)",
+                format!("{e}× [{}, {h}]·[{i}, {h}]ᵀ", n / e),
+                (fwd, Some(bwd)),
+                (flops, Some(2.0 * flops)),
+                "TFLOPS",
+                ("grouped_linear_frozen(fp8)", frozen8_fwd_s, flops),
+            );
+        }
         // The FP8 tensor-core GEMM (finetune_kernels::fp8_linear: activations quantized per
         // row and 128 columns, block-scaled cuBLASLt), timed with its quantization, against
         // cuBLAS bf16 of the same size: q_proj's dense shape, then the experts' grouped one.
