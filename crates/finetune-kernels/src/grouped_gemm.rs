@@ -544,6 +544,48 @@ mod tests {
         }
     }
 
+    /// On a GPU: the CUDA op against the CPU reference (within one bf16 rounding).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_equals_the_cpu_reference() {
+        let Some(gpu) = crate::common::test::gpu() else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for c in cases() {
+            let offsets = Arc::new(c.offsets.clone());
+            for transposed in [false, true] {
+                let (x, q, scale, w) = inputs(&c, transposed);
+                let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+                let (xg, qg, sg, wg) = (on(&x), on(&q), on(&scale), on(&w));
+                for fp8 in [true, false] {
+                    let (cpu, dev) = if fp8 {
+                        (
+                            Experts::Fp8 {
+                                q: &q,
+                                scale_inv: &scale,
+                            },
+                            Experts::Fp8 {
+                                q: &qg,
+                                scale_inv: &sg,
+                            },
+                        )
+                    } else {
+                        (Experts::Bf16(&w), Experts::Bf16(&wg))
+                    };
+                    let want = grouped_gemm(&x, cpu, &offsets, transposed).unwrap();
+                    let got = grouped_gemm(&xg, dev, &offsets, transposed).unwrap();
+                    let d = crate::common::test::rel_diff(&got, &want);
+                    eprintln!(
+                        "grouped-gemm cuda {:?} fp8 {fp8} nn {transposed}: {d:e}",
+                        c.offsets
+                    );
+                    assert!(d < 1e-2, "fp8 {fp8} transposed {transposed}: {d}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn tiles_cover_each_expert_in_64_row_pieces() {
         assert_eq!(
