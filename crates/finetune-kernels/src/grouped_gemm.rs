@@ -533,6 +533,7 @@ mod tests {
                             .collect();
                         let got = Tensor::from_vec(got, (n, cols), &Device::Cpu).unwrap();
                         let d = crate::common::test::rel_diff(&got, &want);
+                        eprintln!("emulated grouped-gemm {:?} fp8 {fp8} nn {transposed} {order:?}: {d:.2e}", c.offsets);
                         assert!(
                             d < 1e-2,
                             "{:?} fp8 {fp8} transposed {transposed} {order:?}: {d}",
