@@ -445,6 +445,20 @@ pub(crate) mod test {
         diff / scale
     }
 
+    /// A tensor's values widened to f32 (exact from bf16), as bits: for bit-for-bit
+    /// comparisons that also tell NaN payloads and signed zeros apart.
+    pub(crate) fn f32_bits(t: &Tensor) -> Vec<u32> {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
     /// `values` rounded to bf16, as the bit patterns an emulated kernel reads (`__nv_bfloat16`).
     pub(crate) fn bf16_bits(values: &[f32]) -> Vec<u16> {
         values

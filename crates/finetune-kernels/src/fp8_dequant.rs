@@ -326,15 +326,7 @@ mod tests {
                 .collect();
             let q = Tensor::from_vec(bits.clone(), (rows, cols), &Device::Cpu).unwrap();
             let s = Tensor::from_vec(scales.clone(), (sr, sc), &Device::Cpu).unwrap();
-            let want_f32: Vec<u32> = fp8_dequant(&q, &s, DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
+            let want_f32 = crate::common::test::f32_bits(&fp8_dequant(&q, &s, DType::F32).unwrap());
             let want_bf16: Vec<u32> = fp8_dequant(&q, &s, DType::BF16)
                 .unwrap()
                 .flatten_all()

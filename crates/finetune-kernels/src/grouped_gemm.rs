@@ -412,52 +412,21 @@ mod tests {
             i32,
             i32,
         );
-        extern "C" {
-            fn grouped_gemm_fp8_nt(
-                x: *const u16,
-                w: *const c_void,
-                s: *const f32,
-                t: *const u32,
-                y: *mut u16,
-                kd: i32,
-                nd: i32,
-                wr: i32,
-                wc: i32,
-            );
-            fn grouped_gemm_fp8_nn(
-                x: *const u16,
-                w: *const c_void,
-                s: *const f32,
-                t: *const u32,
-                y: *mut u16,
-                kd: i32,
-                nd: i32,
-                wr: i32,
-                wc: i32,
-            );
-            fn grouped_gemm_bf16_nt(
-                x: *const u16,
-                w: *const c_void,
-                s: *const f32,
-                t: *const u32,
-                y: *mut u16,
-                kd: i32,
-                nd: i32,
-                wr: i32,
-                wc: i32,
-            );
-            fn grouped_gemm_bf16_nn(
-                x: *const u16,
-                w: *const c_void,
-                s: *const f32,
-                t: *const u32,
-                y: *mut u16,
-                kd: i32,
-                nd: i32,
-                wr: i32,
-                wc: i32,
-            );
+        /// The four entry points share one signature (grouped_gemm.cu's GG_ENTRY).
+        macro_rules! entries {
+            ($($name:ident),*) => {
+                extern "C" {
+                    $(fn $name(x: *const u16, w: *const c_void, s: *const f32, t: *const u32,
+                        y: *mut u16, kd: i32, nd: i32, wr: i32, wc: i32);)*
+                }
+            };
         }
+        entries!(
+            grouped_gemm_fp8_nt,
+            grouped_gemm_fp8_nn,
+            grouped_gemm_bf16_nt,
+            grouped_gemm_bf16_nn
+        );
         let bits = |t: &Tensor| -> Vec<u16> {
             t.flatten_all()
                 .unwrap()

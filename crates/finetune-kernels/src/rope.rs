@@ -357,18 +357,9 @@ mod tests {
                         .to_dtype(dtype)
                         .unwrap();
                     // The reference's output as f32 bits (bf16 widens exactly).
-                    let want: Vec<u32> = xt
-                        .apply_op3_no_bwd(&ct, &st, &Rope { transpose })
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect();
+                    let want = crate::common::test::f32_bits(
+                        &xt.apply_op3_no_bwd(&ct, &st, &Rope { transpose }).unwrap(),
+                    );
                     for order in Order::BOTH {
                         let t_i = i32::from(transpose);
                         let got: Vec<u32> = if dtype == DType::F32 {

@@ -350,18 +350,7 @@ mod tests {
             );
             fn swiglu_bwd_bf16(g: *const Bf, u: *const Bf, dy: *const Bf, out: *mut Bf, n: usize);
         }
-        /// A tensor's values as f32 bits (bf16 widens exactly).
-        fn bits(t: &Tensor) -> Vec<u32> {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        }
+        use crate::common::test::f32_bits as bits;
         fn assert_same(got: &[u32], want: &[u32], what: &str) {
             let first = got.iter().zip(want).position(|(a, b)| a != b);
             assert!(
