@@ -999,6 +999,8 @@ mod cuda {
 
 #[cfg(test)]
 mod emulated;
+#[cfg(test)]
+mod emulated_scalar;
 
 #[cfg(test)]
 mod tests {
