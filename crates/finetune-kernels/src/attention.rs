@@ -998,6 +998,8 @@ mod cuda {
 }
 
 #[cfg(test)]
+mod emulated_tc;
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::common::test::{rel_diff, tensor};
