@@ -14,8 +14,9 @@
 //! cancellation (dS as P·(|dP| + |D|)), for the f32 differences (scores and dP summed in
 //! another order, expf against the reference's polynomial exp: relative 10⁻⁶ or so, so the
 //! allowance is generous while far below u). The cases are the GPU test's
-//! (`cuda_forward_and_gradients_equal_the_cpu_reference`) plus a short sequence of GQA groups of
-//! 1 and 3 and inputs at addresses that rule out `tc_load`'s 16-byte vector loads.
+//! (`cuda_forward_and_gradients_equal_the_cpu_reference`) plus GQA groups of 1 and 3 over a
+//! sequence whose last tile holds one row, and inputs at addresses that rule out `tc_load`'s
+//! 16-byte vector loads.
 
 use super::{doc_ends, dot, launch_shape, Attention, Dims, Documents, TcKernel, BLOCK};
 use super::{BWD_BC, BWD_BR, FWD_BR};
@@ -231,9 +232,10 @@ fn doc_start(docs: &[(u32, u32)]) -> Vec<u32> {
 
 /// The GPU test's cases for head dim `d` — 70 tokens in 4 documents (64-row tiles cross
 /// document edges) and 150 in 3 (several 64-row tiles, a one-token document), 4 query heads
-/// on 2 key/value heads, without and with 5 cached keys — then 20 tokens (one partial tile)
-/// starting with a one-token document, for groups of 1 and 3 heads, and 70 tokens from
-/// misaligned inputs.
+/// on 2 key/value heads, without and with 5 cached keys — then 65 tokens, a one-token
+/// document and one of 64 (the second 64-row tile holds one row, the last query of the
+/// first key tile's document: dk/dv's query range ends exactly there), for groups of 1 and 3
+/// heads, and 70 tokens from misaligned inputs.
 fn cases(d: usize) -> Vec<Case> {
     let gpu_test: [&[(u32, u32)]; 2] = [
         &[(0, 20), (20, 1), (21, 30), (51, 19)],
@@ -254,7 +256,7 @@ fn cases(d: usize) -> Vec<Case> {
     }
     for (h, g, past) in [(2, 2, 3), (3, 1, 0)] {
         cases.push(Case {
-            doc_start: doc_start(&[(0, 1), (1, 19)]),
+            doc_start: doc_start(&[(0, 1), (1, 64)]),
             h,
             g,
             d,
