@@ -1001,6 +1001,8 @@ mod cuda {
 mod emulated;
 #[cfg(test)]
 mod emulated_scalar;
+#[cfg(test)]
+mod emulated_tc;
 
 #[cfg(test)]
 mod tests {
