@@ -1000,6 +1000,8 @@ mod cuda {
 #[cfg(test)]
 mod emulated;
 #[cfg(test)]
+mod emulated_kernels;
+#[cfg(test)]
 mod emulated_scalar;
 #[cfg(test)]
 mod emulated_tc;

@@ -12,98 +12,10 @@ use super::*;
 use crate::common::test::{rel_diff, tensor};
 use candle_core::{DType, Device, Var};
 use finetune_kernel_emu::{launch, Buffer, Order};
-use std::ffi::c_void;
 
-type Fwd = unsafe extern "C" fn(
-    *const c_void,
-    *const c_void,
-    *const c_void,
-    *const u32,
-    *mut c_void,
-    *mut f32,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-type Dq = unsafe extern "C" fn(
-    *const c_void,
-    *const c_void,
-    *const c_void,
-    *const c_void,
-    *const f32,
-    *const f32,
-    *const u32,
-    *mut c_void,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-type DkDv = unsafe extern "C" fn(
-    *const c_void,
-    *const c_void,
-    *const c_void,
-    *const c_void,
-    *const f32,
-    *const f32,
-    *const u32,
-    *const u32,
-    *mut c_void,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-type Dot = unsafe extern "C" fn(*const c_void, *const c_void, *mut f32, i32, i32);
-
-/// Declares the kernels of one instantiation (`NAME`, `D`) and a table entry for them.
-macro_rules! kernels {
-    ($($fwd:ident $dq:ident $dkdv:ident;)*) => {
-        extern "C" {
-            $(
-                fn $fwd(q: *const c_void, k: *const c_void, v: *const c_void, ds: *const u32,
-                    o: *mut c_void, lse: *mut f32, t: i32, h: i32, g: i32, past: i32, scale: f32);
-                fn $dq(q: *const c_void, k: *const c_void, v: *const c_void, d_o: *const c_void,
-                    lse: *const f32, big_d: *const f32, ds: *const u32, dq: *mut c_void, t: i32,
-                    h: i32, g: i32, past: i32, scale: f32);
-                fn $dkdv(q: *const c_void, k: *const c_void, v: *const c_void,
-                    d_o: *const c_void, lse: *const f32, big_d: *const f32, ds: *const u32,
-                    de: *const u32, dkv: *mut c_void, t: i32, h: i32, g: i32, past: i32,
-                    scale: f32);
-            )*
-        }
-        /// Every instantiation by its name stem (kernel(…)'s naming: `fwd_tc_bf16_d64` → the
-        /// stem `tc_bf16_d64`).
-        fn table() -> Vec<(&'static str, Fwd, Dq, DkDv)> {
-            vec![$((
-                stringify!($fwd).trim_start_matches("attention_fwd_"),
-                $fwd as Fwd,
-                $dq as Dq,
-                $dkdv as DkDv,
-            )),*]
-        }
-    };
-}
-
-kernels! {
-    attention_fwd_f32_d32 attention_bwd_dq_f32_d32 attention_bwd_dkdv_f32_d32;
-    attention_fwd_f32_d64 attention_bwd_dq_f32_d64 attention_bwd_dkdv_f32_d64;
-    attention_fwd_f32_d128 attention_bwd_dq_f32_d128 attention_bwd_dkdv_f32_d128;
-    attention_fwd_bf16_d32 attention_bwd_dq_bf16_d32 attention_bwd_dkdv_bf16_d32;
-    attention_fwd_bf16_d64 attention_bwd_dq_bf16_d64 attention_bwd_dkdv_bf16_d64;
-    attention_fwd_bf16_d128 attention_bwd_dq_bf16_d128 attention_bwd_dkdv_bf16_d128;
-    attention_fwd_tc_bf16_d64 attention_bwd_dq_tc_bf16_d64 attention_bwd_dkdv_tc_bf16_d64;
-    attention_fwd_tc_bf16_d128 attention_bwd_dq_tc_bf16_d128 attention_bwd_dkdv_tc_bf16_d128;
-}
-
-extern "C" {
-    fn attention_bwd_dot_f32(d_o: *const c_void, o: *const c_void, out: *mut f32, r: i32, d: i32);
-    fn attention_bwd_dot_bf16(d_o: *const c_void, o: *const c_void, out: *mut f32, r: i32, d: i32);
-}
+use super::emulated_kernels::{
+    bf16_kernels, f32_kernels, tensor_core_kernels, BwdDot, Kernels, DOT_BF16, DOT_F32,
+};
 
 /// Device memory of f32 or bf16 elements (the kernels' `T`), as bytes.
 struct Elems {
@@ -133,11 +45,12 @@ impl Elems {
         Self::upload(&vec![value; n], bf16)
     }
 
-    fn ptr(&self) -> *const c_void {
+    /// The device pointer, as the kernel's element type `T` (f32, or u16 for bf16).
+    fn ptr<T>(&self) -> *const T {
         self.bytes.ptr().cast()
     }
 
-    fn mut_ptr(&self) -> *mut c_void {
+    fn mut_ptr<T>(&self) -> *mut T {
         self.bytes.mut_ptr().cast()
     }
 
@@ -164,22 +77,58 @@ fn rel(got: &[f32], want: &Tensor) -> f32 {
     rel_diff(&got, want)
 }
 
-/// One case through one kernel family: `stem` names the instantiation (`f32_d64`,
-/// `tc_bf16_d128`, …).
-fn check(doc_start: &[u32], d: usize, past: usize, stem: &str, tol: f32) {
+/// One kernel family at one head dim: its kernels, its D = do·o kernel, whether it is the
+/// tensor-core one (its launch geometry differs).
+struct Family<T> {
+    stem: String,
+    tensor_cores: bool,
+    kernels: Kernels<T>,
+    dot: BwdDot<T>,
+}
+
+fn scalar_f32(d: usize) -> Family<f32> {
+    Family {
+        stem: format!("f32_d{d}"),
+        tensor_cores: false,
+        kernels: f32_kernels(d),
+        dot: DOT_F32,
+    }
+}
+
+fn scalar_bf16(d: usize) -> Family<u16> {
+    Family {
+        stem: format!("bf16_d{d}"),
+        tensor_cores: false,
+        kernels: bf16_kernels(d),
+        dot: DOT_BF16,
+    }
+}
+
+fn tensor_core(d: usize) -> Family<u16> {
+    Family {
+        stem: format!("tc_bf16_d{d}"),
+        tensor_cores: true,
+        kernels: tensor_core_kernels(d),
+        dot: DOT_BF16,
+    }
+}
+
+/// One case through one kernel family (`T`: f32, or u16 for bf16 storage).
+fn check<T>(doc_start: &[u32], d: usize, past: usize, family: Family<T>, tol: f32) {
     let (t, h, g) = (doc_start.len(), 4usize, 2usize);
     let s = past + t;
-    let tc = stem.starts_with("tc_");
-    let bf16 = stem.contains("bf16");
-    let (_, fwd, dq_kernel, dkdv_kernel) = table()
-        .into_iter()
-        .find(|(name, ..)| *name == stem)
-        .unwrap_or_else(|| panic!("no kernels {stem}"));
-    let dot: Dot = if bf16 {
-        attention_bwd_dot_bf16
-    } else {
-        attention_bwd_dot_f32
-    };
+    let Family {
+        stem,
+        tensor_cores: tc,
+        kernels,
+        dot,
+    } = family;
+    let Kernels {
+        fwd,
+        dq: dq_kernel,
+        dkdv: dkdv_kernel,
+    } = kernels;
+    let bf16 = std::mem::size_of::<T>() == 2;
     // The kernel reads bf16 inputs: the reference gets the same values.
     let round = |x: Tensor| {
         if bf16 {
@@ -343,8 +292,8 @@ fn scalar_kernels_equal_the_cpu_reference() {
     // Two instantiations: emulated_scalar.rs tests every kernel on its own, per element.
     for doc_start in layouts() {
         for past in [0, 5] {
-            check(&doc_start, 32, past, "f32_d32", 1e-5);
-            check(&doc_start, 128, past, "bf16_d128", 1e-2);
+            check(&doc_start, 32, past, scalar_f32(32), 1e-5);
+            check(&doc_start, 128, past, scalar_bf16(128), 1e-2);
         }
     }
 }
@@ -356,7 +305,7 @@ fn tensor_core_kernels_equal_the_cpu_reference() {
     for doc_start in layouts() {
         for d in [64, 128] {
             for past in [0, 5] {
-                check(&doc_start, d, past, &format!("tc_bf16_d{d}"), 1e-2);
+                check(&doc_start, d, past, tensor_core(d), 1e-2);
             }
         }
     }

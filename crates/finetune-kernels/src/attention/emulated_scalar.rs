@@ -20,98 +20,7 @@ use crate::common::test::{bf16_outside, data};
 use candle_core::{Device, Tensor};
 use finetune_kernel_emu::{launch, max_relative_difference, Buffer, Order};
 
-type Fwd<T> = unsafe extern "C" fn(
-    *const T,   // q
-    *const T,   // k
-    *const T,   // v
-    *const u32, // doc_start
-    *mut T,     // o
-    *mut f32,   // lse
-    i32,        // t
-    i32,        // h
-    i32,        // g
-    i32,        // past
-    f32,        // scale
-);
-type Dq<T> = unsafe extern "C" fn(
-    *const T,   // q
-    *const T,   // k
-    *const T,   // v
-    *const T,   // d_o
-    *const f32, // lse
-    *const f32, // big_d
-    *const u32, // doc_start
-    *mut T,     // dq
-    i32,        // t
-    i32,        // h
-    i32,        // g
-    i32,        // past
-    f32,        // scale
-);
-type DkDv<T> = unsafe extern "C" fn(
-    *const T,   // q
-    *const T,   // k
-    *const T,   // v
-    *const T,   // d_o
-    *const f32, // lse
-    *const f32, // big_d
-    *const u32, // doc_start
-    *const u32, // doc_end
-    *mut T,     // dkv: dk then dv
-    i32,        // t
-    i32,        // h
-    i32,        // g
-    i32,        // past
-    f32,        // scale
-);
-type BwdDot<T> = unsafe extern "C" fn(*const T, *const T, *mut f32, i32, i32);
-
-/// Declares the instantiated `attention_{fwd,bwd_dq,bwd_dkdv}_<dtype>_d<D>` kernels, with
-/// `__nv_bfloat16` as its u16 bits.
-macro_rules! declare {
-    ($($t:ty: $fwd:ident, $dq:ident, $dkdv:ident;)*) => {
-        // attention/emulated.rs declares the same symbols with untyped (c_void) pointers; the
-        // types here are the kernels' own (the C ABI passes every pointer alike).
-        #[allow(clashing_extern_declarations)]
-        extern "C" {
-            $(
-                fn $fwd(
-                    q: *const $t, k: *const $t, v: *const $t, doc_start: *const u32,
-                    o: *mut $t, lse: *mut f32, t: i32, h: i32, g: i32, past: i32, scale: f32,
-                );
-                fn $dq(
-                    q: *const $t, k: *const $t, v: *const $t, d_o: *const $t,
-                    lse: *const f32, big_d: *const f32, doc_start: *const u32, dq: *mut $t,
-                    t: i32, h: i32, g: i32, past: i32, scale: f32,
-                );
-                fn $dkdv(
-                    q: *const $t, k: *const $t, v: *const $t, d_o: *const $t,
-                    lse: *const f32, big_d: *const f32, doc_start: *const u32,
-                    doc_end: *const u32, dkv: *mut $t, t: i32, h: i32, g: i32, past: i32,
-                    scale: f32,
-                );
-            )*
-            fn attention_bwd_dot_f32(d_o: *const f32, o: *const f32, out: *mut f32, rows: i32, d: i32);
-            fn attention_bwd_dot_bf16(d_o: *const u16, o: *const u16, out: *mut f32, rows: i32, d: i32);
-        }
-    };
-}
-
-declare! {
-    f32: attention_fwd_f32_d32, attention_bwd_dq_f32_d32, attention_bwd_dkdv_f32_d32;
-    f32: attention_fwd_f32_d64, attention_bwd_dq_f32_d64, attention_bwd_dkdv_f32_d64;
-    f32: attention_fwd_f32_d128, attention_bwd_dq_f32_d128, attention_bwd_dkdv_f32_d128;
-    u16: attention_fwd_bf16_d32, attention_bwd_dq_bf16_d32, attention_bwd_dkdv_bf16_d32;
-    u16: attention_fwd_bf16_d64, attention_bwd_dq_bf16_d64, attention_bwd_dkdv_bf16_d64;
-    u16: attention_fwd_bf16_d128, attention_bwd_dq_bf16_d128, attention_bwd_dkdv_bf16_d128;
-}
-
-/// The forward, dq and dk/dv kernels of one storage type and head dim.
-struct Kernels<T> {
-    fwd: Fwd<T>,
-    dq: Dq<T>,
-    dkdv: DkDv<T>,
-}
+use super::emulated_kernels::{bf16_kernels, f32_kernels, BwdDot, Kernels, DOT_BF16, DOT_F32};
 
 /// Relative to max(1, |want|): see the file's comment.
 const TOL: f32 = 1e-5;
@@ -142,26 +51,9 @@ impl Elem for f32 {
         self
     }
     fn kernels(d: usize) -> Kernels<Self> {
-        match d {
-            32 => Kernels {
-                fwd: attention_fwd_f32_d32,
-                dq: attention_bwd_dq_f32_d32,
-                dkdv: attention_bwd_dkdv_f32_d32,
-            },
-            64 => Kernels {
-                fwd: attention_fwd_f32_d64,
-                dq: attention_bwd_dq_f32_d64,
-                dkdv: attention_bwd_dkdv_f32_d64,
-            },
-            128 => Kernels {
-                fwd: attention_fwd_f32_d128,
-                dq: attention_bwd_dq_f32_d128,
-                dkdv: attention_bwd_dkdv_f32_d128,
-            },
-            _ => unreachable!("head dim {d} is not instantiated"),
-        }
+        f32_kernels(d)
     }
-    const BWD_DOT: BwdDot<Self> = attention_bwd_dot_f32;
+    const BWD_DOT: BwdDot<Self> = DOT_F32;
 }
 
 impl Elem for u16 {
@@ -176,26 +68,9 @@ impl Elem for u16 {
         half::bf16::from_bits(self).to_f32()
     }
     fn kernels(d: usize) -> Kernels<Self> {
-        match d {
-            32 => Kernels {
-                fwd: attention_fwd_bf16_d32,
-                dq: attention_bwd_dq_bf16_d32,
-                dkdv: attention_bwd_dkdv_bf16_d32,
-            },
-            64 => Kernels {
-                fwd: attention_fwd_bf16_d64,
-                dq: attention_bwd_dq_bf16_d64,
-                dkdv: attention_bwd_dkdv_bf16_d64,
-            },
-            128 => Kernels {
-                fwd: attention_fwd_bf16_d128,
-                dq: attention_bwd_dq_bf16_d128,
-                dkdv: attention_bwd_dkdv_bf16_d128,
-            },
-            _ => unreachable!("head dim {d} is not instantiated"),
-        }
+        bf16_kernels(d)
     }
-    const BWD_DOT: BwdDot<Self> = attention_bwd_dot_bf16;
+    const BWD_DOT: BwdDot<Self> = DOT_BF16;
 }
 
 /// One problem (the head dim aside): documents as (start, length), query heads, key/value

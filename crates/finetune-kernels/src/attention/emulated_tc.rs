@@ -25,162 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use finetune_kernel_emu::{launch, Buffer, Order};
 use half::bf16;
 
-type Fwd = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *const u16,
-    *const u32,
-    *mut u16,
-    *mut f32,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-type Dq = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *const u16,
-    *const u16,
-    *const f32,
-    *const f32,
-    *const u32,
-    *mut u16,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-type DkDv = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *const u16,
-    *const u16,
-    *const f32,
-    *const f32,
-    *const u32,
-    *const u32,
-    *mut u16,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-
-// The argument lists of kernels/attention.cu's INSTANTIATE_TC (bf16 as its bits).
-// attention/emulated.rs declares the same symbols with untyped (c_void) pointers; the types
-// here are the kernels' own (the C ABI passes every pointer alike).
-#[allow(clashing_extern_declarations)]
-extern "C" {
-    fn attention_fwd_tc_bf16_d64(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        doc_start: *const u32,
-        o: *mut u16,
-        lse: *mut f32,
-        t: i32,
-        h: i32,
-        g: i32,
-        past: i32,
-        scale: f32,
-    );
-    fn attention_fwd_tc_bf16_d128(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        doc_start: *const u32,
-        o: *mut u16,
-        lse: *mut f32,
-        t: i32,
-        h: i32,
-        g: i32,
-        past: i32,
-        scale: f32,
-    );
-    fn attention_bwd_dq_tc_bf16_d64(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        d_o: *const u16,
-        lse: *const f32,
-        big_d: *const f32,
-        doc_start: *const u32,
-        dq: *mut u16,
-        t: i32,
-        h: i32,
-        g: i32,
-        past: i32,
-        scale: f32,
-    );
-    fn attention_bwd_dq_tc_bf16_d128(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        d_o: *const u16,
-        lse: *const f32,
-        big_d: *const f32,
-        doc_start: *const u32,
-        dq: *mut u16,
-        t: i32,
-        h: i32,
-        g: i32,
-        past: i32,
-        scale: f32,
-    );
-    fn attention_bwd_dkdv_tc_bf16_d64(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        d_o: *const u16,
-        lse: *const f32,
-        big_d: *const f32,
-        doc_start: *const u32,
-        doc_end: *const u32,
-        dkv: *mut u16,
-        t: i32,
-        h: i32,
-        g: i32,
-        past: i32,
-        scale: f32,
-    );
-    fn attention_bwd_dkdv_tc_bf16_d128(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        d_o: *const u16,
-        lse: *const f32,
-        big_d: *const f32,
-        doc_start: *const u32,
-        doc_end: *const u32,
-        dkv: *mut u16,
-        t: i32,
-        h: i32,
-        g: i32,
-        past: i32,
-        scale: f32,
-    );
-}
-
-/// The three kernels of head dim `d`.
-fn kernels(d: usize) -> (Fwd, Dq, DkDv) {
-    match d {
-        64 => (
-            attention_fwd_tc_bf16_d64,
-            attention_bwd_dq_tc_bf16_d64,
-            attention_bwd_dkdv_tc_bf16_d64,
-        ),
-        128 => (
-            attention_fwd_tc_bf16_d128,
-            attention_bwd_dq_tc_bf16_d128,
-            attention_bwd_dkdv_tc_bf16_d128,
-        ),
-        _ => panic!("no tensor-core kernels for head dim {d}"),
-    }
-}
+use super::emulated_kernels::tensor_core_kernels as kernels;
 
 /// bf16's unit roundoff: round to nearest with 8 significant bits.
 const U: f32 = 1.0 / 256.0;
@@ -449,7 +294,7 @@ fn download(buffer: &Buffer<u16>) -> Vec<f32> {
 /// attention_fwd_tc_bf16_d<d>: o within the bound of P's and o's rounding, the logsumexps within f32 rounding of the reference's (the same sums of
 /// exponentials in another order, relative 1e-5 of max(1, |lse|)).
 fn check_forward(d: usize) {
-    let (fwd, _, _) = kernels(d);
+    let fwd = kernels(d).fwd;
     for case in cases(d) {
         let r = reference(&case);
         let Dims { t, h, g, .. } = case.dims();
@@ -534,7 +379,7 @@ impl BwdInputs {
 /// attention_bwd_dq_tc_bf16_d<d>, from the reference's logsumexps and D: dq within
 /// u·scale·Σ_j |dS_ij|·|k_jc| (dS's rounding) plus its own rounding.
 fn check_dq(d: usize) {
-    let (_, dq_kernel, _) = kernels(d);
+    let dq_kernel = kernels(d).dq;
     for case in cases(d) {
         let r = reference(&case);
         let Dims { t, h, g, .. } = case.dims();
@@ -578,7 +423,7 @@ fn check_dq(d: usize) {
 /// attention_bwd_dkdv_tc_bf16_d<d>, from the reference's logsumexps and D: dk within
 /// u·scale·Σ_i |dS_ij|·|q_ic| plus its own rounding, dv within u·Σ_i P_ij·|do_ic| plus its own.
 fn check_dkdv(d: usize) {
-    let (_, _, dkdv_kernel) = kernels(d);
+    let dkdv_kernel = kernels(d).dkdv;
     for case in cases(d) {
         let r = reference(&case);
         let Dims { t, h, g, s, .. } = case.dims();
